@@ -1,0 +1,216 @@
+"""`BertClient` (blocking) and `AsyncBertClient` (asyncio): bert-as-service's three lines.
+
+    from bertstream.client import BertClient
+    bc = BertClient()
+    vecs = bc.encode(["今天股市大涨"])
+
+Every call carries a deadline. gRPC failures are raised as `ClientError` with `.code`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from bertstream.v1 import bertstream_pb2 as pb
+from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
+
+from .messages import (
+    ClientError,
+    Label,
+    ModelStatus,
+    StreamResult,
+    Tokens,
+    classify_request,
+    embed_request,
+    parse_classify,
+    parse_embed,
+    parse_models,
+    parse_tokenize,
+    tokenize_request,
+)
+
+__all__ = ["AsyncBertClient", "BertClient"]
+
+MiB = 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * MiB),
+                   ("grpc.max_send_message_length", 64 * MiB)]
+
+
+def _stream_result(index: int, response: Any, parse: Any) -> StreamResult:
+    if response.HasField("error"):
+        error = ClientError.from_proto(response.error)
+        return StreamResult(index, response.request_id, error=error)
+    return StreamResult(index, response.request_id, parse(response), version=response.version)
+
+
+def _stream_items(items: Iterable[str | Sequence[str]]) -> Iterator[tuple[int, list[str]]]:
+    for index, item in enumerate(items):
+        yield index, [item] if isinstance(item, str) else list(item)
+
+
+class BertClient:
+    """A blocking client of one server; safe to share between threads."""
+
+    def __init__(self, server: str = "localhost:8001", model: str = "", timeout: float = 30.0,
+                 stream_timeout: float = 3600.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.model = model
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._channel = (grpc.secure_channel(server, credentials, CHANNEL_OPTIONS) if credentials
+                         else grpc.insecure_channel(server, CHANNEL_OPTIONS))
+        self._stub = pb_grpc.BertServiceStub(self._channel)
+
+    def __enter__(self) -> BertClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc(err) from None
+
+    def encode(self, texts: str | Sequence[str], **kw: Any) -> np.ndarray | list[np.ndarray]:
+        """Vectors [n, dim] (pooling, pooling_layer, normalize, truncate, version: see
+        EmbedRequest); token vectors come back as a list of [tokens, dim] arrays."""
+        kw.setdefault("model", self.model)
+        return parse_embed(self._call(self._stub.Embed, embed_request(texts, **kw)))
+
+    def classify(self, texts: str | Sequence[str], **kw: Any) -> list[list[Label]]:
+        """Ranked labels with probabilities for each text (top_k: 0 = all)."""
+        kw.setdefault("model", self.model)
+        return parse_classify(self._call(self._stub.Classify, classify_request(texts, **kw)))
+
+    def tokenize(self, texts: str | Sequence[str], **kw: Any) -> list[Tokens]:
+        kw.setdefault("model", self.model)
+        return parse_tokenize(self._call(self._stub.Tokenize, tokenize_request(texts, **kw)))
+
+    def models(self) -> list[ModelStatus]:
+        return parse_models(self._call(self._stub.ListModels, pb.ListModelsRequest()))
+
+    def model_info(self, model: str | None = None, version: int = 0) -> pb.GetModelResponse:
+        request = pb.GetModelRequest(model=self.model if model is None else model,
+                                     version=version)
+        return self._call(self._stub.GetModel, request)
+
+    def encode_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
+                      **kw: Any) -> Iterator[StreamResult]:
+        """Stream items (a text, or a list of texts) through EmbedStream; yield one result per
+        item, in order, with at most `window` items in flight."""
+        kw.setdefault("model", self.model)
+        return self._stream(self._stub.EmbedStream, embed_request, parse_embed, items, window, kw)
+
+    def classify_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
+                        **kw: Any) -> Iterator[StreamResult]:
+        kw.setdefault("model", self.model)
+        return self._stream(self._stub.ClassifyStream, classify_request, parse_classify, items,
+                            window, kw)
+
+    def _stream(self, method: Any, build: Any, parse: Any, items: Iterable[str | Sequence[str]],
+                window: int, kw: dict[str, Any]) -> Iterator[StreamResult]:
+        slots = threading.Semaphore(window)
+        done = threading.Event()
+
+        def requests() -> Iterator[Any]:
+            for index, texts in _stream_items(items):
+                while not slots.acquire(timeout=0.1):
+                    if done.is_set():
+                        return
+                yield build(texts, request_id=str(index), **kw)
+
+        call = method(requests(), timeout=self.stream_timeout)
+        try:
+            for index, response in enumerate(call):
+                slots.release()
+                yield _stream_result(index, response, parse)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc(err) from None
+        finally:
+            done.set()
+            call.cancel()
+
+
+class AsyncBertClient:
+    """The asyncio twin of BertClient; same arguments, awaitable results."""
+
+    def __init__(self, server: str = "localhost:8001", model: str = "", timeout: float = 30.0,
+                 stream_timeout: float = 3600.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.model = model
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._channel = (grpc.aio.secure_channel(server, credentials, CHANNEL_OPTIONS)
+                         if credentials else grpc.aio.insecure_channel(server, CHANNEL_OPTIONS))
+        self._stub = pb_grpc.BertServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncBertClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc(err) from None
+
+    async def encode(self, texts: str | Sequence[str], **kw: Any) -> np.ndarray | list[np.ndarray]:
+        kw.setdefault("model", self.model)
+        return parse_embed(await self._call(self._stub.Embed, embed_request(texts, **kw)))
+
+    async def classify(self, texts: str | Sequence[str], **kw: Any) -> list[list[Label]]:
+        kw.setdefault("model", self.model)
+        return parse_classify(await self._call(self._stub.Classify,
+                                               classify_request(texts, **kw)))
+
+    async def tokenize(self, texts: str | Sequence[str], **kw: Any) -> list[Tokens]:
+        kw.setdefault("model", self.model)
+        return parse_tokenize(await self._call(self._stub.Tokenize,
+                                               tokenize_request(texts, **kw)))
+
+    async def models(self) -> list[ModelStatus]:
+        return parse_models(await self._call(self._stub.ListModels, pb.ListModelsRequest()))
+
+    async def encode_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
+                            **kw: Any) -> AsyncIterator[StreamResult]:
+        """As BertClient.encode_stream; the window bounds what the server holds for us."""
+        kw.setdefault("model", self.model)
+        call = self._stub.EmbedStream(timeout=self.stream_timeout)
+        source = _stream_items(items)
+        sent = received = 0
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and sent - received < window:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        await call.done_writing()
+                    else:
+                        await call.write(embed_request(item[1], request_id=str(sent), **kw))
+                        sent += 1
+                if exhausted and received == sent:
+                    return
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise ClientError(grpc.StatusCode.UNAVAILABLE, "stream ended early")
+                yield _stream_result(received, response, parse_embed)
+                received += 1
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc(err) from None
+        finally:
+            call.cancel()

@@ -1,0 +1,1 @@
+"""bertstream: a gRPC model server for Chinese BERT-wwm embeddings and classification."""

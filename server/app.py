@@ -1,0 +1,129 @@
+"""The composition root: flags -> options -> manager, pipeline, servicers -> a running server.
+
+Nothing below this module reads flags or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from bertstream.v1 import bertstream_pb2, bertstream_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .health import publish_health
+from .inference import Limits, Pipeline
+from .lifecycle import ModelManager
+from .runtime import RuntimeOptions
+from .servicer import BertServicer
+
+__all__ = ["ServerOptions", "main", "serve"]
+
+log = logging.getLogger("bertstream.server")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model_repository: Path = Path("model_repository")
+    host: str = "0.0.0.0"
+    port: int = 8001
+    default_model: str = ""
+    grace_period_s: float = 30.0
+    stream_window: int = 32
+    max_receive_mb: int = 64
+    limits: Limits = field(default_factory=Limits)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+
+def parse_args(argv: list[str] | None = None) -> ServerOptions:
+    p = argparse.ArgumentParser(prog="bertstream-server", description=__doc__)
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default all)")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one")
+    p.add_argument("--model-control-mode", choices=["none"], default="none",
+                   help="none: load every model's policy versions at start")
+    p.add_argument("--default-model", default="",
+                   help="model for requests that name none (default: first ready by name)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--gpu-id", type=int, default=0)
+    p.add_argument("--intra-op-threads", type=int, default=0, help="0: the cores available")
+    p.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
+    p.add_argument("--max-text-chars", type=int, default=Limits.max_text_chars)
+    p.add_argument("--stream-window", type=int, default=32,
+                   help="messages of one stream in flight before the server stops reading")
+    p.add_argument("--grace-period", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--log-level", default=os.environ.get("BERTSTREAM_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return ServerOptions(
+        model_repository=a.model_repository, host=a.host, port=a.port,
+        default_model=a.default_model, grace_period_s=a.grace_period,
+        stream_window=a.stream_window,
+        limits=Limits(a.max_texts_per_request, a.max_text_chars),
+        runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
+                               intra_op_threads=a.intra_op_threads),
+    )
+
+
+async def serve(options: ServerOptions) -> None:
+    """Load the repository, serve until SIGTERM/SIGINT, then drain and return."""
+    manager = ModelManager(options.model_repository, options.runtime, options.default_model)
+    await manager.load_all()
+    tokenize_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="tokenize")
+    pipeline = Pipeline(manager, options.limits, tokenize_pool)
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", options.max_receive_mb * MiB),
+        ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),
+    ])
+    bertstream_pb2_grpc.add_BertServiceServicer_to_server(
+        BertServicer(pipeline, options.stream_window), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([
+        bertstream_pb2.DESCRIPTOR.services_by_name["BertService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ], server)
+    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    if port == 0:
+        raise SystemExit(f"cannot bind {options.host}:{options.port}")
+    await server.start()
+    await publish_health(health_servicer, manager, serving=True)
+    for name, versions in sorted(manager.versions.items()):
+        for version, mv in sorted(versions.items()):
+            log.info("model %s version %d: %s %s", name, version, mv.state.name, mv.reason)
+        if name in manager.model_errors:
+            log.error("model %s: %s", name, manager.model_errors[name])
+    # Tests and scripts wait for this exact line; it carries the bound port.
+    print(f"bertstream serving on {options.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: no new calls, %.0fs for in-flight ones", options.grace_period_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(options.grace_period_s)
+    await manager.close()
+    tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_args(argv)
+    if not options.model_repository.is_dir():
+        sys.exit(f"bertstream-server: model repository {options.model_repository} is not a folder")
+    asyncio.run(serve(options))

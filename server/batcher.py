@@ -1,0 +1,218 @@
+"""Dynamic batching per model version: every caller's texts share the same batches.
+
+Contract:
+- Each text is one `WorkItem`; the caller owns its future and may cancel it at any time (an
+  expired deadline or a dropped stream). Cancelled items are dropped before compute.
+- Items are taken oldest first; an item that would push a batch over its token budget
+  (longest sequence x count) or over `max_batch_size` waits for the next batch without losing
+  its place. The first item of a batch waits at most `max_queue_delay` for others to join.
+- Up to `instances` batches run at once on worker threads; while they run, the loop already
+  forms the next batch. Results are set on futures from the event loop thread only.
+- A batch that raises is split in halves until the failing item is alone: only it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ModelNotReady, Overloaded
+from .runtime import Batch
+from .tokenization import Encoded
+
+__all__ = ["Batcher", "BatcherOptions", "WorkItem", "pad"]
+
+RunFn = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
+TOKEN_OUTPUT_PREFIX = "tokens_"
+
+
+@dataclass(frozen=True)
+class BatcherOptions:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 32 * 512
+    max_queue_delay_s: float = 0.002
+    max_queue_size: int = 2048
+    instances: int = 1
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One text on its way to the runtime; the future receives its rows of each output."""
+
+    encoded: Encoded
+    outputs: frozenset[str]
+    future: asyncio.Future[dict[str, np.ndarray]]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return self.encoded.length
+
+
+def pad(items: Sequence[WorkItem], pad_id: int = 0) -> Batch:
+    """Right-pad the items' ids into one batch; the attention mask marks real tokens."""
+    longest = max(item.length for item in items)
+    shape = (len(items), longest)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    mask = np.zeros(shape, dtype=np.int64)
+    types = np.zeros(shape, dtype=np.int64)
+    for row, item in enumerate(items):
+        n = item.length
+        ids[row, :n] = item.encoded.ids
+        mask[row, :n] = 1
+        types[row, :n] = item.encoded.type_ids
+    return Batch(ids, mask, types)
+
+
+class Batcher:
+    """The queue and batch loop of one model version."""
+
+    def __init__(self, run: RunFn, options: BatcherOptions) -> None:
+        self._run_fn = run
+        self.options = options
+        self._queue: deque[WorkItem] = deque()
+        self._wakeup = asyncio.Event()
+        self._space = asyncio.Condition()
+        self._slots = asyncio.Semaphore(options.instances)
+        self._executor = ThreadPoolExecutor(options.instances, thread_name_prefix="runtime")
+        self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, items: Sequence[WorkItem], wait: bool) -> None:
+        """Queue items; over the limit, fail fast (wait=False) or wait for room (streams)."""
+        if self._closed:
+            raise ModelNotReady("this model version is unloading; retry")
+        limit = self.options.max_queue_size
+        if len(self._queue) + len(items) > limit:
+            if not wait:
+                raise Overloaded(f"queue full ({len(self._queue)} texts waiting); retry later")
+            async with self._space:
+                # An empty queue admits any request, however large: it never waits forever.
+                await self._space.wait_for(
+                    lambda: not self._queue or len(self._queue) + len(items) <= limit
+                )
+        now = time.perf_counter()
+        for item in items:
+            item.enqueued_at = now
+        self._queue.extend(items)
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        """Stop admitting, finish what is queued and running, then free the threads."""
+        self._closed = True
+        while self._queue or self._running:
+            self._wakeup.set()
+            await asyncio.sleep(0.005)
+        self._loop_task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            items = await self._next_batch()
+            task = asyncio.create_task(self._run(items))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def _next_batch(self) -> list[WorkItem]:
+        while True:
+            while self._queue and self._queue[0].future.done():
+                self._queue.popleft()  # cancelled while waiting
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            wait_left = self._queue[0].enqueued_at + self.options.max_queue_delay_s
+            wait_left -= time.perf_counter()
+            if wait_left > 0 and not self._full():
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait_left)
+                continue
+            items = self._take()
+            if items:
+                return items
+
+    def _full(self) -> bool:
+        if len(self._queue) >= self.options.max_batch_size:
+            return True
+        longest = max(item.length for item in self._queue)
+        return longest * (len(self._queue) + 1) > self.options.max_batch_tokens
+
+    def _take(self) -> list[WorkItem]:
+        chosen: list[WorkItem] = []
+        rest: deque[WorkItem] = deque()
+        longest = 0
+        for item in self._queue:
+            if item.future.done():
+                continue
+            cost = max(longest, item.length) * (len(chosen) + 1)
+            if len(chosen) < self.options.max_batch_size and cost <= self.options.max_batch_tokens:
+                chosen.append(item)
+                longest = max(longest, item.length)
+            else:
+                rest.append(item)
+        self._queue = rest
+        self._notify_space()
+        return chosen
+
+    def _notify_space(self) -> None:
+        async def notify() -> None:
+            async with self._space:
+                self._space.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    async def _run(self, items: list[WorkItem]) -> None:
+        start = time.perf_counter()
+        for item in items:
+            item.queue_s = start - item.enqueued_at
+        outputs = sorted(set().union(*(item.outputs for item in items)))
+        loop = asyncio.get_running_loop()
+        try:
+            arrays = await loop.run_in_executor(self._executor, self._run_fn, pad(items), outputs)
+        except Exception as exc:
+            if len(items) == 1:
+                _fail(items, exc)
+                return
+            half = len(items) // 2
+            await self._run(items[:half])
+            await self._run(items[half:])
+            return
+        elapsed = time.perf_counter() - start
+        for row, item in enumerate(items):
+            item.infer_s = elapsed
+            if not item.future.done():
+                item.future.set_result(_rows(arrays, item, row))
+
+
+def _rows(arrays: dict[str, np.ndarray], item: WorkItem, row: int) -> dict[str, np.ndarray]:
+    return {
+        name: arrays[name][row, : item.length] if name.startswith(TOKEN_OUTPUT_PREFIX)
+        else arrays[name][row]
+        for name in item.outputs
+    }
+
+
+def _fail(items: Iterable[WorkItem], exc: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(exc)

@@ -1,0 +1,114 @@
+"""config.pbtxt -> `ModelConfig`, read with protobuf text_format (no hand-written parser).
+
+`load()` parses, `normalize()` fills defaults, `validate()` returns every problem at once so an
+operator fixes a config in one round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
+from google.protobuf import text_format
+
+__all__ = ["CONFIG_FILE", "ConfigError", "load", "normalize", "validate"]
+
+CONFIG_FILE = "config.pbtxt"
+PLATFORM = "onnxruntime_onnx"
+
+
+class ConfigError(Exception):
+    """config.pbtxt is missing, does not parse, or contradicts itself."""
+
+
+def load(model_dir: Path) -> ModelConfig:
+    """Parse, normalise and validate `<model_dir>/config.pbtxt`."""
+    path = model_dir / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read: {exc}") from None
+    config = ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path} does not parse: {exc}") from None
+    config = normalize(config, default_name=model_dir.name)
+    problems = validate(config, folder_name=model_dir.name)
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return config
+
+
+def normalize(config: ModelConfig, default_name: str) -> ModelConfig:
+    """Return a copy with Triton-like defaults filled in."""
+    out = ModelConfig()
+    out.CopyFrom(config)
+    if not out.name:
+        out.name = default_name
+    if not out.platform:
+        out.platform = PLATFORM
+    if not out.HasField("version_policy"):
+        out.version_policy.latest.num_versions = 1
+    if out.max_batch_size <= 0:
+        out.max_batch_size = 32
+    if out.max_sequence_length <= 0:
+        out.max_sequence_length = 512
+    if out.default_pooling == Pooling.POOLING_UNSPECIFIED:
+        out.default_pooling = Pooling.POOLING_MEAN
+    if out.num_layers and not out.pooling_layers:
+        out.pooling_layers.append(out.num_layers)
+    if out.default_pooling_layer == 0 and out.pooling_layers:
+        out.default_pooling_layer = max(out.pooling_layers)
+    if not out.instance_group:
+        out.instance_group.add(count=1)
+    batching = out.dynamic_batching
+    if batching.max_batch_tokens <= 0:
+        batching.max_batch_tokens = out.max_batch_size * out.max_sequence_length
+    if batching.max_queue_size <= 0:
+        batching.max_queue_size = 64 * out.max_batch_size
+    return out
+
+
+def validate(config: ModelConfig, folder_name: str) -> list[str]:
+    """Every problem with a normalised config, in words an operator can act on."""
+    problems: list[str] = []
+    if config.name != folder_name:
+        problems.append(f"name {config.name!r} differs from its folder {folder_name!r}")
+    if config.platform != PLATFORM:
+        problems.append(f"platform {config.platform!r} is not supported (only {PLATFORM!r})")
+    if config.task not in (Task.TASK_EMBED, Task.TASK_CLASSIFY):
+        problems.append("task must be TASK_EMBED or TASK_CLASSIFY")
+    if config.task == Task.TASK_CLASSIFY and config.num_labels <= 0:
+        problems.append("a TASK_CLASSIFY model needs num_labels > 0")
+    if config.embedding_dimension <= 0:
+        problems.append("embedding_dimension must be > 0")
+    if config.num_layers <= 0:
+        problems.append("num_layers must be > 0")
+    bad_layers = [n for n in config.pooling_layers if not 1 <= n <= config.num_layers]
+    if bad_layers:
+        problems.append(f"pooling_layers {bad_layers} are outside 1..{config.num_layers}")
+    if config.default_pooling_layer not in config.pooling_layers:
+        problems.append(
+            f"default_pooling_layer {config.default_pooling_layer} is not among the exported "
+            f"pooling_layers {list(config.pooling_layers)}"
+        )
+    policy = config.version_policy
+    if policy.WhichOneof("policy_choice") == "latest" and policy.latest.num_versions < 1:
+        problems.append("version_policy latest needs num_versions >= 1")
+    if policy.WhichOneof("policy_choice") == "specific" and any(
+        v < 1 for v in policy.specific.versions
+    ):
+        problems.append("version_policy specific versions must be positive integers")
+    for group in config.instance_group:
+        if group.count < 0:
+            problems.append("instance_group count must not be negative")
+    if config.dynamic_batching.max_batch_tokens < config.max_sequence_length:
+        problems.append(
+            f"dynamic_batching max_batch_tokens {config.dynamic_batching.max_batch_tokens} is "
+            f"smaller than max_sequence_length {config.max_sequence_length}: a long text could "
+            "never be batched"
+        )
+    return problems

@@ -1,0 +1,68 @@
+"""The error taxonomy: every failure a caller can see, with its gRPC status code.
+
+Raised anywhere in the core; mapped to a status in exactly one place (`to_status`) so a server
+fault is never reported as the caller's fault and no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+__all__ = [
+    "BertstreamError",
+    "InputTooLong",
+    "InvalidInput",
+    "ModelNotFound",
+    "ModelNotReady",
+    "Overloaded",
+    "Unsupported",
+    "to_status",
+]
+
+log = logging.getLogger(__name__)
+
+
+class BertstreamError(Exception):
+    """Base of every error whose message is safe and useful to show the caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(BertstreamError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InputTooLong(InvalidInput):
+    """A text longer than the model's limit, sent without `truncate`."""
+
+
+class ModelNotFound(BertstreamError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotReady(BertstreamError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Overloaded(BertstreamError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unsupported(BertstreamError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map any exception to the (code, message) a caller sees.
+
+    Unknown exceptions are server faults: logged here with their traceback, answered INTERNAL
+    with an opaque message.
+    """
+    if isinstance(exc, BertstreamError):
+        return exc.code, str(exc)
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal server error"

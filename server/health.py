@@ -1,0 +1,23 @@
+"""grpc.health.v1 for the server ("") and for each model (its name), so probes and
+grpc-health-probe work unchanged."""
+
+from __future__ import annotations
+
+from grpc_health.v1 import health, health_pb2
+
+from .lifecycle import ModelManager, State
+
+__all__ = ["publish_health"]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def publish_health(servicer: health.aio.HealthServicer, manager: ModelManager,
+                         serving: bool) -> None:
+    """Set the overall status and one status per model: SERVING when any version is READY."""
+    for name, versions in manager.versions.items():
+        ready = any(mv.state is State.READY for mv in versions.values())
+        await servicer.set(name, SERVING if serving and ready else NOT_SERVING)
+    await servicer.set("", SERVING if serving else NOT_SERVING)
+    await servicer.set("bertstream.v1.BertService", SERVING if serving else NOT_SERVING)

@@ -1,0 +1,187 @@
+"""The request pipeline: validate -> tokenize -> batch -> pick outputs -> post-process.
+
+The servicer turns protos into the queries below and awaits `Pipeline`; nothing here knows
+about gRPC messages, and nothing in the servicer knows about onnxruntime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
+
+from .batcher import WorkItem
+from .errors import InvalidInput
+from .lifecycle import ModelManager, ModelVersion
+from .tokenization import Encoded, check_texts
+
+__all__ = [
+    "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result", "TextOptions", "TextResult",
+]
+
+OUTPUT_PREFIX = {
+    Pooling.POOLING_MEAN: "mean",
+    Pooling.POOLING_MAX: "max",
+    Pooling.POOLING_CLS: "cls",
+    Pooling.POOLING_MEAN_MAX: "mean_max",
+    Pooling.POOLING_TOKENS: "tokens",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts_per_request: int = 256
+    max_text_chars: int = 65_536
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    truncate: bool = False
+    direction: str = "right"  # right keeps the start, left keeps the end
+
+
+@dataclass(frozen=True)
+class EmbedQuery:
+    model: str
+    version: int
+    texts: tuple[str, ...]
+    pooling: int = Pooling.POOLING_UNSPECIFIED
+    pooling_layer: int | None = None
+    normalize: bool = False
+    text: TextOptions = TextOptions()
+
+
+@dataclass(frozen=True)
+class ClassifyQuery:
+    model: str
+    version: int
+    texts: tuple[str, ...]
+    top_k: int = 0
+    embed: EmbedQuery | None = None  # set when the caller wants the embedding too
+    text: TextOptions = TextOptions()
+
+
+@dataclass
+class TextResult:
+    token_count: int
+    truncated_tokens: int
+    vector: np.ndarray | None = None  # [dim] or [tokens, dim]
+    probabilities: np.ndarray | None = None  # [num_labels]
+
+
+@dataclass
+class Result:
+    model: str
+    version: int
+    texts: list[TextResult]
+    pooling: int = Pooling.POOLING_UNSPECIFIED
+    pooling_layer: int = 0
+    labels: Sequence[str] = ()
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+    total_s: float = 0.0
+
+
+def resolve_pooling(config: ModelConfig, pooling: int, layer: int | None) -> tuple[int, int, str]:
+    """(pooling, absolute layer, output name) for a request, or InvalidInput saying why not."""
+    pooling = pooling or config.default_pooling
+    if pooling not in OUTPUT_PREFIX:
+        raise InvalidInput(f"unknown pooling {pooling}")
+    absolute = config.default_pooling_layer if layer is None else layer
+    if absolute < 0:
+        absolute = config.num_layers + 1 + absolute
+    if absolute not in config.pooling_layers:
+        raise InvalidInput(
+            f"pooling_layer {layer} is not exported by this model; it exports layers "
+            f"{sorted(config.pooling_layers)} of {config.num_layers} (or -1 for the last)"
+        )
+    return pooling, absolute, f"{OUTPUT_PREFIX[pooling]}_layer{absolute}"
+
+
+class Pipeline:
+    """Runs queries against the manager's READY versions."""
+
+    def __init__(self, manager: ModelManager, limits: Limits, tokenize_pool: Executor) -> None:
+        self.manager = manager
+        self.limits = limits
+        self._pool = tokenize_pool
+
+    async def tokenize(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
+                       task: int = Task.TASK_EMBED) -> tuple[ModelVersion, list[Encoded]]:
+        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars)
+        with self.manager.lease(model, version) as mv:
+            assert mv.loaded is not None
+            prefix = _prefix(mv.loaded.config, task)
+            encoded = await mv.loaded.tokenizer.encode_async(
+                self._pool, [prefix + t for t in texts], text.truncate, text.direction
+            )
+            return mv, encoded
+
+    async def embed(self, query: EmbedQuery, wait: bool) -> Result:
+        """Pooled (or token) vectors for each text; `wait` makes a full queue slow us down."""
+        return await self._run(query.model, query.version, query.texts, query.text,
+                               Task.TASK_EMBED, query, None, wait)
+
+    async def classify(self, query: ClassifyQuery, wait: bool) -> Result:
+        if query.top_k < 0:
+            raise InvalidInput(f"top_k must be >= 0 (0 = all labels), got {query.top_k}")
+        return await self._run(query.model, query.version, query.texts, query.text,
+                               Task.TASK_CLASSIFY, query.embed, query.top_k, wait)
+
+    async def _run(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
+                   task: int, embed: EmbedQuery | None, top_k: int | None,
+                   wait: bool) -> Result:
+        start = time.perf_counter()
+        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars)
+        with self.manager.lease(model, version) as mv:
+            loaded = mv.loaded
+            assert loaded is not None
+            config = loaded.config
+            if task == Task.TASK_CLASSIFY and config.task != Task.TASK_CLASSIFY:
+                raise InvalidInput(f"model {mv.model!r} has no classification head; use Embed")
+            result = Result(mv.model, mv.version, [], labels=loaded.labels)
+            outputs: set[str] = set()
+            vector_name = ""
+            if embed is not None:
+                result.pooling, result.pooling_layer, vector_name = resolve_pooling(
+                    config, embed.pooling, embed.pooling_layer)
+                outputs.add(vector_name)
+            if top_k is not None:
+                outputs.add("probabilities")
+            prefix = _prefix(config, task)
+            encoded = await loaded.tokenizer.encode_async(
+                self._pool, [prefix + t for t in texts], text.truncate, text.direction)
+            result.tokenize_s = time.perf_counter() - start
+            loop = asyncio.get_running_loop()
+            items = [WorkItem(e, frozenset(outputs), loop.create_future()) for e in encoded]
+            try:
+                await loaded.batcher.submit(items, wait=wait)
+                rows = await asyncio.gather(*(item.future for item in items))
+            finally:
+                for item in items:
+                    item.future.cancel()  # no-op when done; drops queued work otherwise
+        for enc, row in zip(encoded, rows, strict=True):
+            vector = row.get(vector_name) if vector_name else None
+            if vector is not None and embed is not None and embed.normalize:
+                vector = _l2_normalize(vector)
+            result.texts.append(TextResult(enc.length, enc.truncated_tokens, vector,
+                                           row.get("probabilities")))
+        result.queue_s = max(item.queue_s for item in items)
+        result.infer_s = max(item.infer_s for item in items)
+        result.total_s = time.perf_counter() - start
+        return result
+
+
+def _prefix(config: ModelConfig, task: int) -> str:
+    return config.classify_prefix if task == Task.TASK_CLASSIFY else config.embed_prefix
+
+
+def _l2_normalize(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(norm, 1e-12)

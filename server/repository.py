@@ -1,0 +1,110 @@
+"""The model repository on disk: names, scanning, and the version policy. Loads nothing.
+
+A scan yields an immutable snapshot; the lifecycle decides what to load from it. Names that
+come from disk or from the network pass `check_name` before they touch the filesystem.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bertstream.v1.model_config_pb2 import ModelConfig, ModelVersionPolicy
+
+from . import config as config_mod
+from .errors import InvalidInput
+
+__all__ = ["ModelEntry", "check_name", "parse_version", "scan", "select_versions"]
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a safe model name, else raise InvalidInput.
+
+    Refuses path separators, `..`, absolute paths and hidden names (hidden folders are where
+    operators stage copies before renaming them into place).
+    """
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise InvalidInput(
+            f"invalid model name {name[:80]!r}: use letters, digits, '_', '-', '.', "
+            "not starting with '.', no '..'"
+        )
+    return name
+
+
+def parse_version(folder: str) -> int | None:
+    """A version folder is a positive integer written without leading zeros (`1`, `12`)."""
+    if folder.isascii() and folder.isdigit() and not folder.startswith("0"):
+        return int(folder)
+    return None
+
+
+def select_versions(policy: ModelVersionPolicy, available: Iterable[int]) -> list[int]:
+    """The versions a policy serves out of those on disk, ascending (Triton's semantics)."""
+    versions = sorted(set(available))
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return versions
+    if kind == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in versions if v in wanted]
+    count = policy.latest.num_versions if kind == "latest" else 1
+    return versions[-max(count, 1):] if versions else []
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model folder as found on disk."""
+
+    name: str
+    path: Path
+    config: ModelConfig | None
+    config_error: str | None
+    versions: dict[int, Path] = field(default_factory=dict)
+
+    def served_versions(self) -> list[int]:
+        if self.config is None:
+            return []
+        return select_versions(self.config.version_policy, self.versions)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def scan(root: Path) -> dict[str, ModelEntry]:
+    """Read every model folder under `root`; broken ones are kept with their error."""
+    entries: dict[str, ModelEntry] = {}
+    if not root.is_dir():
+        raise FileNotFoundError(f"model repository {root} is not a folder")
+    for model_dir in sorted(root.iterdir()):
+        if not model_dir.is_dir() or model_dir.name.startswith("."):
+            continue
+        try:
+            check_name(model_dir.name)
+        except InvalidInput:
+            continue
+        if not _inside(model_dir, root):
+            entries[model_dir.name] = ModelEntry(
+                model_dir.name, model_dir, None, "the folder links outside the repository"
+            )
+            continue
+        versions = {
+            v: child
+            for child in model_dir.iterdir()
+            if child.is_dir() and (v := parse_version(child.name)) is not None
+            and _inside(child, root)
+        }
+        try:
+            cfg, err = config_mod.load(model_dir), None
+        except config_mod.ConfigError as exc:
+            cfg, err = None, str(exc)
+        entries[model_dir.name] = ModelEntry(model_dir.name, model_dir, cfg, err, versions)
+    return entries

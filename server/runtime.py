@@ -1,0 +1,95 @@
+"""One onnxruntime session of one model version: `run(Batch, outputs) -> arrays`.
+
+Synchronous and thread-safe (onnxruntime sessions accept concurrent `run` calls); the batcher
+calls it from worker threads. Never imports grpc.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["Batch", "Runtime", "RuntimeOptions", "pick_providers"]
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are built; one value for the whole server, made in app.py."""
+
+    device: str = "auto"  # auto | cpu | gpu
+    gpu_id: int = 0
+    intra_op_threads: int = 0  # 0: the cores this process may use
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Padded inputs of one batch; row r belongs to the batcher's r-th item."""
+
+    input_ids: np.ndarray  # int64 [batch, seq]
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.size)
+
+
+def pick_providers(options: RuntimeOptions) -> list[str | tuple[str, dict[str, object]]]:
+    """CUDA when onnxruntime has it and the model may use a GPU; CPU otherwise."""
+    available = ort.get_available_providers()
+    if options.device == "gpu" and "CUDAExecutionProvider" not in available:
+        raise RuntimeError("a GPU was requested but onnxruntime has no CUDAExecutionProvider")
+    if options.device != "cpu" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": options.gpu_id}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Runtime:
+    """An onnxruntime session plus what the server needs to know about its graph."""
+
+    def __init__(self, model_path: Path, options: RuntimeOptions) -> None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads or _cores()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(model_path), sess_options=so, providers=pick_providers(options)
+        )
+        self.provider = self.session.get_providers()[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        missing = [n for n in INPUT_NAMES if n not in self.input_names]
+        if missing:
+            raise ValueError(f"model.onnx lacks the inputs {missing}")
+        # Trailing dims of each output, e.g. {"mean_layer12": (768,)}; None where dynamic.
+        self.output_dims: dict[str, tuple[int | None, ...]] = {
+            o.name: tuple(d if isinstance(d, int) else None for d in o.shape[1:])
+            for o in self.session.get_outputs()
+        }
+
+    def run(self, batch: Batch, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run one batch, asking onnxruntime only for the outputs this batch needs."""
+        feeds = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "token_type_ids": batch.token_type_ids,
+        }
+        names = list(outputs)
+        arrays = self.session.run(names, {k: v for k, v in feeds.items() if k in self.input_names})
+        return dict(zip(names, arrays, strict=True))

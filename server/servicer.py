@@ -1,0 +1,230 @@
+"""BertService: proto <-> domain translation, nothing else.
+
+Each rpc validates its message, builds a query, awaits the pipeline and converts the result
+back. Unary failures become gRPC statuses through `errors.to_status`; stream failures become
+per-message error responses (see streams.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import grpc
+from bertstream.v1 import bertstream_pb2 as pb
+from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
+from bertstream.v1.model_config_pb2 import Pooling, Task
+
+from .errors import InvalidInput, Unsupported, to_status
+from .inference import (
+    OUTPUT_PREFIX,
+    ClassifyQuery,
+    EmbedQuery,
+    Pipeline,
+    Result,
+    TextOptions,
+    TextResult,
+)
+from .lifecycle import State
+from .streams import ordered_stream
+
+__all__ = ["BertServicer"]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_DIRECTIONS = {
+    pb.TRUNCATION_DIRECTION_UNSPECIFIED: "right",
+    pb.TRUNCATION_DIRECTION_RIGHT: "right",
+    pb.TRUNCATION_DIRECTION_LEFT: "left",
+}
+
+
+def unary(method: F) -> F:
+    """Answer any exception of a unary rpc with its mapped status, never a traceback."""
+
+    @wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            code, message = to_status(exc)
+            await context.abort(code, message)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _text_options(request: Any) -> TextOptions:
+    direction = _DIRECTIONS.get(request.truncation_direction)
+    if direction is None:
+        raise InvalidInput(f"unknown truncation_direction {request.truncation_direction}")
+    return TextOptions(truncate=request.truncate, direction=direction)
+
+
+def _embed_query(r: pb.EmbedRequest | pb.ClassifyRequest) -> EmbedQuery:
+    return EmbedQuery(
+        model=r.model, version=r.version, texts=tuple(r.texts), pooling=r.pooling,
+        pooling_layer=r.pooling_layer if r.HasField("pooling_layer") else None,
+        normalize=r.normalize, text=_text_options(r),
+    )
+
+
+def _check_version(version: int) -> None:
+    if version < 0:
+        raise InvalidInput(f"version must be >= 0 (0 = the policy's default), got {version}")
+
+
+def _timings(result: Result) -> pb.Timings:
+    return pb.Timings(
+        tokenize_us=int(result.tokenize_s * 1e6), queue_us=int(result.queue_s * 1e6),
+        inference_us=int(result.infer_s * 1e6), total_us=int(result.total_s * 1e6),
+    )
+
+
+def _usage(text: TextResult) -> pb.TextUsage:
+    return pb.TextUsage(token_count=text.token_count, truncated=text.truncated_tokens > 0,
+                        truncated_tokens=text.truncated_tokens)
+
+
+def _embedding(text: TextResult) -> pb.Embedding:
+    assert text.vector is not None
+    return pb.Embedding(values=text.vector.ravel().tolist(), shape=list(text.vector.shape),
+                        usage=_usage(text))
+
+
+def _labels(text: TextResult, labels: list[str], top_k: int) -> list[pb.LabelScore]:
+    assert text.probabilities is not None
+    order = text.probabilities.argsort()[::-1]
+    if top_k:
+        order = order[:top_k]
+    return [pb.LabelScore(label=labels[i], index=int(i), probability=float(text.probabilities[i]))
+            for i in order]
+
+
+class BertServicer(pb_grpc.BertServiceServicer):
+    def __init__(self, pipeline: Pipeline, stream_window: int = 32) -> None:
+        self.pipeline = pipeline
+        self.manager = pipeline.manager
+        self.stream_window = stream_window
+
+    async def _embed(self, request: pb.EmbedRequest, wait: bool) -> pb.EmbedResponse:
+        _check_version(request.version)
+        result = await self.pipeline.embed(_embed_query(request), wait=wait)
+        return pb.EmbedResponse(
+            request_id=request.request_id, model=result.model, version=result.version,
+            embeddings=[_embedding(t) for t in result.texts], pooling=result.pooling,
+            pooling_layer=result.pooling_layer, timings=_timings(result),
+        )
+
+    async def _classify(self, request: pb.ClassifyRequest, wait: bool) -> pb.ClassifyResponse:
+        _check_version(request.version)
+        query = ClassifyQuery(
+            model=request.model, version=request.version, texts=tuple(request.texts),
+            top_k=request.top_k, text=_text_options(request),
+            embed=_embed_query(request) if request.return_embedding else None,
+        )
+        result = await self.pipeline.classify(query, wait=wait)
+        results = [
+            pb.Classification(
+                labels=_labels(t, list(result.labels), request.top_k), usage=_usage(t),
+                embedding=_embedding(t) if t.vector is not None else None,
+            )
+            for t in result.texts
+        ]
+        return pb.ClassifyResponse(request_id=request.request_id, model=result.model,
+                                   version=result.version, results=results,
+                                   timings=_timings(result))
+
+    @unary
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        return await self._embed(request, wait=False)
+
+    @unary
+    async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
+        return await self._classify(request, wait=False)
+
+    async def EmbedStream(self, requests: AsyncIterator[pb.EmbedRequest],
+                          context: Any) -> AsyncIterator[pb.EmbedResponse]:
+        async for response in ordered_stream(
+            requests, lambda r: self._embed(r, wait=True),
+            lambda r, code, msg: pb.EmbedResponse(request_id=r.request_id, model=r.model,
+                                                  error=pb.Error(code=code, message=msg)),
+            self.stream_window,
+        ):
+            yield response
+
+    async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest],
+                             context: Any) -> AsyncIterator[pb.ClassifyResponse]:
+        async for response in ordered_stream(
+            requests, lambda r: self._classify(r, wait=True),
+            lambda r, code, msg: pb.ClassifyResponse(request_id=r.request_id, model=r.model,
+                                                     error=pb.Error(code=code, message=msg)),
+            self.stream_window,
+        ):
+            yield response
+
+    @unary
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Any) -> pb.TokenizeResponse:
+        _check_version(request.version)
+        task = request.task or Task.TASK_EMBED
+        mv, encoded = await self.pipeline.tokenize(
+            request.model, request.version, request.texts, _text_options(request), task)
+        results = [
+            pb.TokenizedText(
+                tokens=e.encoding.tokens, ids=e.encoding.ids,
+                offset_starts=[s for s, _ in e.encoding.offsets],
+                offset_ends=[t for _, t in e.encoding.offsets],
+                usage=pb.TextUsage(token_count=e.length, truncated=e.truncated_tokens > 0,
+                                   truncated_tokens=e.truncated_tokens),
+            )
+            for e in encoded
+        ]
+        assert mv.loaded is not None
+        return pb.TokenizeResponse(model=mv.model, version=mv.version, results=results,
+                                   max_sequence_length=mv.loaded.config.max_sequence_length)
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: Any) -> pb.ListModelsResponse:
+        statuses = []
+        for name, versions in sorted(self.manager.versions.items()):
+            if not versions and not request.ready_only:
+                statuses.append(pb.ModelVersionStatus(
+                    model=name, state=pb.VERSION_STATE_UNAVAILABLE,
+                    reason=self.manager.model_errors.get(name, "")))
+            for version, mv in sorted(versions.items()):
+                if request.ready_only and mv.state is not State.READY:
+                    continue
+                statuses.append(pb.ModelVersionStatus(model=name, version=version,
+                                                      state=mv.state.value, reason=mv.reason))
+        return pb.ListModelsResponse(models=statuses, default_model=self.manager.default_model())
+
+    @unary
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        _check_version(request.version)
+        mv = self.manager.resolve(request.model, request.version)
+        assert mv.loaded is not None
+        config = mv.loaded.config
+        versions = self.manager.versions[mv.model]
+        ready = [v for v, m in sorted(versions.items()) if m.state is State.READY]
+        limits = self.pipeline.limits
+        return pb.GetModelResponse(
+            model=mv.model, version=mv.version, ready_versions=ready,
+            default_version=ready[-1] if ready else 0, task=config.task,
+            embedding_dimension=config.embedding_dimension, labels=mv.loaded.labels,
+            max_sequence_length=config.max_sequence_length,
+            poolings=[p for p in OUTPUT_PREFIX if p != Pooling.POOLING_UNSPECIFIED],
+            default_pooling=config.default_pooling, pooling_layers=config.pooling_layers,
+            default_pooling_layer=config.default_pooling_layer,
+            max_texts_per_request=limits.max_texts_per_request,
+            max_text_chars=limits.max_text_chars, platform=config.platform,
+            execution_provider=mv.loaded.provider,
+        )
+
+    @unary
+    async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.LoadModelResponse:
+        raise Unsupported("LoadModel needs --model-control-mode explicit, which is not built yet")
+
+    @unary
+    async def UnloadModel(self, request: pb.UnloadModelRequest,
+                          context: Any) -> pb.UnloadModelResponse:
+        raise Unsupported("UnloadModel needs --model-control-mode explicit, which is not built yet")

@@ -1,0 +1,106 @@
+"""Text -> token ids with Hugging Face `tokenizers`, from the version's own tokenizer.json.
+
+No silent truncation: a text whose encoding exceeds the model's limit raises InputTooLong
+unless the caller asked to truncate, and then the result says by how many tokens. Encoding
+runs batched on a worker thread (`tokenizers` releases the GIL), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from .errors import InputTooLong, InvalidInput
+
+__all__ = ["Encoded", "TextTokenizer", "check_texts"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One text as the model will see it."""
+
+    ids: np.ndarray  # int64 [tokens]
+    type_ids: np.ndarray  # int64 [tokens]
+    truncated_tokens: int
+    encoding: Encoding  # tokens and offsets, for the Tokenize rpc
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class TextTokenizer:
+    """The tokenizer of one model version, with its length limit."""
+
+    def __init__(self, path: Path, max_length: int) -> None:
+        self.max_length = max_length
+        self._plain = self._load(path)
+        self._truncating = {}
+        for side in ("right", "left"):
+            tok = self._load(path)
+            tok.enable_truncation(max_length, direction=side)
+            self._truncating[side] = tok
+
+    @staticmethod
+    def _load(path: Path) -> Tokenizer:
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise ValueError(f"{path.name} is not a valid tokenizer: {exc}") from None
+        tok.no_truncation()
+        tok.no_padding()
+        return tok
+
+    def encode(
+        self, texts: Sequence[str], truncate: bool, direction: str = "right"
+    ) -> list[Encoded]:
+        """Encode a batch; raise InputTooLong naming the first text over the limit."""
+        encodings = self._plain.encode_batch(list(texts))
+        over = [i for i, enc in enumerate(encodings) if len(enc.ids) > self.max_length]
+        if over and not truncate:
+            i = over[0]
+            raise InputTooLong(
+                f"texts[{i}] is {len(encodings[i].ids)} tokens, over this model's limit of "
+                f"{self.max_length}; shorten it or set truncate"
+            )
+        full_lengths = {i: len(encodings[i].ids) for i in over}
+        if over:
+            redone = self._truncating[direction].encode_batch([texts[i] for i in over])
+            for i, enc in zip(over, redone, strict=True):
+                encodings[i] = enc
+        return [
+            Encoded(
+                ids=np.asarray(enc.ids, dtype=np.int64),
+                type_ids=np.asarray(enc.type_ids, dtype=np.int64),
+                truncated_tokens=full_lengths.get(i, len(enc.ids)) - len(enc.ids),
+                encoding=enc,
+            )
+            for i, enc in enumerate(encodings)
+        ]
+
+    async def encode_async(
+        self, executor: Executor, texts: Sequence[str], truncate: bool, direction: str = "right"
+    ) -> list[Encoded]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self.encode, texts, truncate, direction)
+
+
+def check_texts(texts: Sequence[str], max_texts: int, max_chars: int) -> None:
+    """The input rules every request shares, with messages that name the offending text."""
+    if not texts:
+        raise InvalidInput("texts is empty: send at least one text")
+    if len(texts) > max_texts:
+        raise InvalidInput(f"{len(texts)} texts in one message, over the limit of {max_texts}")
+    for i, text in enumerate(texts):
+        if len(text) > max_chars:
+            raise InvalidInput(
+                f"texts[{i}] has {len(text)} characters, over the limit of {max_chars}"
+            )
+        if not text.strip():
+            raise InvalidInput(f"texts[{i}] is empty or only whitespace")

@@ -1,0 +1,144 @@
+"""Batch formation against a fake runtime whose progress is driven by events, not sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from bertstream.server.batcher import Batcher, BatcherOptions, WorkItem
+from bertstream.server.errors import Overloaded
+from bertstream.server.runtime import Batch
+from bertstream.server.tokenization import Encoded
+
+POISON = 666
+
+
+class FakeRuntime:
+    """Vector of an item = [sum of its ids, its length]; records every batch it sees."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.batches: list[list[int]] = []  # first id of each row
+
+    def run(self, batch: Batch, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        self.entered.set()
+        self.gate.wait(10)
+        if (batch.input_ids == POISON).any():
+            raise RuntimeError("poisoned row")
+        self.batches.append([int(row[0]) for row in batch.input_ids])
+        ids = batch.input_ids * batch.attention_mask
+        vec = np.stack([ids.sum(1), batch.attention_mask.sum(1)], axis=1).astype(np.float32)
+        return {name: vec for name in outputs}
+
+
+def item(first_id: int, length: int) -> WorkItem:
+    ids = np.full(length, 1, dtype=np.int64)
+    ids[0] = first_id
+    enc = Encoded(ids, np.zeros(length, np.int64), 0, None)  # type: ignore[arg-type]
+    return WorkItem(enc, frozenset({"mean_layer1"}), asyncio.get_running_loop().create_future())
+
+
+async def blocked_first_batch(fake: FakeRuntime, batcher: Batcher) -> WorkItem:
+    """Occupy the only instance so that later items queue up together."""
+    fake.gate.clear()
+    first = item(1, 2)
+    await batcher.submit([first], wait=False)
+    await asyncio.to_thread(fake.entered.wait, 10)
+    return first
+
+
+def run(coro_fn, **options: object) -> FakeRuntime:  # type: ignore[no-untyped-def]
+    fake = FakeRuntime()
+
+    async def main() -> None:
+        batcher = Batcher(fake.run, BatcherOptions(max_queue_delay_s=0, **options))  # type: ignore[arg-type]
+        try:
+            await coro_fn(fake, batcher)
+        finally:
+            fake.gate.set()
+            await batcher.close()
+
+    asyncio.run(main())
+    return fake
+
+
+def test_callers_share_a_batch_and_get_their_own_rows() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        callers = [[item(10 + c * 10 + i, 3 + c) for i in range(2)] for c in range(3)]
+        for items in callers:
+            await batcher.submit(items, wait=False)
+        fake.gate.set()
+        await first.future
+        for c, items in enumerate(callers):
+            for i, it in enumerate(items):
+                row = (await it.future)["mean_layer1"]
+                assert row.tolist() == [10 + c * 10 + i + 2 + c, 3 + c]
+        assert fake.batches[1] == [10, 11, 20, 21, 30, 31]
+
+    run(body)
+
+
+def test_token_budget_and_batch_size_bound_each_batch_without_reordering() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        items = [item(100, 4), item(101, 16), item(102, 4), item(103, 4), item(104, 4)]
+        await batcher.submit(items, wait=False)
+        fake.gate.set()
+        await asyncio.gather(first.future, *(i.future for i in items))
+        # budget 16: the 16-token item cannot join 4-token ones; max 3 items per batch
+        assert fake.batches[1:] == [[100, 102, 103], [101], [104]]
+
+    run(body, max_batch_tokens=16, max_batch_size=3)
+
+
+def test_cancelled_items_cost_no_compute() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        keep, drop = item(200, 3), item(201, 3)
+        await batcher.submit([drop, keep], wait=False)
+        drop.future.cancel()
+        fake.gate.set()
+        await asyncio.gather(first.future, keep.future)
+        assert all(201 not in b for b in fake.batches)
+
+    run(body)
+
+
+def test_a_failing_item_fails_alone() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        items = [item(300 + i, 3) for i in range(5)]
+        bad = item(POISON, 3)
+        await batcher.submit([*items[:2], bad, *items[2:]], wait=False)
+        fake.gate.set()
+        await first.future
+        for it in items:
+            assert (await it.future)["mean_layer1"][1] == 3
+        with pytest.raises(RuntimeError, match="poisoned"):
+            await bad.future
+
+    run(body)
+
+
+def test_full_queue_fails_fast_for_unary_and_waits_for_streams() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        queued = [item(400, 2), item(401, 2)]
+        await batcher.submit(queued, wait=False)
+        with pytest.raises(Overloaded):
+            await batcher.submit([item(402, 2)], wait=False)
+        late = item(403, 2)
+        waiter = asyncio.create_task(batcher.submit([late], wait=True))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        fake.gate.set()
+        await waiter
+        await asyncio.gather(first.future, late.future, *(i.future for i in queued))
+
+    run(body, max_queue_size=2, max_batch_size=1)
