@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,7 +135,23 @@ def _build(
     except Exception as exc:
         raise ValueError(f"onnxruntime cannot load model.onnx: {exc}") from None
     _check_outputs(config, runtime)
+    _warn_if_untrained(path)
     return runtime, tokenizer, labels
+
+
+def _warn_if_untrained(path: Path) -> None:
+    """Say loudly when a version's weights are random-init (test and placeholder models)."""
+    try:
+        record = json.loads((path / "export.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    head = record.get("head") or {}
+    if record.get("source_kind") == "random":
+        log.warning("%s: random-init encoder weights (export source 'random'): its vectors and "
+                    "labels carry no meaning; export a real checkpoint for real use", path)
+    elif str(head.get("origin", "")).startswith("random"):
+        log.warning("%s: the classification head is random-init: its labels carry no meaning",
+                    path)
 
 
 class ModelManager:

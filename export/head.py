@@ -1,0 +1,134 @@
+"""The classification head: a linear layer over the CLS vector or the mean of the last layer.
+
+A head is a plain safetensors file with `weight` [num_labels, hidden] and `bias` [num_labels],
+so whatever trains it (the project's own probe trainer, or a user's script) plugs in by writing
+that file. `save_head` also stores the labels and the pooling in the file's metadata, so a
+trained head carries its own label order; `--labels` overrides or supplies them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HEAD_POOLINGS = ("cls", "mean")
+_INIT_STD = 0.02  # BERT's initializer_range
+
+
+class HeadError(ValueError):
+    """The head file, its labels, or its shape do not fit the model."""
+
+
+@dataclass(frozen=True, eq=False)
+class ClassificationHead:
+    labels: tuple[str, ...]
+    weight: torch.Tensor  # [num_labels, hidden], float32
+    bias: torch.Tensor  # [num_labels], float32
+    pooling: str = "cls"
+    origin: str = "random"  # "random(seed=N)" or the file it came from
+
+    def __post_init__(self) -> None:
+        _check_labels(self.labels)
+        if self.pooling not in HEAD_POOLINGS:
+            raise HeadError(f"head pooling must be one of {HEAD_POOLINGS}, not {self.pooling!r}")
+        if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
+            raise HeadError(
+                f"head weight must be [C, H] and bias [C]; got {tuple(self.weight.shape)} and "
+                f"{tuple(self.bias.shape)}"
+            )
+        if self.weight.shape[0] != len(self.labels):
+            raise HeadError(
+                f"head has {self.weight.shape[0]} classes but {len(self.labels)} labels were given"
+            )
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    def linear(self) -> torch.nn.Linear:
+        """A fresh `nn.Linear` holding this head's parameters (for the export graph)."""
+        layer = torch.nn.Linear(self.hidden_size, self.num_labels)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight)
+            layer.bias.copy_(self.bias)
+        return layer.eval()
+
+    def describe(self) -> dict[str, object]:
+        """Provenance for export.json."""
+        return {
+            "origin": self.origin,
+            "pooling": self.pooling,
+            "num_labels": self.num_labels,
+            "labels": list(self.labels),
+        }
+
+
+def _check_labels(labels: Sequence[str]) -> None:
+    if not labels:
+        raise HeadError("a classification head needs at least one label")
+    for label in labels:
+        if not label or label != label.strip() or "\n" in label or "\r" in label:
+            raise HeadError(f"label {label!r} is empty, padded with spaces, or spans lines")
+    if len(set(labels)) != len(labels):
+        raise HeadError(f"labels must be unique: {list(labels)}")
+
+
+def random_head(
+    labels: Sequence[str], hidden_size: int, seed: int = 0, pooling: str = "cls"
+) -> ClassificationHead:
+    """An untrained head (BERT's initialisation, seeded) so classify models can be built and
+    served before a head has been trained."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(len(labels), hidden_size, generator=generator) * _INIT_STD
+    return ClassificationHead(
+        labels=tuple(labels),
+        weight=weight,
+        bias=torch.zeros(len(labels)),
+        pooling=pooling,
+        origin=f"random(seed={seed})",
+    )
+
+
+def load_head(
+    path: Path,
+    labels: Sequence[str] | None = None,
+    pooling: str | None = None,
+) -> ClassificationHead:
+    """Read a head file; `labels` and `pooling` override what its metadata says."""
+    with safe_open(str(path), framework="pt") as handle:
+        names = set(handle.keys())
+        if not {"weight", "bias"} <= names:
+            raise HeadError(f"{path}: needs tensors 'weight' and 'bias', found {sorted(names)}")
+        weight = handle.get_tensor("weight").to(torch.float32)
+        bias = handle.get_tensor("bias").to(torch.float32)
+        metadata = handle.metadata() or {}
+    if labels is None:
+        if "labels" not in metadata:
+            raise HeadError(f"{path}: no labels in the file's metadata; pass labels")
+        labels = json.loads(metadata["labels"])
+    return ClassificationHead(
+        labels=tuple(labels),
+        weight=weight,
+        bias=bias,
+        pooling=pooling or metadata.get("pooling", "cls"),
+        origin=str(Path(path).resolve()),
+    )
+
+
+def save_head(head: ClassificationHead, path: Path) -> Path:
+    """Write a head file that `load_head` (and `bertstream-export --head`) reads back."""
+    labels = json.dumps(list(head.labels), ensure_ascii=False)
+    metadata = {"labels": labels, "pooling": head.pooling}
+    tensors = {"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}
+    save_file(tensors, str(path), metadata=metadata)
+    return path

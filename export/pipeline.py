@@ -1,0 +1,187 @@
+"""Checkpoint -> verified version folder: the one function the CLI, the Makefile and tests call.
+
+Order matters: everything that can be refused cheaply (model name, existing version, a
+contradicting config.pbtxt) is checked before the export, which is the slow part.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from .graph import PoolingGraph, export_onnx, resolve_pooling_layers
+from .head import ClassificationHead, load_head, random_head
+from .model_config import ConfigFields, build_model_config
+from .publish import plan_version, publish_version
+from .sources import Checkpoint, RandomShape, load_checkpoint
+from .verify import DEFAULT_TOLERANCE, ParityReport, verify_export
+
+ONNX_FILE, TOKENIZER_FILE, LABELS_FILE, EXPORT_FILE = (
+    "model.onnx",
+    "tokenizer.json",
+    "labels.txt",
+    "export.json",
+)
+_VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything `bertstream-export` takes; tests build this directly."""
+
+    model: str
+    source: str = "random"  # "random", a local Hugging Face folder, or a hub id
+    model_repository: Path = Path("model_repository")
+    version: int | None = None  # None: highest existing + 1
+    random_shape: RandomShape = field(default_factory=RandomShape)  # only for source "random"
+    max_sequence_length: int | None = None  # None: min(512, max_position_embeddings)
+    pooling_layers: tuple[int, ...] | None = None  # None: last and second to last
+    labels: tuple[str, ...] = ()  # a classify model when given (or when head is given)
+    head: Path | None = None  # safetensors with weight [C, H] and bias [C]
+    head_pooling: str | None = None  # "cls" (default) or "mean"
+    max_batch_size: int = 32
+    embed_prefix: str = ""
+    classify_prefix: str = ""
+    tolerance: float = DEFAULT_TOLERANCE
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    checkpoint: Checkpoint
+    layers: tuple[int, ...]
+    head: ClassificationHead | None
+    max_sequence_length: int
+
+
+def _max_sequence_length(options: ExportOptions, checkpoint: Checkpoint) -> int:
+    positions = checkpoint.max_position_embeddings
+    length = options.max_sequence_length or min(512, positions)
+    if not 2 <= length <= positions:
+        raise ValueError(f"max sequence length {length} is outside 2..{positions} (positions)")
+    return length
+
+
+def _head(options: ExportOptions, checkpoint: Checkpoint) -> ClassificationHead | None:
+    labels = options.labels or None
+    if options.head is not None:
+        return load_head(options.head, labels=labels, pooling=options.head_pooling)
+    if labels is None:
+        return None
+    seed = options.random_shape.seed
+    return random_head(labels, checkpoint.hidden_size, seed, options.head_pooling or "cls")
+
+
+def _prepare(options: ExportOptions, log: Callable[[str], None]) -> _Prepared:
+    log(f"loading {options.source}")
+    checkpoint = load_checkpoint(options.source, options.random_shape)
+    log(
+        f"encoder: {checkpoint.num_layers} layers, hidden {checkpoint.hidden_size}, "
+        f"vocab {checkpoint.config.vocab_size}"
+    )
+    return _Prepared(
+        checkpoint=checkpoint,
+        layers=resolve_pooling_layers(options.pooling_layers, checkpoint.num_layers),
+        head=_head(options, checkpoint),
+        max_sequence_length=_max_sequence_length(options, checkpoint),
+    )
+
+
+def _config_fields(options: ExportOptions, prepared: _Prepared) -> ConfigFields:
+    return ConfigFields(
+        name=options.model,
+        num_layers=prepared.checkpoint.num_layers,
+        embedding_dimension=prepared.checkpoint.hidden_size,
+        max_sequence_length=prepared.max_sequence_length,
+        pooling_layers=prepared.layers,
+        labels=prepared.head.labels if prepared.head else (),
+        max_batch_size=options.max_batch_size,
+        embed_prefix=options.embed_prefix,
+        classify_prefix=options.classify_prefix,
+    )
+
+
+def _provenance(
+    options: ExportOptions, prepared: _Prepared, graph: PoolingGraph, report: ParityReport
+) -> dict[str, object]:
+    checkpoint, config = prepared.checkpoint, prepared.checkpoint.config
+    return {
+        "source": checkpoint.source,
+        "source_kind": checkpoint.kind,
+        "random_shape": vars(options.random_shape) if checkpoint.kind == "random" else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {name: metadata.version(name) for name in _VERSIONED_PACKAGES},
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "num_layers": checkpoint.num_layers,
+        "hidden_size": checkpoint.hidden_size,
+        "num_attention_heads": int(config.num_attention_heads),
+        "intermediate_size": int(config.intermediate_size),
+        "vocab_size": int(config.vocab_size),
+        "max_position_embeddings": checkpoint.max_position_embeddings,
+        "max_sequence_length": prepared.max_sequence_length,
+        "pooling_layers": list(prepared.layers),
+        "outputs": graph.output_names(),
+        "head": prepared.head.describe() if prepared.head else None,
+        "parity": report.to_dict(),
+    }
+
+
+def _builder(
+    options: ExportOptions, prepared: _Prepared, log: Callable[[str], None]
+) -> Callable[[Path], None]:
+    def build(folder: Path) -> None:
+        graph = PoolingGraph(prepared.checkpoint.model, prepared.layers, prepared.head)
+        log(f"exporting {len(graph.output_names())} outputs for layers {list(prepared.layers)}")
+        export_onnx(graph, folder / ONNX_FILE)
+        prepared.checkpoint.tokenizer.save(str(folder / TOKENIZER_FILE))
+        if prepared.head is not None:
+            labels = "".join(f"{label}\n" for label in prepared.head.labels)
+            (folder / LABELS_FILE).write_text(labels, encoding="utf-8")
+        log("verifying the ONNX graph against PyTorch")
+        report = verify_export(
+            graph,
+            folder / ONNX_FILE,
+            prepared.checkpoint.tokenizer,
+            prepared.max_sequence_length,
+            options.tolerance,
+        )
+        provenance = _provenance(options, prepared, graph, report)
+        text = json.dumps(provenance, indent=2, ensure_ascii=False) + "\n"
+        (folder / EXPORT_FILE).write_text(text, encoding="utf-8")
+
+    return build
+
+
+def reference_graph(options: ExportOptions) -> PoolingGraph:
+    """The PyTorch graph `export_model` exports for these options (deterministic for the random
+    source and a random head: same seed, same weights), for comparisons outside the export."""
+    prepared = _prepare(options, _quiet)
+    return PoolingGraph(prepared.checkpoint.model, prepared.layers, prepared.head)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def export_model(options: ExportOptions, log: Callable[[str], None] = _quiet) -> Path:
+    """Export, verify and publish one version; returns the published version folder."""
+    plan_version(options.model_repository, options.model, options.version)  # fail fast
+    prepared = _prepare(options, log)
+    config = build_model_config(_config_fields(options, prepared))
+    plan = plan_version(options.model_repository, options.model, options.version)
+    target = publish_version(
+        plan,
+        _builder(options, prepared, log),
+        config=config,
+        max_positions=prepared.checkpoint.max_position_embeddings,
+    )
+    log(f"published {target}")
+    return target
+
+
+def read_export_record(version_dir: Path) -> dict[str, object]:
+    """export.json of a published version (for the CLI summary and for tests)."""
+    return json.loads((version_dir / EXPORT_FILE).read_text(encoding="utf-8"))

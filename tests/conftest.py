@@ -1,0 +1,89 @@
+"""Session-wide fixtures: a model repository with two tiny random models, exported once.
+
+`tiny-embed` (TASK_EMBED) and `tiny-news` (TASK_CLASSIFY: positive, neutral, negative) are both
+2 layers, hidden 64, 4 heads, FFN 128, max_sequence_length 64 (so "too long" tests are cheap),
+pooling layers 1 and 2, version 1. Exporting costs a few seconds per model on 2 cores, so it
+happens once per session and the folder is shared: tests must treat it as read-only (copy it
+with `copy_repository` to change anything).
+
+bertstream.export (and so torch) is imported only when a fixture needs it, so server-only
+installs can still run the tests that do not.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from bertstream.export import ExportOptions
+
+TINY_EMBED = "tiny-embed"
+TINY_NEWS = "tiny-news"
+TINY_NEWS_LABELS = ("positive", "neutral", "negative")
+TINY_SHAPE = {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128}
+TINY_MAX_SEQUENCE_LENGTH = 64
+TINY_POOLING_LAYERS = (-1, -2)
+
+
+def tiny_options(model: str, repository: Path, **overrides: Any) -> ExportOptions:
+    """ExportOptions for a tiny random model; `overrides` replace any field (`seed` and the
+    TINY_SHAPE keys go to the random shape)."""
+    from bertstream.export import ExportOptions, RandomShape
+
+    shape_keys = {*TINY_SHAPE, "seed", "max_position_embeddings"}
+    shape = {**TINY_SHAPE, **{k: overrides.pop(k) for k in list(overrides) if k in shape_keys}}
+    fields: dict[str, Any] = {
+        "model": model,
+        "model_repository": repository,
+        "random_shape": RandomShape(**shape),
+        "max_sequence_length": TINY_MAX_SEQUENCE_LENGTH,
+        "pooling_layers": TINY_POOLING_LAYERS,
+        **overrides,
+    }
+    return ExportOptions(**fields)
+
+
+def version_dir(repository: Path, model: str, version: int | None = None) -> Path:
+    """A model's version folder; the highest published one when `version` is None."""
+    if version is None:
+        versions = [int(p.name) for p in (repository / model).iterdir() if p.name.isdigit()]
+        version = max(versions)
+    return repository / model / str(version)
+
+
+def copy_repository(repository: Path, destination: Path) -> Path:
+    """A private, writable copy of the shared repository."""
+    return Path(shutil.copytree(repository, destination))
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared repository: tiny-embed/1 and tiny-news/1, plus their config.pbtxt."""
+    from bertstream.export import export_model
+
+    repository = tmp_path_factory.mktemp("model_repository")
+    export_model(tiny_options(TINY_EMBED, repository))
+    export_model(tiny_options(TINY_NEWS, repository, labels=TINY_NEWS_LABELS))
+    return repository
+
+
+@pytest.fixture(scope="session")
+def make_tiny_options() -> Callable[..., ExportOptions]:
+    """`make_tiny_options(model, repository, **overrides)`: see `tiny_options`."""
+    return tiny_options
+
+
+@pytest.fixture(scope="session")
+def model_dir(model_repository: Path) -> Callable[..., Path]:
+    """`model_dir("tiny-news")` -> the model's latest version folder in the shared repository
+    (`model_dir("tiny-news", 1)` for a given version)."""
+
+    def find(model: str, version: int | None = None) -> Path:
+        return version_dir(model_repository, model, version)
+
+    return find
