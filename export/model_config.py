@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bertstream.server.config import PLATFORM
 from bertstream.v1 import model_config_pb2 as pb
 from google.protobuf import text_format
 
 CONFIG_FILE = "config.pbtxt"
-PLATFORM = "onnxruntime_onnx"
 
 
 class ConfigMismatchError(ValueError):

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bertstream.server import repository
+from bertstream.server.errors import InvalidInput
 from bertstream.v1 import model_config_pb2 as pb
 
 from .model_config import CONFIG_FILE, check_compatible, write_model_config
 
-_MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
-_VERSION_NAME = re.compile(r"[1-9][0-9]*")
 TEMP_PREFIX = ".tmp-"
 
 
@@ -37,13 +36,11 @@ class VersionExistsError(PublishError):
 
 
 def validate_model_name(name: str) -> str:
-    """Model names become folder names: letters, digits, `_`, `.`, `-`, never starting with a
-    dot (hidden), so no `/`, `..`, absolute path or hidden name reaches the filesystem."""
-    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
-        raise PublishError(
-            f"invalid model name {name!r}: use 1-128 of [A-Za-z0-9_.-], not starting with '.'"
-        )
-    return name
+    """The server's naming rule (`repository.check_name`), raised as a PublishError."""
+    try:
+        return repository.check_name(name)
+    except InvalidInput as exc:
+        raise PublishError(str(exc)) from None
 
 
 def existing_versions(model_dir: Path) -> list[int]:
@@ -51,9 +48,9 @@ def existing_versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(
-        int(entry.name)
+        version
         for entry in model_dir.iterdir()
-        if entry.is_dir() and _VERSION_NAME.fullmatch(entry.name)
+        if entry.is_dir() and (version := repository.parse_version(entry.name)) is not None
     )
 
 
