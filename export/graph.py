@@ -54,7 +54,7 @@ def resolve_pooling_layers(layers: Sequence[int] | None, num_layers: int) -> tup
     return tuple(sorted(resolved))
 
 
-def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
@@ -111,12 +111,12 @@ class PoolingGraph(torch.nn.Module):
         outputs: list[torch.Tensor] = []
         for layer in self.layers:
             states = hidden_states[layer]
-            mean = _masked_mean(states, mask)
+            mean = masked_mean(states, mask)
             maximum = _masked_max(states, mask)
             outputs += [mean, maximum, states[:, 0], torch.cat([mean, maximum], dim=-1), states]
         if self.head is not None:
             last = hidden_states[-1]
-            pooled = last[:, 0] if self.head_pooling == "cls" else _masked_mean(last, mask)
+            pooled = last[:, 0] if self.head_pooling == "cls" else masked_mean(last, mask)
             logits = self.head(pooled)
             outputs += [logits, torch.softmax(logits, dim=-1)]
         return tuple(outputs)

@@ -32,6 +32,7 @@ class ClassificationHead:
     bias: torch.Tensor  # [num_labels], float32
     pooling: str = "cls"
     origin: str = "random"  # "random(seed=N)" or the file it came from
+    training: dict[str, object] | None = None  # how it was trained and what it scored
 
     def __post_init__(self) -> None:
         _check_labels(self.labels)
@@ -70,7 +71,14 @@ class ClassificationHead:
             "pooling": self.pooling,
             "num_labels": self.num_labels,
             "labels": list(self.labels),
+            "training": self.training,
         }
+
+    @property
+    def prefix(self) -> str | None:
+        """The text prefix the head was trained with, when a trainer recorded it."""
+        prefix = (self.training or {}).get("prefix")
+        return prefix if isinstance(prefix, str) else None
 
 
 def _check_labels(labels: Sequence[str]) -> None:
@@ -116,12 +124,14 @@ def load_head(
         if "labels" not in metadata:
             raise HeadError(f"{path}: no labels in the file's metadata; pass labels")
         labels = json.loads(metadata["labels"])
+    training = json.loads(metadata["training"]) if "training" in metadata else None
     return ClassificationHead(
         labels=tuple(labels),
         weight=weight,
         bias=bias,
         pooling=pooling or metadata.get("pooling", "cls"),
         origin=str(Path(path).resolve()),
+        training=training,
     )
 
 
@@ -129,6 +139,8 @@ def save_head(head: ClassificationHead, path: Path) -> Path:
     """Write a head file that `load_head` (and `bertstream-export --head`) reads back."""
     labels = json.dumps(list(head.labels), ensure_ascii=False)
     metadata = {"labels": labels, "pooling": head.pooling}
+    if head.training is not None:
+        metadata["training"] = json.dumps(head.training, ensure_ascii=False)
     tensors = {"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}
     save_file(tensors, str(path), metadata=metadata)
     return path

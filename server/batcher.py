@@ -27,7 +27,7 @@ from .errors import ModelNotReady, Overloaded
 from .runtime import Batch
 from .tokenization import Encoded
 
-__all__ = ["Batcher", "BatcherOptions", "WorkItem", "pad"]
+__all__ = ["Batcher", "BatcherOptions", "WorkItem"]
 
 RunFn = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
 TOKEN_OUTPUT_PREFIX = "tokens_"
@@ -56,21 +56,6 @@ class WorkItem:
     @property
     def length(self) -> int:
         return self.encoded.length
-
-
-def pad(items: Sequence[WorkItem], pad_id: int = 0) -> Batch:
-    """Right-pad the items' ids into one batch; the attention mask marks real tokens."""
-    longest = max(item.length for item in items)
-    shape = (len(items), longest)
-    ids = np.full(shape, pad_id, dtype=np.int64)
-    mask = np.zeros(shape, dtype=np.int64)
-    types = np.zeros(shape, dtype=np.int64)
-    for row, item in enumerate(items):
-        n = item.length
-        ids[row, :n] = item.encoded.ids
-        mask[row, :n] = 1
-        types[row, :n] = item.encoded.type_ids
-    return Batch(ids, mask, types)
 
 
 class Batcher:
@@ -188,7 +173,8 @@ class Batcher:
         outputs = sorted(set().union(*(item.outputs for item in items)))
         loop = asyncio.get_running_loop()
         try:
-            arrays = await loop.run_in_executor(self._executor, self._run_fn, pad(items), outputs)
+            batch = Batch.pad([item.encoded for item in items])
+            arrays = await loop.run_in_executor(self._executor, self._run_fn, batch, outputs)
         except Exception as exc:
             if len(items) == 1:
                 _fail(items, exc)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .tokenization import Encoded
+
 __all__ = ["Batch", "Runtime", "RuntimeOptions", "pick_providers"]
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -35,6 +37,21 @@ class Batch:
     input_ids: np.ndarray  # int64 [batch, seq]
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
+
+    @classmethod
+    def pad(cls, encodings: Sequence[Encoded], pad_id: int = 0) -> Batch:
+        """Right-pad token ids into one batch; the attention mask marks real tokens."""
+        longest = max(encoded.length for encoded in encodings)
+        shape = (len(encodings), longest)
+        ids = np.full(shape, pad_id, dtype=np.int64)
+        mask = np.zeros(shape, dtype=np.int64)
+        types = np.zeros(shape, dtype=np.int64)
+        for row, encoded in enumerate(encodings):
+            n = encoded.length
+            ids[row, :n] = encoded.ids
+            mask[row, :n] = 1
+            types[row, :n] = encoded.type_ids
+        return cls(ids, mask, types)
 
     @property
     def size(self) -> int:
