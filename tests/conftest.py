@@ -12,8 +12,12 @@ installs can still run the tests that do not.
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Callable
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,3 +91,60 @@ def model_dir(model_repository: Path) -> Callable[..., Path]:
         return version_dir(model_repository, model, version)
 
     return find
+
+
+READY_LINE = "bertstream serving on "
+
+
+class ServerProcess:
+    """A real `python -m bertstream.server` on a free loopback port; `address` once ready."""
+
+    def __init__(self, repository: Path, *extra: str, default_model: str = "tiny-embed") -> None:
+        cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
+               "--host", "127.0.0.1", "--port", "0", "--default-model", default_model, *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        self.lines: list[str] = []
+        self.address = self._wait_ready(timeout=180)
+        # Keep draining the log so the server never blocks on a full pipe.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_ready(self, timeout: float) -> str:
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.start()
+        try:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith(READY_LINE):
+                    return line[len(READY_LINE):].strip()
+        finally:
+            timer.cancel()
+        raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    """`start_server(repository, *flags, default_model=...)`: a server process, stopped at the
+    end of the session if the test did not stop it."""
+    started: list[ServerProcess] = []
+
+    def start(repository: Path, *extra: str, default_model: str = "tiny-embed") -> ServerProcess:
+        proc = ServerProcess(repository, *extra, default_model=default_model)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.stop()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -17,47 +14,15 @@ from bertstream.client import BertClient
 from bertstream.v1 import bertstream_pb2_grpc
 from tokenizers import Tokenizer
 
-READY_LINE = "bertstream serving on "
-
-
-class ServerProcess:
-    def __init__(self, repository: Path, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", "0", "--default-model", "tiny-embed", *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=env)
-        self.lines: list[str] = []
-        self.address = self._wait_ready(timeout=180)
-        # Keep draining the log so the server never blocks on a full pipe.
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _wait_ready(self, timeout: float) -> str:
-        timer = threading.Timer(timeout, self.proc.kill)
-        timer.start()
-        try:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith(READY_LINE):
-                    return line[len(READY_LINE):].strip()
-        finally:
-            timer.cancel()
-        raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(60)
+if TYPE_CHECKING:
+    from conftest import ServerProcess
 
 
 @pytest.fixture(scope="session")
-def server(model_repository: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(model_repository)
+def server(
+    model_repository: Path, start_server: Callable[..., ServerProcess]
+) -> Iterator[ServerProcess]:
+    proc = start_server(model_repository)
     yield proc
     code = proc.stop()
     assert code == 0, "".join(proc.lines[-40:])
