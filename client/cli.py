@@ -15,13 +15,26 @@ from .messages import POOLINGS, ClientError
 __all__ = ["main"]
 
 
+def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Connection options, valid before or after the subcommand; the subcommand's copies
+    default to SUPPRESS so they only override what was given before it."""
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--server", default=default("localhost:8001"), help="HOST:PORT")
+    parser.add_argument("--model", default=default(""),
+                        help="default: the server's default model")
+    parser.add_argument("--version", type=int, default=default(0),
+                        help="0: the policy's default")
+    parser.add_argument("--timeout", type=float, default=default(30.0),
+                        help="deadline in seconds")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertstream-client", description=__doc__)
+    _add_common(p, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default="localhost:8001", help="HOST:PORT")
-    common.add_argument("--model", default="", help="default: the server's default model")
-    common.add_argument("--version", type=int, default=0, help="0: the policy's default")
-    common.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    _add_common(common, suppress=True)
     texts = argparse.ArgumentParser(add_help=False)
     texts.add_argument("texts", nargs="+", help="texts to send")
     texts.add_argument("--truncate", action="store_true",

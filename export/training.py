@@ -29,7 +29,7 @@ from .datasets import LabelledData, Split
 from .head import ClassificationHead, save_head
 from .metrics import scores
 
-C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
+C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 _FEATURE_BATCH = 32
 
 

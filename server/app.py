@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -20,11 +21,14 @@ from bertstream.v1 import bertstream_pb2, bertstream_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import repository
+from .errors import BertstreamError
 from .health import publish_health
 from .inference import Limits, Pipeline
 from .lifecycle import ModelManager
 from .runtime import RuntimeOptions
 from .servicer import BertServicer
+from .watcher import StabilityTracker
 
 __all__ = ["ServerOptions", "main", "serve"]
 
@@ -38,6 +42,9 @@ class ServerOptions:
     host: str = "0.0.0.0"
     port: int = 8001
     default_model: str = ""
+    model_control_mode: str = "none"  # none | poll | explicit
+    repository_poll_s: float = 5.0
+    load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": all)
     grace_period_s: float = 30.0
     stream_window: int = 32
     max_receive_mb: int = 64
@@ -50,8 +57,15 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default all)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one")
-    p.add_argument("--model-control-mode", choices=["none"], default="none",
-                   help="none: load every model's policy versions at start")
+    p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="none",
+                   help="none: load every model's policy versions at start; poll: also follow "
+                   "the repository folder; explicit: only LoadModel / UnloadModel (and "
+                   "--load-model) change what is served")
+    p.add_argument("--repository-poll-secs", type=float, default=5.0,
+                   help="poll mode: seconds between scans; a new version folder must also stay "
+                   "unchanged this long before it is loaded")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="explicit mode: load this model at start (repeatable; '*' for all)")
     p.add_argument("--default-model", default="",
                    help="model for requests that name none (default: first ready by name)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
@@ -65,11 +79,17 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                    help="seconds in-flight requests get to finish on SIGTERM")
     p.add_argument("--log-level", default=os.environ.get("BERTSTREAM_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
+    if a.load_model and a.model_control_mode != "explicit":
+        p.error("--load-model needs --model-control-mode explicit")
+    if a.repository_poll_secs <= 0:
+        p.error("--repository-poll-secs must be > 0")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return ServerOptions(
         model_repository=a.model_repository, host=a.host, port=a.port,
-        default_model=a.default_model, grace_period_s=a.grace_period,
+        default_model=a.default_model, model_control_mode=a.model_control_mode,
+        repository_poll_s=a.repository_poll_secs, load_models=tuple(a.load_model),
+        grace_period_s=a.grace_period,
         stream_window=a.stream_window,
         limits=Limits(a.max_texts_per_request, a.max_text_chars),
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
@@ -79,8 +99,15 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
 
 async def serve(options: ServerOptions) -> None:
     """Load the repository, serve until SIGTERM/SIGINT, then drain and return."""
-    manager = ModelManager(options.model_repository, options.runtime, options.default_model)
-    await manager.load_all()
+    health_servicer = health.aio.HealthServicer()
+    serving = False
+
+    async def on_change() -> None:
+        await publish_health(health_servicer, manager, serving=serving)
+
+    manager = ModelManager(options.model_repository, options.runtime, options.default_model,
+                           on_change=on_change)
+    await _initial_load(manager, options)
     tokenize_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="tokenize")
     pipeline = Pipeline(manager, options.limits, tokenize_pool)
 
@@ -89,8 +116,7 @@ async def serve(options: ServerOptions) -> None:
         ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),
     ])
     bertstream_pb2_grpc.add_BertServiceServicer_to_server(
-        BertServicer(pipeline, options.stream_window), server)
-    health_servicer = health.aio.HealthServicer()
+        BertServicer(pipeline, options.stream_window, options.model_control_mode), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([
         bertstream_pb2.DESCRIPTOR.services_by_name["BertService"].full_name,
@@ -101,6 +127,7 @@ async def serve(options: ServerOptions) -> None:
     if port == 0:
         raise SystemExit(f"cannot bind {options.host}:{options.port}")
     await server.start()
+    serving = True
     await publish_health(health_servicer, manager, serving=True)
     for name, versions in sorted(manager.versions.items()):
         for version, mv in sorted(versions.items()):
@@ -109,6 +136,9 @@ async def serve(options: ServerOptions) -> None:
             log.error("model %s: %s", name, manager.model_errors[name])
     # Tests and scripts wait for this exact line; it carries the bound port.
     print(f"bertstream serving on {options.host}:{port}", flush=True)
+    poller = None
+    if options.model_control_mode == "poll":
+        poller = asyncio.create_task(_poll(manager, options))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -116,10 +146,43 @@ async def serve(options: ServerOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: no new calls, %.0fs for in-flight ones", options.grace_period_s)
+    if poller is not None:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
     await health_servicer.enter_graceful_shutdown()
     await server.stop(options.grace_period_s)
     await manager.close()
     tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _initial_load(manager: ModelManager, options: ServerOptions) -> None:
+    if options.model_control_mode != "explicit":
+        await manager.load_all()
+        return
+    names = options.load_models
+    if "*" in names:
+        names = tuple(repository.scan(options.model_repository))
+    for name in names:
+        try:
+            await manager.load_model(name)
+        except BertstreamError as exc:  # the server starts anyway; ListModels says why
+            log.error("--load-model %s: %s", name, exc)
+
+
+async def _poll(manager: ModelManager, options: ServerOptions) -> None:
+    """Poll mode: rescan every --repository-poll-secs and let the manager follow the folder.
+    A scan that fails (the repository is being moved, say) is logged and retried."""
+    tracker = StabilityTracker(quiet_s=options.repository_poll_s)
+    while True:
+        await asyncio.sleep(options.repository_poll_s)
+        try:
+            entries = await asyncio.to_thread(repository.scan, options.model_repository)
+            await manager.sync(entries, stable=tracker.stable)
+            tracker.forget({path for e in entries.values() for path in e.versions.values()})
+        except Exception:
+            log.exception("repository poll failed; trying again in %.1fs",
+                          options.repository_poll_s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,10 +14,12 @@ __all__ = [
     "BertstreamError",
     "InputTooLong",
     "InvalidInput",
+    "LoadFailed",
     "ModelNotFound",
     "ModelNotReady",
     "Overloaded",
     "Unsupported",
+    "WrongControlMode",
     "to_status",
 ]
 
@@ -44,6 +46,18 @@ class ModelNotFound(BertstreamError):
 
 class ModelNotReady(BertstreamError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class LoadFailed(BertstreamError):
+    """An explicit LoadModel whose model has no version that loads (the reason says why)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class WrongControlMode(BertstreamError):
+    """LoadModel / UnloadModel on a server not started with --model-control-mode explicit."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Overloaded(BertstreamError):

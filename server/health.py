@@ -15,7 +15,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 async def publish_health(servicer: health.aio.HealthServicer, manager: ModelManager,
                          serving: bool) -> None:
-    """Set the overall status and one status per model: SERVING when any version is READY."""
+    """Set the overall status and one status per model: SERVING when any version is READY
+    (a model whose folder was removed answers NOT_SERVING)."""
+    for name in manager.removed:
+        await servicer.set(name, NOT_SERVING)
     for name, versions in manager.versions.items():
         ready = any(mv.state is State.READY for mv in versions.values())
         await servicer.set(name, SERVING if serving and ready else NOT_SERVING)

@@ -12,19 +12,21 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import enum
+import gc
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertstream.v1.model_config_pb2 import ModelConfig, Task
 
-from . import repository
+from . import repository, watcher
 from .batcher import Batcher, BatcherOptions, WorkItem
-from .errors import ModelNotFound, ModelNotReady
+from .errors import LoadFailed, ModelNotFound, ModelNotReady
 from .runtime import Runtime, RuntimeOptions
 from .tokenization import TextTokenizer
 
@@ -72,6 +74,8 @@ class ModelVersion:
     reason: str = ""
     loaded: Loaded | None = None
     leases: int = 0
+    config_digest: str = ""  # of the config.pbtxt this version was loaded with
+    failed: watcher.Fingerprint | None = None  # the folder as it was when its load failed
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def transition(self, new: State, reason: str = "") -> None:
@@ -155,47 +159,240 @@ def _warn_if_untrained(path: Path) -> None:
 
 
 class ModelManager:
-    """All models of one repository and the versions of each."""
+    """All models of one repository, the versions of each, and how they change.
 
-    def __init__(self, root: Path, runtime_options: RuntimeOptions,
-                 default_model: str = "") -> None:
+    `sync(scan)` is the one place versions are loaded and retired, whatever asked for it
+    (start-up, the poll loop, LoadModel, UnloadModel), so every mode shares the swap rules:
+    - new versions load and warm up beside the serving ones; routing switches when they are
+      READY (`resolve` only ever returns READY versions, and a dict update is atomic on the
+      event loop);
+    - a retired version turns UNLOADING at once (no new requests), and its session is released
+      when its last lease ends;
+    - a version that fails to load is skipped when the policy picks the versions to serve, so a
+      broken new version never takes the place of a good one; it is retried when its folder
+      changes;
+    - a config.pbtxt change reloads every served version with the new config beside the old
+      ones, and switches only if all of them load.
+    """
+
+    def __init__(self, root: Path, runtime_options: RuntimeOptions, default_model: str = "",
+                 on_change: Callable[[], Awaitable[None]] | None = None) -> None:
         self.root = root
         self.runtime_options = runtime_options
         self._default = default_model
         self.versions: dict[str, dict[int, ModelVersion]] = {}
         self.model_errors: dict[str, str] = {}
+        self.removed: set[str] = set()  # models whose folder went away (health: NOT_SERVING)
+        self._digests: dict[str, str] = {}  # config.pbtxt digest the serving versions use
+        self._failed_digests: dict[str, str] = {}  # a config change that did not load
+        self._lock = asyncio.Lock()
+        self._draining: set[asyncio.Task[None]] = set()
+        self._on_change = on_change
 
     async def load_all(self) -> None:
-        """Load what the version policy of every model serves (model-control-mode none)."""
-        for name, entry in repository.scan(self.root).items():
-            self.versions.setdefault(name, {})
-            if entry.config is None:
-                self.model_errors[name] = entry.config_error or "unreadable config"
-                log.error("model %s: %s", name, self.model_errors[name])
-                continue
-            if not entry.served_versions():
-                self.model_errors[name] = "no version folder matches the version policy"
-            for version in entry.served_versions():
-                await self._load(name, version, entry.versions[version], entry.config)
+        """Load what the version policy of every model serves (start-up of modes none, poll)."""
+        await self.sync(await asyncio.to_thread(repository.scan, self.root))
 
-    async def _load(self, name: str, version: int, path: Path, config: ModelConfig) -> None:
-        mv = ModelVersion(name, version, path)
-        self.versions[name][version] = mv
+    async def load_model(self, name: str) -> ModelVersion:
+        """Explicit mode: (re)read one model from disk and serve its policy's versions."""
+        entry = await asyncio.to_thread(repository.scan_model, self.root, name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} has no folder in the repository")
+        await self.sync({name: entry}, only={name})
+        try:
+            return self.resolve(name, 0)
+        except ModelNotReady as exc:
+            raise LoadFailed(str(exc)) from None
+
+    async def unload_model(self, name: str) -> None:
+        """Explicit mode: stop serving every version of a model (running requests finish)."""
+        repository.check_name(name)
+        async with self._lock:
+            versions = self.versions.get(name)
+            if versions is None:
+                raise ModelNotFound(f"model {name!r} is not loaded")
+            for mv in versions.values():
+                if mv.state is State.READY:
+                    self._retire(mv, "unloaded by UnloadModel")
+            self.model_errors[name] = "unloaded by UnloadModel"
+        await self._changed()
+
+    async def sync(self, entries: dict[str, repository.ModelEntry],
+                   stable: Callable[[Path], bool] | None = None,
+                   only: set[str] | None = None) -> None:
+        """Bring the served versions in line with a scan. `stable` says whether a version
+        folder has stopped changing (poll mode); None loads what is there. `only` limits the
+        sync to some models; without it, models missing from `entries` are removed."""
+        async with self._lock:
+            names = set(only) if only is not None else set(entries) | set(self.versions)
+            for name in sorted(names):
+                entry = entries.get(name)
+                if entry is None:
+                    self._remove_model(name)
+                else:
+                    await self._sync_model(entry, stable)
+        await self._changed()
+
+    async def _sync_model(self, entry: repository.ModelEntry,
+                          stable: Callable[[Path], bool] | None) -> None:
+        name = entry.name
+        self.removed.discard(name)
+        versions = self.versions.setdefault(name, {})
+        serving = sorted(v for v, mv in versions.items() if mv.state is State.READY)
+        if entry.config is None:
+            still = f"; still serving versions {serving} with the previous config"
+            self.model_errors[name] = f"{entry.config_error}{still if serving else ''}"
+            return
+        digest = watcher.config_digest(entry.path)
+        if serving and self._digests.get(name, digest) != digest:
+            if self._failed_digests.get(name) != digest:
+                await self._reload(entry, digest, stable)
+            return
+        self.model_errors.pop(name, None)
+        tried: set[int] = set()
+        while todo := [v for v in self._wanted(entry, stable)
+                       if versions.get(v) is None or versions[v].state is not State.READY
+                       if v not in tried]:
+            for version in todo:
+                tried.add(version)
+                mv = await self._load_version(entry, version, digest)
+                versions[version] = mv
+        wanted = self._wanted(entry, stable)
+        ready_wanted = [v for v in wanted if versions[v].state is State.READY]
+        for version, mv in list(versions.items()):
+            if mv.state is State.READY and version not in wanted:
+                if ready_wanted or version not in entry.versions:
+                    why = "removed from the repository" if version not in entry.versions else (
+                        f"the version policy now serves {ready_wanted}")
+                    self._retire(mv, why)
+                else:
+                    self.model_errors[name] = (
+                        f"the version policy serves {wanted or 'no version'}, and none of them "
+                        f"loads; still serving version {version}")
+            elif mv.state is not State.READY and mv.state is not State.UNLOADING \
+                    and version not in entry.versions:
+                del versions[version]  # gone from disk and not serving: forget it
+        if any(mv.state is State.READY for mv in versions.values()):
+            self._digests[name] = digest
+        self._failed_digests.pop(name, None)
+
+    def _wanted(self, entry: repository.ModelEntry,
+                stable: Callable[[Path], bool] | None) -> list[int]:
+        """The policy's versions among those that can serve: READY ones, and folders that are
+        complete, stable, and not a failure that has not changed since."""
+        assert entry.config is not None
+        versions = self.versions.setdefault(entry.name, {})
+        candidates = []
+        for version, path in entry.versions.items():
+            mv = versions.get(version)
+            if mv is not None and mv.state in (State.READY, State.LOADING):
+                candidates.append(version)
+                continue
+            if mv is not None and mv.failed is not None and mv.failed == watcher.fingerprint(path):
+                continue
+            missing = watcher.missing_files(path, entry.config)
+            if missing or (stable is not None and not stable(path)):
+                if mv is None or mv.state is State.UNKNOWN:
+                    waiting = f"{', '.join(missing)} missing" if missing else "still changing"
+                    versions[version] = ModelVersion(
+                        entry.name, version, path,
+                        reason=f"waiting for the folder to be complete: {waiting}")
+                continue
+            candidates.append(version)
+        return repository.select_versions(entry.config.version_policy, candidates)
+
+    async def _load_version(self, entry: repository.ModelEntry, version: int,
+                            digest: str) -> ModelVersion:
+        assert entry.config is not None
+        path = entry.versions[version]
+        mv = ModelVersion(entry.name, version, path, config_digest=digest)
+        before = watcher.fingerprint(path)  # taken first: a change during the load retries
         mv.transition(State.LOADING)
         try:
             runtime, tokenizer, labels = await asyncio.to_thread(
-                _build, path, config, self.runtime_options
+                _build, path, entry.config, self.runtime_options
             )
-            batcher = Batcher(runtime.run, _batcher_options(config))
-            mv.loaded = Loaded(config, tokenizer, batcher, labels, runtime.provider)
+            batcher = Batcher(runtime.run, _batcher_options(entry.config))
+            mv.loaded = Loaded(entry.config, tokenizer, batcher, labels, runtime.provider)
             await _warm_up(mv.loaded)
         except Exception as exc:
             if mv.loaded is not None:
                 await mv.loaded.batcher.close()
                 mv.loaded = None
+            mv.failed = before
             mv.transition(State.UNAVAILABLE, f"load failed: {exc}")
-            return
+            log.error("model %s version %d: load failed: %s", entry.name, version, exc)
+            return mv
         mv.transition(State.READY)
+        return mv
+
+    async def _reload(self, entry: repository.ModelEntry, digest: str,
+                      stable: Callable[[Path], bool] | None) -> None:
+        """config.pbtxt changed: load the policy's versions with it beside the serving ones;
+        switch only if every one of them loads."""
+        name, versions = entry.name, self.versions[entry.name]
+        assert entry.config is not None
+        wanted = repository.select_versions(
+            entry.config.version_policy,
+            [v for v in entry.versions if not watcher.missing_files(entry.versions[v],
+                                                                     entry.config)])
+        fresh: dict[int, ModelVersion] = {}
+        for version in wanted:
+            mv = await self._load_version(entry, version, digest)
+            fresh[version] = mv
+            if mv.state is not State.READY:
+                for other in fresh.values():
+                    if other.loaded is not None:
+                        await other.loaded.batcher.close()
+                        other.loaded = None
+                self._failed_digests[name] = digest
+                self.model_errors[name] = (
+                    f"config.pbtxt changed but version {version} does not load with it "
+                    f"({mv.reason}); still serving the previous config")
+                return
+        if not fresh:
+            self._failed_digests[name] = digest
+            self.model_errors[name] = (
+                "config.pbtxt changed but its version policy serves no complete version; "
+                "still serving the previous config")
+            return
+        old = [mv for mv in versions.values() if mv.state is State.READY]
+        versions.update(fresh)  # the switch: one dict update on the event loop
+        for mv in old:
+            self._retire(mv, "config.pbtxt changed")
+        self._digests[name] = digest
+        self._failed_digests.pop(name, None)
+        self.model_errors.pop(name, None)
+
+    def _remove_model(self, name: str) -> None:
+        for mv in self.versions.pop(name, {}).values():
+            if mv.state is State.READY:
+                self._retire(mv, "its model folder was removed from the repository")
+        self.model_errors.pop(name, None)
+        self._digests.pop(name, None)
+        self.removed.add(name)
+
+    def _retire(self, mv: ModelVersion, why: str) -> None:
+        """No new requests from now on; the session goes when the last lease ends."""
+        mv.transition(State.UNLOADING, why)
+        task = asyncio.get_running_loop().create_task(self._drain(mv, why))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drain(self, mv: ModelVersion, why: str) -> None:
+        if mv.leases:
+            await mv._idle.wait()
+        loaded, mv.loaded = mv.loaded, None
+        if loaded is not None:
+            await loaded.batcher.close()
+        del loaded
+        await asyncio.to_thread(_release_memory)
+        mv.transition(State.UNAVAILABLE, f"unloaded: {why}")
+        await self._changed()
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            await self._on_change()
 
     def default_model(self) -> str:
         if self._default:
@@ -226,7 +423,7 @@ class ModelManager:
             raise ModelNotReady(f"model {name!r} has no ready version ({why})")
         return ready[-1]
 
-    @contextmanager
+    @contextlib.contextmanager
     def lease(self, model: str, version: int) -> Iterator[ModelVersion]:
         mv = self.resolve(model, version)
         mv.leases += 1
@@ -239,12 +436,22 @@ class ModelManager:
                 mv._idle.set()
 
     async def close(self) -> None:
-        for versions in self.versions.values():
-            for mv in versions.values():
-                if mv.state is State.READY and mv.loaded is not None:
-                    mv.transition(State.UNLOADING)
-                    await mv.loaded.batcher.close()
-                    mv.transition(State.UNAVAILABLE, "server stopped")
+        """Retire everything and wait until every session is released."""
+        async with self._lock:
+            for versions in self.versions.values():
+                for mv in versions.values():
+                    if mv.state is State.READY:
+                        self._retire(mv, "server stopped")
+        while self._draining:
+            await asyncio.gather(*list(self._draining))
+
+
+def _release_memory() -> None:
+    """Hand a released session's memory back to the OS: collect cycles, then ask glibc to
+    return freed heap pages (onnxruntime frees through malloc, which keeps them otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _batcher_options(config: ModelConfig) -> BatcherOptions:

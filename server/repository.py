@@ -16,7 +16,8 @@ from bertstream.v1.model_config_pb2 import ModelConfig, ModelVersionPolicy
 from . import config as config_mod
 from .errors import InvalidInput
 
-__all__ = ["ModelEntry", "check_name", "parse_version", "scan", "select_versions"]
+__all__ = ["ModelEntry", "check_name", "parse_version", "read_model", "scan", "scan_model",
+           "select_versions"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -79,6 +80,30 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
+def read_model(root: Path, model_dir: Path) -> ModelEntry:
+    """One model folder: its config (or the reason it has none) and its version folders."""
+    if not _inside(model_dir, root):
+        outside = "the folder links outside the repository"
+        return ModelEntry(model_dir.name, model_dir, None, outside)
+    versions = {
+        v: child
+        for child in model_dir.iterdir()
+        if child.is_dir() and (v := parse_version(child.name)) is not None
+        and _inside(child, root)
+    }
+    try:
+        cfg, err = config_mod.load(model_dir), None
+    except config_mod.ConfigError as exc:
+        cfg, err = None, str(exc)
+    return ModelEntry(model_dir.name, model_dir, cfg, err, versions)
+
+
+def scan_model(root: Path, name: str) -> ModelEntry | None:
+    """The model called `name` (checked first), or None when its folder is not there."""
+    model_dir = root / check_name(name)
+    return read_model(root, model_dir) if model_dir.is_dir() else None
+
+
 def scan(root: Path) -> dict[str, ModelEntry]:
     """Read every model folder under `root`; broken ones are kept with their error."""
     entries: dict[str, ModelEntry] = {}
@@ -91,20 +116,5 @@ def scan(root: Path) -> dict[str, ModelEntry]:
             check_name(model_dir.name)
         except InvalidInput:
             continue
-        if not _inside(model_dir, root):
-            entries[model_dir.name] = ModelEntry(
-                model_dir.name, model_dir, None, "the folder links outside the repository"
-            )
-            continue
-        versions = {
-            v: child
-            for child in model_dir.iterdir()
-            if child.is_dir() and (v := parse_version(child.name)) is not None
-            and _inside(child, root)
-        }
-        try:
-            cfg, err = config_mod.load(model_dir), None
-        except config_mod.ConfigError as exc:
-            cfg, err = None, str(exc)
-        entries[model_dir.name] = ModelEntry(model_dir.name, model_dir, cfg, err, versions)
+        entries[model_dir.name] = read_model(root, model_dir)
     return entries

@@ -16,7 +16,7 @@ from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from bertstream.v1.model_config_pb2 import Pooling, Task
 
-from .errors import InvalidInput, Unsupported, to_status
+from .errors import InvalidInput, WrongControlMode, to_status
 from .inference import (
     OUTPUT_PREFIX,
     ClassifyQuery,
@@ -101,10 +101,12 @@ def _labels(text: TextResult, labels: list[str], top_k: int) -> list[pb.LabelSco
 
 
 class BertServicer(pb_grpc.BertServiceServicer):
-    def __init__(self, pipeline: Pipeline, stream_window: int = 32) -> None:
+    def __init__(self, pipeline: Pipeline, stream_window: int = 32,
+                 control_mode: str = "none") -> None:
         self.pipeline = pipeline
         self.manager = pipeline.manager
         self.stream_window = stream_window
+        self.control_mode = control_mode
 
     async def _embed(self, request: pb.EmbedRequest, wait: bool) -> pb.EmbedResponse:
         _check_version(request.version)
@@ -186,17 +188,26 @@ class BertServicer(pb_grpc.BertServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: Any) -> pb.ListModelsResponse:
         statuses = []
-        for name, versions in sorted(self.manager.versions.items()):
-            if not versions and not request.ready_only:
-                statuses.append(pb.ModelVersionStatus(
-                    model=name, state=pb.VERSION_STATE_UNAVAILABLE,
-                    reason=self.manager.model_errors.get(name, "")))
-            for version, mv in sorted(versions.items()):
-                if request.ready_only and mv.state is not State.READY:
-                    continue
-                statuses.append(pb.ModelVersionStatus(model=name, version=version,
-                                                      state=mv.state.value, reason=mv.reason))
+        for name in sorted(self.manager.versions):
+            if request.ready_only:
+                statuses += [s for s in self._statuses(name)
+                             if s.version and s.state == pb.VERSION_STATE_READY]
+            else:
+                statuses += self._statuses(name)
         return pb.ListModelsResponse(models=statuses, default_model=self.manager.default_model())
+
+    def _statuses(self, name: str) -> list[pb.ModelVersionStatus]:
+        """Version rows of one model, led by a version-0 row when the model has an error."""
+        rows = []
+        error = self.manager.model_errors.get(name)
+        versions = self.manager.versions.get(name, {})
+        if error or not versions:
+            rows.append(pb.ModelVersionStatus(model=name, state=pb.VERSION_STATE_UNAVAILABLE,
+                                              reason=error or "no version to serve"))
+        for version, mv in sorted(versions.items()):
+            rows.append(pb.ModelVersionStatus(model=name, version=version, state=mv.state.value,
+                                              reason=mv.reason))
+        return rows
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
@@ -222,9 +233,19 @@ class BertServicer(pb_grpc.BertServiceServicer):
 
     @unary
     async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.LoadModelResponse:
-        raise Unsupported("LoadModel needs --model-control-mode explicit, which is not built yet")
+        self._check_explicit("LoadModel")
+        await self.manager.load_model(request.model)
+        return pb.LoadModelResponse(versions=self._statuses(request.model))
 
     @unary
     async def UnloadModel(self, request: pb.UnloadModelRequest,
                           context: Any) -> pb.UnloadModelResponse:
-        raise Unsupported("UnloadModel needs --model-control-mode explicit, which is not built yet")
+        self._check_explicit("UnloadModel")
+        await self.manager.unload_model(request.model)
+        return pb.UnloadModelResponse()
+
+    def _check_explicit(self, rpc: str) -> None:
+        if self.control_mode != "explicit":
+            raise WrongControlMode(
+                f"{rpc} needs a server started with --model-control-mode explicit (this one "
+                f"runs in mode {self.control_mode!r})")

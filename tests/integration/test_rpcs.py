@@ -165,9 +165,13 @@ def test_classify_input_rules(stub) -> None:  # type: ignore[no-untyped-def]
     assert got == grpc.StatusCode.INVALID_ARGUMENT and "top_k" in details
 
 
-def test_model_control_is_not_built_yet(stub) -> None:  # type: ignore[no-untyped-def]
-    got, _ = code_of(stub.LoadModel, pb.LoadModelRequest(model="tiny-embed"))
-    assert got == grpc.StatusCode.UNIMPLEMENTED
+def test_model_control_needs_explicit_mode(stub) -> None:  # type: ignore[no-untyped-def]
+    for rpc, request in ((stub.LoadModel, pb.LoadModelRequest(model="tiny-embed")),
+                         (stub.UnloadModel, pb.UnloadModelRequest(model="tiny-embed"))):
+        got, message = code_of(rpc, request)
+        assert got == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--model-control-mode explicit" in message
+    assert stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=TEXTS)).embeddings
 
 
 def test_expired_deadline(stub) -> None:  # type: ignore[no-untyped-def]
