@@ -194,11 +194,15 @@ class ModelManager:
         await self.sync(await asyncio.to_thread(repository.scan, self.root))
 
     async def load_model(self, name: str) -> ModelVersion:
-        """Explicit mode: (re)read one model from disk and serve its policy's versions."""
+        """Explicit mode: (re)read one model from disk and serve its policy's versions.
+        Raises LoadFailed when the model's config cannot be applied or no version serves;
+        versions skipped because they fail are reported in the version rows instead."""
         entry = await asyncio.to_thread(repository.scan_model, self.root, name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} has no folder in the repository")
         await self.sync({name: entry}, only={name})
+        if name in self.model_errors:  # config.pbtxt broken or not applied: say so
+            raise LoadFailed(f"model {name!r}: {self.model_errors[name]}")
         try:
             return self.resolve(name, 0)
         except ModelNotReady as exc:
@@ -246,7 +250,7 @@ class ModelManager:
         digest = watcher.config_digest(entry.path)
         if serving and self._digests.get(name, digest) != digest:
             if self._failed_digests.get(name) != digest:
-                await self._reload(entry, digest, stable)
+                await self._reload(entry, digest)
             return
         self.model_errors.pop(name, None)
         tried: set[int] = set()
@@ -326,35 +330,28 @@ class ModelManager:
         mv.transition(State.READY)
         return mv
 
-    async def _reload(self, entry: repository.ModelEntry, digest: str,
-                      stable: Callable[[Path], bool] | None) -> None:
-        """config.pbtxt changed: load the policy's versions with it beside the serving ones;
-        switch only if every one of them loads."""
+    async def _reload(self, entry: repository.ModelEntry, digest: str) -> None:
+        """config.pbtxt changed: load the policy's versions with it beside the serving ones
+        (skipping those that fail, as a sync does) and switch only if some of them load."""
         name, versions = entry.name, self.versions[entry.name]
         assert entry.config is not None
-        wanted = repository.select_versions(
-            entry.config.version_policy,
-            [v for v in entry.versions if not watcher.missing_files(entry.versions[v],
-                                                                     entry.config)])
+        complete = [v for v, path in entry.versions.items()
+                    if not watcher.missing_files(path, entry.config)]
         fresh: dict[int, ModelVersion] = {}
-        for version in wanted:
-            mv = await self._load_version(entry, version, digest)
-            fresh[version] = mv
-            if mv.state is not State.READY:
-                for other in fresh.values():
-                    if other.loaded is not None:
-                        await other.loaded.batcher.close()
-                        other.loaded = None
-                self._failed_digests[name] = digest
-                self.model_errors[name] = (
-                    f"config.pbtxt changed but version {version} does not load with it "
-                    f"({mv.reason}); still serving the previous config")
-                return
-        if not fresh:
+        while todo := [v for v in repository.select_versions(
+                           entry.config.version_policy,
+                           [v for v in complete if v not in fresh
+                            or fresh[v].state is State.READY])
+                       if v not in fresh]:
+            for version in todo:
+                fresh[version] = await self._load_version(entry, version, digest)
+        ready = {v: mv for v, mv in fresh.items() if mv.state is State.READY}
+        if not ready:
+            failures = "; ".join(f"version {v}: {mv.reason}" for v, mv in fresh.items())
             self._failed_digests[name] = digest
             self.model_errors[name] = (
-                "config.pbtxt changed but its version policy serves no complete version; "
-                "still serving the previous config")
+                "config.pbtxt changed but no version loads with it "
+                f"({failures or 'no complete version'}); still serving the previous config")
             return
         old = [mv for mv in versions.values() if mv.state is State.READY]
         versions.update(fresh)  # the switch: one dict update on the event loop
