@@ -48,12 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=0, help="0: all labels")
     sub.add_parser("tokenize", parents=[common, texts], help="the tokens the model sees")
     sub.add_parser("models", parents=[common], help="every model and version with its state")
+    load = sub.add_parser("load", parents=[common],
+                          help="explicit mode: (re)load a model from the repository")
+    load.add_argument("name", help="model name")
+    unload = sub.add_parser("unload", parents=[common], help="explicit mode: stop serving a model")
+    unload.add_argument("name", help="model name")
     return p
 
 
 def _run(args: argparse.Namespace, bc: BertClient) -> Any:
     if args.command == "models":
-        return [asdict(m) for m in bc.models()]
+        rows = bc.models()
+        return [asdict(m) for m in rows if not args.model or m.model == args.model]
+    if args.command == "load":
+        return [asdict(m) for m in bc.load_model(args.name)]
+    if args.command == "unload":
+        bc.unload_model(args.name)
+        return {"unloaded": args.name}
     kw: dict[str, Any] = {"version": args.version, "truncate": args.truncate}
     if args.command == "embed":
         vectors = bc.encode(args.texts, pooling=args.pooling, pooling_layer=args.pooling_layer,

@@ -98,6 +98,15 @@ class BertClient:
     def models(self) -> list[ModelStatus]:
         return parse_models(self._call(self._stub.ListModels, pb.ListModelsRequest()))
 
+    def load_model(self, model: str) -> list[ModelStatus]:
+        """Explicit mode: (re)load a model from the repository; its version rows after."""
+        response = self._call(self._stub.LoadModel, pb.LoadModelRequest(model=model))
+        return parse_models(pb.ListModelsResponse(models=response.versions))
+
+    def unload_model(self, model: str) -> None:
+        """Explicit mode: stop serving a model (running requests finish)."""
+        self._call(self._stub.UnloadModel, pb.UnloadModelRequest(model=model))
+
     def model_info(self, model: str | None = None, version: int = 0) -> pb.GetModelResponse:
         request = pb.GetModelRequest(model=self.model if model is None else model,
                                      version=version)
@@ -184,6 +193,13 @@ class AsyncBertClient:
 
     async def models(self) -> list[ModelStatus]:
         return parse_models(await self._call(self._stub.ListModels, pb.ListModelsRequest()))
+
+    async def load_model(self, model: str) -> list[ModelStatus]:
+        response = await self._call(self._stub.LoadModel, pb.LoadModelRequest(model=model))
+        return parse_models(pb.ListModelsResponse(models=response.versions))
+
+    async def unload_model(self, model: str) -> None:
+        await self._call(self._stub.UnloadModel, pb.UnloadModelRequest(model=model))
 
     async def encode_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
                             **kw: Any) -> AsyncIterator[StreamResult]:

@@ -3,6 +3,7 @@ names are checked; a config.pbtxt change reloads safely; released sessions free 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from bertstream.client.cli import main as cli
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from bertstream.v1 import model_config_pb2
@@ -32,7 +34,7 @@ def _broken(staged: Path, tmp_path: Path, name: str, model: str = MODEL) -> Path
 
 def test_each_bad_version_is_reported_and_the_good_one_serves(
     staged: Path, tmp_path: Path, start_server: Callable[..., ServerProcess],
-    make_tiny_options: Callable[..., Any],
+    make_tiny_options: Callable[..., Any], capsys: pytest.CaptureFixture[str],
 ) -> None:
     from bertstream.export import export_model
 
@@ -97,6 +99,12 @@ def test_each_bad_version_is_reported_and_the_good_one_serves(
                 with pytest.raises(grpc.RpcError) as error:
                     call(request, timeout=10)
                 assert error.value.code() == code, (name, error.value.details())
+    # The CLI speaks the same rpcs.
+    cli(["load", "news", "--server", server.address])
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["version"], r["state"]) for r in rows} >= {(1, "READY"), (6, "UNAVAILABLE")}
+    cli(["models", "--model", "news", "--server", server.address])
+    assert {r["model"] for r in json.loads(capsys.readouterr().out)} == {"news"}
     log = "".join(server.lines)
     assert server.stop() == 0
     assert "Traceback" not in log
