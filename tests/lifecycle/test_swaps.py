@@ -138,3 +138,45 @@ def test_explicit_mode_load_and_unload_under_load(
     assert {a.version for a in answers} == {1, 2}
     print(f"explicit mode: {len(answers)} answers, LoadModel swap took {loaded_s:.2f}s")
     assert server.stop() == 0
+
+
+def _health(address: str, service: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def test_poll_mode_follows_models_added_and_removed(
+    staged: Path, tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    from grpc_health.v1 import health_pb2
+
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    repository = make_repository(staged, tmp_path / "repo", {MODEL: [1]})
+    server = start_server(repository, "--model-control-mode", "poll",
+                          "--repository-poll-secs", str(POLL), default_model=MODEL)
+    assert "news" not in {model for model, _ in list_models(server.address)}
+    hidden = repository / ".news-incoming"
+    make_repository(staged, hidden, {"news": [1]})
+    (hidden / "news").rename(repository / "news")
+    wait_for(lambda: list_models(server.address).get(("news", 1), (0,))[0] == READY, 30,
+             "the added model to load")
+    assert _health(server.address, "news") == serving
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.BertServiceStub(channel)
+        assert stub.Classify(pb.ClassifyRequest(model="news", texts=["好"]), timeout=10).results
+        shutil.rmtree(repository / "news")
+        wait_for(lambda: "news" not in {m for m, _ in list_models(server.address)}, 30,
+                 "the removed model to go")
+        assert _health(server.address, "news") == not_serving
+        try:
+            stub.Classify(pb.ClassifyRequest(model="news", texts=["好"]), timeout=10)
+            raise AssertionError("a removed model answered")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+        assert stub.Embed(pb.EmbedRequest(model=MODEL, texts=["好"]), timeout=10).embeddings
+    assert _health(server.address, "") == serving
+    assert server.stop() == 0
