@@ -6,12 +6,13 @@ operator fixes a config in one round.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 from google.protobuf import text_format
 
-__all__ = ["CONFIG_FILE", "ConfigError", "load", "normalize", "validate"]
+__all__ = ["CONFIG_FILE", "ConfigError", "load", "load_with_digest", "normalize", "validate"]
 
 CONFIG_FILE = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"
@@ -23,9 +24,16 @@ class ConfigError(Exception):
 
 def load(model_dir: Path) -> ModelConfig:
     """Parse, normalise and validate `<model_dir>/config.pbtxt`."""
+    return load_with_digest(model_dir)[0]
+
+
+def load_with_digest(model_dir: Path) -> tuple[ModelConfig, str]:
+    """`load`, plus the sha256 of the very bytes parsed: the lifecycle compares digests to
+    notice edits, and a digest read separately could belong to a later edit than the config."""
     path = model_dir / CONFIG_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path} is missing") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -39,7 +47,7 @@ def load(model_dir: Path) -> ModelConfig:
     problems = validate(config, folder_name=model_dir.name)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
-    return config
+    return config, hashlib.sha256(raw).hexdigest()
 
 
 def normalize(config: ModelConfig, default_name: str) -> ModelConfig:

@@ -17,10 +17,10 @@ async def publish_health(servicer: health.aio.HealthServicer, manager: ModelMana
                          serving: bool) -> None:
     """Set the overall status and one status per model: SERVING when any version is READY
     (a model whose folder was removed answers NOT_SERVING)."""
-    for name in manager.removed:
+    for name in list(manager.removed):
         await servicer.set(name, NOT_SERVING)
-    for name, versions in manager.versions.items():
-        ready = any(mv.state is State.READY for mv in versions.values())
+    for name, versions in list(manager.versions.items()):
+        ready = any(mv.state is State.READY for mv in list(versions.values()))
         await servicer.set(name, SERVING if serving and ready else NOT_SERVING)
     await servicer.set("", SERVING if serving else NOT_SERVING)
     await servicer.set("bertstream.v1.BertService", SERVING if serving else NOT_SERVING)

@@ -184,7 +184,8 @@ class ModelManager:
         self.model_errors: dict[str, str] = {}
         self.removed: set[str] = set()  # models whose folder went away (health: NOT_SERVING)
         self._digests: dict[str, str] = {}  # config.pbtxt digest the serving versions use
-        self._failed_digests: dict[str, str] = {}  # a config change that did not load
+        # A config change that did not load: (digest, folders) of that attempt.
+        self._failed_reloads: dict[str, tuple[str, tuple[object, ...]]] = {}
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task[None]] = set()
         self._on_change = on_change
@@ -200,7 +201,8 @@ class ModelManager:
         entry = await asyncio.to_thread(repository.scan_model, self.root, name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} has no folder in the repository")
-        await self.sync({name: entry}, only={name})
+        # Shielded: a caller that gives up must not leave a sync half done.
+        await asyncio.shield(self.sync({name: entry}, only={name}))
         if name in self.model_errors:  # config.pbtxt broken or not applied: say so
             raise LoadFailed(f"model {name!r}: {self.model_errors[name]}")
         try:
@@ -211,6 +213,9 @@ class ModelManager:
     async def unload_model(self, name: str) -> None:
         """Explicit mode: stop serving every version of a model (running requests finish)."""
         repository.check_name(name)
+        await asyncio.shield(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
         async with self._lock:
             versions = self.versions.get(name)
             if versions is None:
@@ -247,21 +252,25 @@ class ModelManager:
             still = f"; still serving versions {serving} with the previous config"
             self.model_errors[name] = f"{entry.config_error}{still if serving else ''}"
             return
-        digest = watcher.config_digest(entry.path)
+        digest = entry.config_digest
         if serving and self._digests.get(name, digest) != digest:
-            if self._failed_digests.get(name) != digest:
-                await self._reload(entry, digest)
+            # A config change that failed is tried again when the config or a folder changes.
+            attempt = (digest, _folders(entry))
+            if self._failed_reloads.get(name) != attempt:
+                await self._reload(entry, stable, attempt)
             return
         self.model_errors.pop(name, None)
+        self._failed_reloads.pop(name, None)
         tried: set[int] = set()
-        while todo := [v for v in self._wanted(entry, stable)
-                       if versions.get(v) is None or versions[v].state is not State.READY
-                       if v not in tried]:
+        while True:
+            wanted = self._wanted(entry, stable)
+            todo = [v for v in wanted if v not in tried
+                    and (versions.get(v) is None or versions[v].state is not State.READY)]
+            if not todo:
+                break
             for version in todo:
                 tried.add(version)
-                mv = await self._load_version(entry, version, digest)
-                versions[version] = mv
-        wanted = self._wanted(entry, stable)
+                versions[version] = await self._load_version(entry, version, digest)
         ready_wanted = [v for v in wanted if versions[v].state is State.READY]
         for version, mv in list(versions.items()):
             if mv.state is State.READY and version not in wanted:
@@ -278,12 +287,11 @@ class ModelManager:
                 del versions[version]  # gone from disk and not serving: forget it
         if any(mv.state is State.READY for mv in versions.values()):
             self._digests[name] = digest
-        self._failed_digests.pop(name, None)
 
     def _wanted(self, entry: repository.ModelEntry,
                 stable: Callable[[Path], bool] | None) -> list[int]:
         """The policy's versions among those that can serve: READY ones, and folders that are
-        complete, stable, and not a failure that has not changed since."""
+        complete, stable, and not a failure whose folder and config are unchanged since."""
         assert entry.config is not None
         versions = self.versions.setdefault(entry.name, {})
         candidates = []
@@ -292,7 +300,7 @@ class ModelManager:
             if mv is not None and mv.state in (State.READY, State.LOADING):
                 candidates.append(version)
                 continue
-            if mv is not None and mv.failed is not None and mv.failed == watcher.fingerprint(path):
+            if _failed_unchanged(mv, path, entry.config_digest):
                 continue
             missing = watcher.missing_files(path, entry.config)
             if missing or (stable is not None and not stable(path)):
@@ -319,10 +327,11 @@ class ModelManager:
             batcher = Batcher(runtime.run, _batcher_options(entry.config))
             mv.loaded = Loaded(entry.config, tokenizer, batcher, labels, runtime.provider)
             await _warm_up(mv.loaded)
+        except asyncio.CancelledError:  # the server is stopping: leave nothing running
+            await _close(mv)
+            raise
         except Exception as exc:
-            if mv.loaded is not None:
-                await mv.loaded.batcher.close()
-                mv.loaded = None
+            await _close(mv)
             mv.failed = before
             mv.transition(State.UNAVAILABLE, f"load failed: {exc}")
             log.error("model %s version %d: load failed: %s", entry.name, version, exc)
@@ -330,35 +339,47 @@ class ModelManager:
         mv.transition(State.READY)
         return mv
 
-    async def _reload(self, entry: repository.ModelEntry, digest: str) -> None:
-        """config.pbtxt changed: load the policy's versions with it beside the serving ones
-        (skipping those that fail, as a sync does) and switch only if some of them load."""
-        name, versions = entry.name, self.versions[entry.name]
+    async def _reload(self, entry: repository.ModelEntry,
+                      stable: Callable[[Path], bool] | None,
+                      attempt: tuple[str, tuple[object, ...]]) -> None:
+        """config.pbtxt changed: load the new policy's versions with it beside the serving
+        ones. All or nothing: every serving version the new policy keeps must load (new
+        versions that fail are skipped, as in a sync); otherwise the old config keeps serving."""
+        name, versions, digest = entry.name, self.versions[entry.name], entry.config_digest
         assert entry.config is not None
-        complete = [v for v, path in entry.versions.items()
-                    if not watcher.missing_files(path, entry.config)]
+        old_ready = {v: mv for v, mv in versions.items() if mv.state is State.READY}
+        candidates = [
+            v for v, path in entry.versions.items()
+            if v in old_ready or (
+                not _failed_unchanged(versions.get(v), path, digest)
+                and not watcher.missing_files(path, entry.config)
+                and (stable is None or stable(path)))
+        ]
         fresh: dict[int, ModelVersion] = {}
         while todo := [v for v in repository.select_versions(
                            entry.config.version_policy,
-                           [v for v in complete if v not in fresh
+                           [v for v in candidates if v not in fresh
                             or fresh[v].state is State.READY])
                        if v not in fresh]:
             for version in todo:
                 fresh[version] = await self._load_version(entry, version, digest)
         ready = {v: mv for v, mv in fresh.items() if mv.state is State.READY}
-        if not ready:
-            failures = "; ".join(f"version {v}: {mv.reason}" for v, mv in fresh.items())
-            self._failed_digests[name] = digest
+        broken = {v: mv for v, mv in fresh.items() if v in old_ready and v not in ready}
+        if broken or not ready:
+            for mv in ready.values():
+                await _close(mv)
+            failures = "; ".join(f"version {v}: {mv.reason}" for v, mv in
+                                 (broken or fresh).items())
+            self._failed_reloads[name] = attempt
             self.model_errors[name] = (
-                "config.pbtxt changed but no version loads with it "
+                "config.pbtxt changed but the served versions do not all load with it "
                 f"({failures or 'no complete version'}); still serving the previous config")
             return
-        old = [mv for mv in versions.values() if mv.state is State.READY]
         versions.update(fresh)  # the switch: one dict update on the event loop
-        for mv in old:
+        for mv in old_ready.values():
             self._retire(mv, "config.pbtxt changed")
         self._digests[name] = digest
-        self._failed_digests.pop(name, None)
+        self._failed_reloads.pop(name, None)
         self.model_errors.pop(name, None)
 
     def _remove_model(self, name: str) -> None:
@@ -441,6 +462,23 @@ class ModelManager:
                         self._retire(mv, "server stopped")
         while self._draining:
             await asyncio.gather(*list(self._draining))
+
+
+def _failed_unchanged(mv: ModelVersion | None, path: Path, digest: str) -> bool:
+    """A version whose load failed, with the same folder and config: do not try again."""
+    return (mv is not None and mv.failed is not None and mv.config_digest == digest
+            and mv.failed == watcher.fingerprint(path))
+
+
+def _folders(entry: repository.ModelEntry) -> tuple[object, ...]:
+    return tuple(sorted((v, watcher.fingerprint(p)) for v, p in entry.versions.items()))
+
+
+async def _close(mv: ModelVersion) -> None:
+    """Stop a version's batcher that never served (failed or abandoned load)."""
+    loaded, mv.loaded = mv.loaded, None
+    if loaded is not None:
+        await loaded.batcher.close()
 
 
 def _release_memory() -> None:

@@ -65,6 +65,7 @@ class ModelEntry:
     config: ModelConfig | None
     config_error: str | None
     versions: dict[int, Path] = field(default_factory=dict)
+    config_digest: str = ""  # sha256 of the config.pbtxt bytes that were parsed
 
     def served_versions(self) -> list[int]:
         if self.config is None:
@@ -91,11 +92,12 @@ def read_model(root: Path, model_dir: Path) -> ModelEntry:
         if child.is_dir() and (v := parse_version(child.name)) is not None
         and _inside(child, root)
     }
+    digest = ""
     try:
-        cfg, err = config_mod.load(model_dir), None
+        (cfg, digest), err = config_mod.load_with_digest(model_dir), None
     except config_mod.ConfigError as exc:
         cfg, err = None, str(exc)
-    return ModelEntry(model_dir.name, model_dir, cfg, err, versions)
+    return ModelEntry(model_dir.name, model_dir, cfg, err, versions, digest)
 
 
 def scan_model(root: Path, name: str) -> ModelEntry | None:

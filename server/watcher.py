@@ -10,7 +10,6 @@ folder). A folder that changes after a failed load is tried again; one that does
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from bertstream.v1.model_config_pb2 import ModelConfig, Task
 
-__all__ = ["Fingerprint", "StabilityTracker", "config_digest", "fingerprint", "missing_files"]
+__all__ = ["Fingerprint", "StabilityTracker", "fingerprint", "missing_files"]
 
 # (relative path, size, mtime_ns, ctime_ns), sorted. ctime too: `cp -p` and rsync keep a
 # source's old mtime, but nothing can set ctime, so it tells when the file really landed.
@@ -46,14 +45,6 @@ def missing_files(folder: Path, config: ModelConfig) -> list[str]:
     if config.task == Task.TASK_CLASSIFY:
         required.append("labels.txt")
     return [name for name in required if not (folder / name).is_file()]
-
-
-def config_digest(model_dir: Path) -> str:
-    """Content hash of config.pbtxt ('' when unreadable): a change means a reload."""
-    try:
-        return hashlib.sha256((model_dir / "config.pbtxt").read_bytes()).hexdigest()
-    except OSError:
-        return ""
 
 
 @dataclass

@@ -208,3 +208,45 @@ def test_memory_is_flat_over_20_swaps(
     assert last <= first * 1.10, levels
     assert server.stop() == 0
     assert os.path.exists(repository / "big" / "22")
+
+
+def test_config_fixed_after_a_failure_and_config_first_rollout(
+    staged: Path, tmp_path: Path, start_server: Callable[..., ServerProcess],
+    make_tiny_options: Callable[..., Any],
+) -> None:
+    """A version that failed because of config.pbtxt loads once the config is fixed; and a
+    config change the serving version cannot take waits for a version that can."""
+    from bertstream.export import export_model
+
+    narrow = tmp_path / "narrow"
+    export_model(make_tiny_options(MODEL, narrow, hidden_size=32, num_heads=2,
+                                   intermediate_size=64))
+    repository = make_repository(staged, tmp_path / "repo", {MODEL: [1]})
+    config = repository / MODEL / "config.pbtxt"
+    good = config.read_text(encoding="utf-8")
+    wide_to_narrow = good.replace("embedding_dimension: 64", "embedding_dimension: 32")
+    assert wide_to_narrow != good
+    config.write_text(wide_to_narrow, encoding="utf-8")
+    server = start_server(repository, "--model-control-mode", "explicit", default_model=MODEL)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.BertServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.LoadModel(pb.LoadModelRequest(model=MODEL), timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "config.pbtxt says 32" in error.value.details()
+        config.write_text(good, encoding="utf-8")  # fixed: version 1 itself is unchanged
+        response = stub.LoadModel(pb.LoadModelRequest(model=MODEL), timeout=60)
+        assert {s.version: s.state for s in response.versions}[1] == READY
+
+        # Config first: version 1 cannot take it, so it keeps serving with the old config...
+        config.write_text(wide_to_narrow, encoding="utf-8")
+        with pytest.raises(grpc.RpcError) as error:
+            stub.LoadModel(pb.LoadModelRequest(model=MODEL), timeout=60)
+        assert "still serving the previous config" in error.value.details()
+        assert stub.Embed(pb.EmbedRequest(texts=["新闻"]), timeout=10).version == 1
+        # ...then the version made for it arrives, and the change goes through.
+        publish(narrow / MODEL / "1", repository / MODEL, 2)
+        stub.LoadModel(pb.LoadModelRequest(model=MODEL), timeout=60)
+        answer = stub.Embed(pb.EmbedRequest(texts=["新闻"]), timeout=10)
+        assert answer.version == 2 and len(answer.embeddings[0].values) == 32
+    assert server.stop() == 0

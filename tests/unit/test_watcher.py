@@ -6,7 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from bertstream.server.watcher import StabilityTracker, config_digest, fingerprint, missing_files
+from bertstream.server.config import ConfigError, load_with_digest
+from bertstream.server.watcher import StabilityTracker, fingerprint, missing_files
 from bertstream.v1.model_config_pb2 import ModelConfig, Task
 
 
@@ -52,9 +53,19 @@ def test_required_files_depend_on_the_task(tmp_path: Path) -> None:
     assert missing_files(tmp_path, classify) == ["labels.txt"]
 
 
-def test_config_digest_follows_content(tmp_path: Path) -> None:
-    assert config_digest(tmp_path) == ""
-    (tmp_path / "config.pbtxt").write_text('name: "a"')
-    first = config_digest(tmp_path)
-    (tmp_path / "config.pbtxt").write_text('name: "b"')
-    assert first and config_digest(tmp_path) != first
+def test_config_digest_is_of_the_bytes_parsed(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    base = "task: TASK_EMBED embedding_dimension: 8 num_layers: 1\n"
+    (folder / "config.pbtxt").write_text(base + "max_batch_size: 4\n")
+    config, first = load_with_digest(folder)
+    assert config.max_batch_size == 4 and len(first) == 64
+    (folder / "config.pbtxt").write_text(base + "max_batch_size: 8\n")
+    config, second = load_with_digest(folder)
+    assert config.max_batch_size == 8 and second != first
+    (folder / "config.pbtxt").write_text("max_batch_size: [\n")
+    try:
+        load_with_digest(folder)
+        raise AssertionError("a broken config parsed")
+    except ConfigError as error:
+        assert "does not parse" in str(error)
