@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
+import pytest
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from swaplib import (
     MODEL,
+    PROBE,
     Answer,
     Load,
     list_models,
@@ -179,4 +181,43 @@ def test_poll_mode_follows_models_added_and_removed(
             assert exc.code() == grpc.StatusCode.NOT_FOUND
         assert stub.Embed(pb.EmbedRequest(model=MODEL, texts=["好"]), timeout=10).embeddings
     assert _health(server.address, "") == serving
+    assert server.stop() == 0
+
+
+def test_version_policy_and_requests_that_name_a_version(
+    staged: Path, tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """latest { num_versions: 2 } serves both; a request names one or gets the highest; a
+    switch to specific { versions: [1] } pins version 1 through LoadModel."""
+    repository = make_repository(staged, tmp_path / "repo", {MODEL: [1, 2]})
+    config = repository / MODEL / "config.pbtxt"
+    text = config.read_text(encoding="utf-8")
+    assert "num_versions: 1" in text
+    config.write_text(text.replace("num_versions: 1", "num_versions: 2"), encoding="utf-8")
+    references = {v: reference_vector(staged / MODEL / str(v)) for v in (1, 2)}
+    server = start_server(repository, "--model-control-mode", "explicit", "--load-model", MODEL,
+                          default_model=MODEL)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.BertServiceStub(channel)
+
+        def embed(version: int) -> pb.EmbedResponse:
+            return stub.Embed(pb.EmbedRequest(texts=[PROBE], version=version), timeout=10)
+
+        for version, expected in ((0, 2), (1, 1), (2, 2)):
+            answer = embed(version)
+            assert answer.version == expected
+            np.testing.assert_allclose(answer.embeddings[0].values, references[expected],
+                                       atol=1e-4)
+        info = stub.GetModel(pb.GetModelRequest(model=MODEL), timeout=10)
+        assert list(info.ready_versions) == [1, 2] and info.default_version == 2
+
+        latest, specific = "latest {\n    num_versions: 1\n  }", "specific {\n    versions: 1\n  }"
+        pinned = text.replace(latest, specific)
+        assert pinned != text, text
+        config.write_text(pinned, encoding="utf-8")
+        stub.LoadModel(pb.LoadModelRequest(model=MODEL), timeout=60)
+        assert embed(0).version == 1
+        with pytest.raises(grpc.RpcError) as error:
+            embed(2)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
     assert server.stop() == 0
