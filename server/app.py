@@ -26,6 +26,7 @@ from .errors import BertstreamError
 from .health import publish_health
 from .inference import Limits, Pipeline
 from .lifecycle import ModelManager
+from .metrics import Metrics
 from .runtime import RuntimeOptions
 from .servicer import BertServicer
 from .watcher import StabilityTracker
@@ -45,6 +46,7 @@ class ServerOptions:
     model_control_mode: str = "none"  # none | poll | explicit
     repository_poll_s: float = 5.0
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": all)
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
     grace_period_s: float = 30.0
     stream_window: int = 32
     max_receive_mb: int = 64
@@ -77,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                    help="messages of one stream in flight before the server stops reading")
     p.add_argument("--grace-period", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free "
+                   "port; default: off)")
     p.add_argument("--log-level", default=os.environ.get("BERTSTREAM_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     if a.load_model and a.model_control_mode != "explicit":
@@ -89,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         model_repository=a.model_repository, host=a.host, port=a.port,
         default_model=a.default_model, model_control_mode=a.model_control_mode,
         repository_poll_s=a.repository_poll_secs, load_models=tuple(a.load_model),
-        grace_period_s=a.grace_period,
+        metrics_port=a.metrics_port, grace_period_s=a.grace_period,
         stream_window=a.stream_window,
         limits=Limits(a.max_texts_per_request, a.max_text_chars),
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
@@ -105,8 +110,9 @@ async def serve(options: ServerOptions) -> None:
     async def on_change() -> None:
         await publish_health(health_servicer, manager, serving=serving)
 
+    metrics = Metrics()
     manager = ModelManager(options.model_repository, options.runtime, options.default_model,
-                           on_change=on_change)
+                           on_change=on_change, metrics=metrics)
     await _initial_load(manager, options)
     tokenize_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="tokenize")
     pipeline = Pipeline(manager, options.limits, tokenize_pool)
@@ -116,7 +122,8 @@ async def serve(options: ServerOptions) -> None:
         ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),
     ])
     bertstream_pb2_grpc.add_BertServiceServicer_to_server(
-        BertServicer(pipeline, options.stream_window, options.model_control_mode), server)
+        BertServicer(pipeline, options.stream_window, options.model_control_mode, metrics),
+        server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([
         bertstream_pb2.DESCRIPTOR.services_by_name["BertService"].full_name,
@@ -134,6 +141,9 @@ async def serve(options: ServerOptions) -> None:
             log.info("model %s version %d: %s %s", name, version, mv.state.name, mv.reason)
         if name in manager.model_errors:
             log.error("model %s: %s", name, manager.model_errors[name])
+    if options.metrics_port is not None:
+        metrics_port = metrics.serve(options.host, options.metrics_port)
+        print(f"bertstream metrics on {options.host}:{metrics_port}", flush=True)
     # Tests and scripts wait for this exact line; it carries the bound port.
     print(f"bertstream serving on {options.host}:{port}", flush=True)
     poller = None

@@ -30,6 +30,8 @@ from .tokenization import Encoded
 __all__ = ["Batcher", "BatcherOptions", "WorkItem"]
 
 RunFn = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
+# After each batch: the items' queue times, real tokens, padded tokens, inference seconds.
+BatchObserver = Callable[[Sequence[float], int, int, float], None]
 TOKEN_OUTPUT_PREFIX = "tokens_"
 
 
@@ -61,9 +63,11 @@ class WorkItem:
 class Batcher:
     """The queue and batch loop of one model version."""
 
-    def __init__(self, run: RunFn, options: BatcherOptions) -> None:
+    def __init__(self, run: RunFn, options: BatcherOptions,
+                 observer: BatchObserver | None = None) -> None:
         self._run_fn = run
         self.options = options
+        self._observer = observer
         self._queue: deque[WorkItem] = deque()
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
@@ -184,6 +188,9 @@ class Batcher:
             await self._run(items[half:])
             return
         elapsed = time.perf_counter() - start
+        if self._observer is not None:
+            real = sum(item.length for item in items)
+            self._observer([item.queue_s for item in items], real, batch.padded_tokens, elapsed)
         for row, item in enumerate(items):
             item.infer_s = elapsed
             if not item.future.done():

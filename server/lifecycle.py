@@ -27,6 +27,7 @@ from bertstream.v1.model_config_pb2 import ModelConfig, Task
 from . import repository, watcher
 from .batcher import Batcher, BatcherOptions, WorkItem
 from .errors import LoadFailed, ModelNotFound, ModelNotReady
+from .metrics import Metrics
 from .runtime import Runtime, RuntimeOptions
 from .tokenization import TextTokenizer
 
@@ -176,8 +177,10 @@ class ModelManager:
     """
 
     def __init__(self, root: Path, runtime_options: RuntimeOptions, default_model: str = "",
-                 on_change: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_change: Callable[[], Awaitable[None]] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.root = root
+        self.metrics = metrics
         self.runtime_options = runtime_options
         self._default = default_model
         self.versions: dict[str, dict[int, ModelVersion]] = {}
@@ -324,7 +327,8 @@ class ModelManager:
             runtime, tokenizer, labels = await asyncio.to_thread(
                 _build, path, entry.config, self.runtime_options
             )
-            batcher = Batcher(runtime.run, _batcher_options(entry.config))
+            observer = self.metrics.batch_observer(entry.name, version) if self.metrics else None
+            batcher = Batcher(runtime.run, _batcher_options(entry.config), observer)
             mv.loaded = Loaded(entry.config, tokenizer, batcher, labels, runtime.provider)
             await _warm_up(mv.loaded)
         except asyncio.CancelledError:  # the server is stopping: leave nothing running
@@ -337,6 +341,8 @@ class ModelManager:
             log.error("model %s version %d: load failed: %s", entry.name, version, exc)
             return mv
         mv.transition(State.READY)
+        if self.metrics is not None:
+            self.metrics.watch_queue(entry.name, version, lambda: batcher.queued)
         return mv
 
     async def _reload(self, entry: repository.ModelEntry,
@@ -405,6 +411,9 @@ class ModelManager:
             await loaded.batcher.close()
         del loaded
         await asyncio.to_thread(_release_memory)
+        current = self.versions.get(mv.model, {}).get(mv.version)
+        if self.metrics is not None and (current is None or current.state is not State.READY):
+            self.metrics.forget(mv.model, mv.version)  # unless a reload put a new one there
         mv.transition(State.UNAVAILABLE, f"unloaded: {why}")
         await self._changed()
 

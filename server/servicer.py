@@ -27,6 +27,7 @@ from .inference import (
     TextResult,
 )
 from .lifecycle import State
+from .metrics import Metrics
 from .streams import ordered_stream
 
 __all__ = ["BertServicer"]
@@ -102,15 +103,19 @@ def _labels(text: TextResult, labels: list[str], top_k: int) -> list[pb.LabelSco
 
 class BertServicer(pb_grpc.BertServiceServicer):
     def __init__(self, pipeline: Pipeline, stream_window: int = 32,
-                 control_mode: str = "none") -> None:
+                 control_mode: str = "none", metrics: Metrics | None = None) -> None:
         self.pipeline = pipeline
+        self.metrics = metrics or Metrics()
         self.manager = pipeline.manager
         self.stream_window = stream_window
         self.control_mode = control_mode
 
     async def _embed(self, request: pb.EmbedRequest, wait: bool) -> pb.EmbedResponse:
-        _check_version(request.version)
-        result = await self.pipeline.embed(_embed_query(request), wait=wait)
+        with self.metrics.request("EmbedStream" if wait else "Embed", request.model) as record:
+            _check_version(request.version)
+            result = await self.pipeline.embed(_embed_query(request), wait=wait)
+            record.model, record.version, record.texts = (result.model, result.version,
+                                                          len(result.texts))
         return pb.EmbedResponse(
             request_id=request.request_id, model=result.model, version=result.version,
             embeddings=[_embedding(t) for t in result.texts], pooling=result.pooling,
@@ -118,13 +123,17 @@ class BertServicer(pb_grpc.BertServiceServicer):
         )
 
     async def _classify(self, request: pb.ClassifyRequest, wait: bool) -> pb.ClassifyResponse:
-        _check_version(request.version)
-        query = ClassifyQuery(
-            model=request.model, version=request.version, texts=tuple(request.texts),
-            top_k=request.top_k, text=_text_options(request),
-            embed=_embed_query(request) if request.return_embedding else None,
-        )
-        result = await self.pipeline.classify(query, wait=wait)
+        with self.metrics.request("ClassifyStream" if wait else "Classify",
+                                  request.model) as record:
+            _check_version(request.version)
+            query = ClassifyQuery(
+                model=request.model, version=request.version, texts=tuple(request.texts),
+                top_k=request.top_k, text=_text_options(request),
+                embed=_embed_query(request) if request.return_embedding else None,
+            )
+            result = await self.pipeline.classify(query, wait=wait)
+            record.model, record.version, record.texts = (result.model, result.version,
+                                                          len(result.texts))
         results = [
             pb.Classification(
                 labels=_labels(t, list(result.labels), request.top_k), usage=_usage(t),

@@ -1,0 +1,123 @@
+"""Prometheus metrics (`prometheus_client`), served on `--metrics-port` at /metrics.
+
+What an operator of a batching server needs to see, with Triton-like meanings:
+- `bertstream_requests_total{model,version,rpc,code}`: every unary call and every stream
+  message, by its gRPC status; `bertstream_texts_total{model,version,rpc}` counts the texts;
+- `bertstream_request_seconds{model,rpc}`: end to end inside the server (tokenize, queue,
+  inference, reply); `bertstream_queue_seconds` and `bertstream_inference_seconds{model,
+  version}` per text and per batch;
+- `bertstream_batch_size{model,version}` and `bertstream_batch_tokens_total{model,version,kind}`
+  with kind `real` or `padded`: real / padded is the padding efficiency of the batcher;
+- `bertstream_requests_in_flight{rpc}` and `bertstream_queue_texts{model,version}` gauges.
+
+One `Metrics` object per server, on its own registry (tests start several servers in one
+process without their metrics mixing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .errors import to_status
+
+__all__ = ["Metrics", "RequestRecord"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class RequestRecord:
+    """Filled in by the handler once it knows which model and version served the call."""
+
+    model: str = ""
+    version: int = 0
+    texts: int = 0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("bertstream_requests", "Unary calls and stream messages",
+                                ["model", "version", "rpc", "code"], registry=r)
+        self.texts = Counter("bertstream_texts", "Texts answered",
+                             ["model", "version", "rpc"], registry=r)
+        self.request_seconds = Histogram(
+            "bertstream_request_seconds", "Time inside the server per call or stream message",
+            ["model", "rpc"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram(
+            "bertstream_queue_seconds", "Time a text waited for its batch",
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram(
+            "bertstream_inference_seconds", "onnxruntime time per batch",
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("bertstream_batch_size", "Texts per batch",
+                                    ["model", "version"], buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_tokens = Counter(
+            "bertstream_batch_tokens", "Tokens sent to the model: real, and padded (real + pad)",
+            ["model", "version", "kind"], registry=r)
+        self.in_flight = Gauge("bertstream_requests_in_flight", "Calls and stream messages "
+                               "being answered", ["rpc"], registry=r)
+        self.queued = Gauge("bertstream_queue_texts", "Texts waiting for a batch",
+                            ["model", "version"], registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint on a thread; returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
+
+    @contextlib.contextmanager
+    def request(self, rpc: str, model_hint: str) -> Iterator[RequestRecord]:
+        """Count one call or stream message with its status code and time."""
+        record = RequestRecord(model=model_hint)
+        gauge = self.in_flight.labels(rpc)
+        gauge.inc()
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield record
+        except BaseException as exc:
+            code = to_status(exc)[0] if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            gauge.dec()
+            model, version = record.model or "default", str(record.version or "")
+            self.requests.labels(model, version, rpc, code.name).inc()
+            self.request_seconds.labels(model, rpc).observe(time.perf_counter() - start)
+            if code is grpc.StatusCode.OK and record.texts:
+                self.texts.labels(model, version, rpc).inc(record.texts)
+
+    def batch_observer(self, model: str, version: int) -> Callable[..., None]:
+        """What a version's batcher calls after each batch."""
+        labels = (model, str(version))
+        size, queue = self.batch_size.labels(*labels), self.queue_seconds.labels(*labels)
+        inference = self.inference_seconds.labels(*labels)
+        real = self.batch_tokens.labels(*labels, "real")
+        padded = self.batch_tokens.labels(*labels, "padded")
+
+        def observe(queue_s: Sequence[float], real_tokens: int, padded_tokens: int,
+                    infer_s: float) -> None:
+            size.observe(len(queue_s))
+            for seconds in queue_s:
+                queue.observe(seconds)
+            inference.observe(infer_s)
+            real.inc(real_tokens)
+            padded.inc(padded_tokens)
+
+        return observe
+
+    def watch_queue(self, model: str, version: int, depth: Callable[[], float]) -> None:
+        self.queued.labels(model, str(version)).set_function(depth)
+
+    def forget(self, model: str, version: int) -> None:
+        """A released version's gauge goes (its counters stay: they are history)."""
+        with contextlib.suppress(KeyError):
+            self.queued.remove(model, str(version))
