@@ -3,9 +3,10 @@
 Contract:
 - Each text is one `WorkItem`; the caller owns its future and may cancel it at any time (an
   expired deadline or a dropped stream). Cancelled items are dropped before compute.
-- Items are taken oldest first; an item that would push a batch over its token budget
-  (longest sequence x count) or over `max_batch_size` waits for the next batch without losing
-  its place. The first item of a batch waits at most `max_queue_delay` for others to join.
+- A batch starts with the oldest item and fills with the waiting items closest to it in
+  length (within a look-ahead window) that keep it under its token budget (longest sequence
+  x count) and `max_batch_size`; the rest keep their places. The first item of a batch waits
+  at most `max_queue_delay` for others to join.
 - Up to `instances` batches run at once on worker threads; while they run, the loop already
   forms the next batch. Results are set on futures from the event loop thread only.
 - A batch that raises is split in halves until the failing item is alone: only it fails.
@@ -42,6 +43,7 @@ class BatcherOptions:
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 2048
     instances: int = 1
+    lookahead: int = 256  # waiting items the batcher may pick from to group similar lengths
 
 
 @dataclass(eq=False)
@@ -147,19 +149,26 @@ class Batcher:
         return longest * (len(self._queue) + 1) > self.options.max_batch_tokens
 
     def _take(self) -> list[WorkItem]:
-        chosen: list[WorkItem] = []
-        rest: deque[WorkItem] = deque()
-        longest = 0
-        for item in self._queue:
-            if item.future.done():
-                continue
+        """The oldest item and, from the next `lookahead` waiting, those closest to it in
+        length that fit the budget: similar lengths cut padding, and the oldest item always
+        goes, so nothing waits behind a stream of better-fitting texts."""
+        live = [item for item in self._queue if not item.future.done()]
+        if not live:
+            self._queue = deque()
+            return []
+        head, window = live[0], live[1:1 + self.options.lookahead]
+        by_fit = sorted(window, key=lambda item: abs(item.length - head.length))
+        chosen, longest = [head], head.length
+        for item in by_fit:
+            if len(chosen) >= self.options.max_batch_size:
+                break
             cost = max(longest, item.length) * (len(chosen) + 1)
-            if len(chosen) < self.options.max_batch_size and cost <= self.options.max_batch_tokens:
+            if cost <= self.options.max_batch_tokens:
                 chosen.append(item)
                 longest = max(longest, item.length)
-            else:
-                rest.append(item)
-        self._queue = rest
+        taken = {id(item) for item in chosen}
+        self._queue = deque(item for item in live if id(item) not in taken)
+        chosen.sort(key=lambda item: item.enqueued_at)
         self._notify_space()
         return chosen
 

