@@ -12,6 +12,7 @@ from pathlib import Path
 from .head import HEAD_POOLINGS
 from .pipeline import ExportOptions, export_model, read_export_record
 from .sources import RandomShape
+from .variants import VARIANTS
 from .verify import DEFAULT_TOLERANCE
 
 
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embed-prefix", default="")
     parser.add_argument("--classify-prefix", default="")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    parser.add_argument("--variant", choices=VARIANTS, default="fp32",
+                        help="fp16: fused fp16 graph for GPUs; int8: dynamic int8 for CPUs "
+                        "(both checked against PyTorch fp32 by cosine)")
     return parser
 
 
@@ -113,6 +117,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         embed_prefix=args.embed_prefix,
         classify_prefix=args.classify_prefix,
         tolerance=args.tolerance,
+        variant=args.variant,
     )
 
 
@@ -131,6 +136,11 @@ def _summary(target: Path) -> str:
     ]
     for name, diff in parity["max_abs_diff"].items():
         lines.append(f"  {name:<24} max abs diff {diff:.3g}")
+    variant = read_export_record(target).get("variant_parity")
+    if isinstance(variant, dict):
+        lines.append(f"{variant['variant']} graph ({variant['runtime']}), min cosine to fp32:")
+        for name, cosine in variant["min_cosine"].items():
+            lines.append(f"  {name:<24} {cosine:.6f}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from .head import ClassificationHead, HeadError, load_head, random_head
 from .model_config import ConfigFields, build_model_config
 from .publish import plan_version, publish_version
 from .sources import Checkpoint, RandomShape, load_checkpoint
+from .variants import VARIANTS, make_variant, verify_variant
 from .verify import DEFAULT_TOLERANCE, ParityReport, verify_export
 
 ONNX_FILE, TOKENIZER_FILE, LABELS_FILE, EXPORT_FILE = (
@@ -47,6 +48,7 @@ class ExportOptions:
     embed_prefix: str = ""
     classify_prefix: str = ""
     tolerance: float = DEFAULT_TOLERANCE
+    variant: str = "fp32"  # fp32 | fp16 (fused, for GPUs) | int8 (dynamic, for CPUs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,6 +158,18 @@ def _builder(
             options.tolerance,
         )
         provenance = _provenance(options, prepared, graph, report)
+        provenance["variant"] = options.variant
+        if options.variant != "fp32":
+            config = prepared.checkpoint.config
+            log(f"making the {options.variant} graph (fusion"
+                f"{', fp16' if options.variant == 'fp16' else ', int8 weights'})")
+            make_variant(folder, options.variant, int(config.num_attention_heads),
+                         prepared.checkpoint.hidden_size)
+            log(f"verifying the {options.variant} graph against PyTorch fp32")
+            variant_report = verify_variant(graph, folder / ONNX_FILE,
+                                            prepared.checkpoint.tokenizer,
+                                            prepared.max_sequence_length, options.variant)
+            provenance["variant_parity"] = variant_report.to_dict()
         text = json.dumps(provenance, indent=2, ensure_ascii=False) + "\n"
         (folder / EXPORT_FILE).write_text(text, encoding="utf-8")
 
@@ -175,6 +189,8 @@ def _quiet(_: str) -> None:
 
 def export_model(options: ExportOptions, log: Callable[[str], None] = _quiet) -> Path:
     """Export, verify and publish one version; returns the published version folder."""
+    if options.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {options.variant!r}")
     plan_version(options.model_repository, options.model, options.version)  # fail fast
     prepared = _prepare(options, log)
     config = build_model_config(_config_fields(options, prepared))

@@ -1,0 +1,51 @@
+"""fp16 and int8 variants: fused by onnxruntime's optimizer, checked by cosine, served."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+from bertstream.client import BertClient
+from bertstream.export import export_model
+
+if TYPE_CHECKING:
+    from conftest import ServerProcess
+
+NEWS = ["央行宣布降准，股市应声大涨", "暴雨致多地受灾，救援仍在进行",
+        "苹果发布iPhone 15，售价5999元"]
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_variant_is_verified_and_served(
+    variant: str, tmp_path: Path, model_repository: Path,
+    make_tiny_options: Callable[..., Any], start_server: Callable[..., ServerProcess],
+) -> None:
+    labels = ("positive", "neutral", "negative")
+    version = export_model(make_tiny_options("news", tmp_path, labels=labels, variant=variant))
+    record = json.loads((version / "export.json").read_text(encoding="utf-8"))
+    assert record["variant"] == variant
+    parity = record["variant_parity"]
+    assert min(parity["min_cosine"].values()) >= parity["min_cosine_required"]
+    assert parity["max_probability_diff"] is not None
+    assert not (version / "model.onnx.data").exists(), "weights inline"
+    graph = (version / "model.onnx").read_bytes()
+    if variant == "int8":
+        assert b"DynamicQuantizeLinear" in graph or b"MatMulInteger" in graph
+    assert b"Attention" in graph or b"SkipLayerNormalization" in graph, "fused"
+
+    # The same encoder and head in fp32 (tiny-news, same seed) against the served variant.
+    server = start_server(tmp_path, default_model="news")
+    reference = start_server(model_repository, default_model="tiny-news")
+    try:
+        with BertClient(server.address) as fast, BertClient(reference.address) as exact:
+            vectors, expected = fast.encode(NEWS), exact.encode(NEWS)
+            cosine = np.sum(vectors * expected, axis=1) / (
+                np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1))
+            assert cosine.min() >= 0.99, cosine
+            assert len(fast.classify(NEWS)[0]) == 3
+    finally:
+        assert server.stop() == 0 and reference.stop() == 0
