@@ -90,6 +90,10 @@ class Runtime:
             str(model_path), sess_options=so, providers=pick_providers(options)
         )
         self.provider = self.session.get_providers()[0]
+        # On a GPU, IO binding copies the inputs once and brings back only the outputs asked
+        # for, straight from device memory (FACTS.md: ~3 % over session.run on an H100).
+        self._device_id = options.gpu_id
+        self.io_binding = self.provider == "CUDAExecutionProvider"
         self.input_names = [i.name for i in self.session.get_inputs()]
         missing = [n for n in INPUT_NAMES if n not in self.input_names]
         if missing:
@@ -108,5 +112,17 @@ class Runtime:
             "token_type_ids": batch.token_type_ids,
         }
         names = list(outputs)
-        arrays = self.session.run(names, {k: v for k, v in feeds.items() if k in self.input_names})
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        if self.io_binding:
+            return self._run_bound(feeds, names)
+        arrays = self.session.run(names, feeds)
         return dict(zip(names, arrays, strict=True))
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in names:
+            binding.bind_output(name, "cuda", self._device_id)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
