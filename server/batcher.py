@@ -172,6 +172,11 @@ class Batcher:
         self._notify_space()
         return chosen
 
+    def _pad_and_run(self, encoded: list[Encoded],
+                     outputs: Sequence[str]) -> tuple[Batch, dict[str, np.ndarray]]:
+        batch = Batch.pad(encoded)
+        return batch, self._run_fn(batch, outputs)
+
     def _notify_space(self) -> None:
         async def notify() -> None:
             async with self._space:
@@ -185,9 +190,10 @@ class Batcher:
             item.queue_s = start - item.enqueued_at
         outputs = sorted(set().union(*(item.outputs for item in items)))
         loop = asyncio.get_running_loop()
-        try:
-            batch = Batch.pad([item.encoded for item in items])
-            arrays = await loop.run_in_executor(self._executor, self._run_fn, batch, outputs)
+        encoded = [item.encoded for item in items]
+        try:  # padding runs on the worker thread too: the event loop only routes results
+            batch, arrays = await loop.run_in_executor(self._executor, self._pad_and_run,
+                                                       encoded, outputs)
         except Exception as exc:
             if len(items) == 1:
                 _fail(items, exc)

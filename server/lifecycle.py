@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import enum
 import gc
 import json
@@ -328,7 +329,10 @@ class ModelManager:
                 _build, path, entry.config, self.runtime_options
             )
             observer = self.metrics.batch_observer(entry.name, version) if self.metrics else None
-            batcher = Batcher(runtime.run, _batcher_options(entry.config), observer)
+            options = _batcher_options(entry.config)
+            if runtime.io_binding:  # a GPU: a second batch per instance overlaps host work
+                options = dataclasses.replace(options, instances=2 * options.instances)
+            batcher = Batcher(runtime.run, options, observer)
             mv.loaded = Loaded(entry.config, tokenizer, batcher, labels, runtime.provider)
             await _warm_up(mv.loaded)
         except asyncio.CancelledError:  # the server is stopping: leave nothing running
