@@ -59,7 +59,9 @@ def build_model_config(fields: ConfigFields) -> pb.ModelConfig:
         classify_prefix=fields.classify_prefix,
     )
     config.version_policy.latest.num_versions = 1
-    config.dynamic_batching.max_queue_delay_microseconds = 2000
+    # 0: a batch leaves as soon as an instance is free (as TEI does); under load the queue
+    # fills while the model runs, so batches grow by themselves and a lone request never waits.
+    config.dynamic_batching.max_queue_delay_microseconds = 0
     config.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_AUTO)
     return config
 

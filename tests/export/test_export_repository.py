@@ -61,7 +61,7 @@ def test_config_pbtxt_parses_back(model_repository: Path) -> None:
     assert embed.max_batch_size == 32
     assert embed.version_policy.WhichOneof("policy_choice") == "latest"
     assert embed.version_policy.latest.num_versions == 1
-    assert embed.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert embed.dynamic_batching.max_queue_delay_microseconds == 0
     assert len(embed.instance_group) == 1
     assert embed.instance_group[0].count == 1
     assert embed.instance_group[0].kind == pb.ModelInstanceGroup.KIND_AUTO
