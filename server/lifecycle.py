@@ -29,7 +29,7 @@ from . import repository, watcher
 from .batcher import Batcher, BatcherOptions, WorkItem
 from .errors import LoadFailed, ModelNotFound, ModelNotReady
 from .metrics import Metrics
-from .runtime import Runtime, RuntimeOptions
+from .runtime import RuntimeOptions, RuntimePool
 from .tokenization import TextTokenizer
 
 __all__ = ["Loaded", "ModelManager", "ModelVersion", "State"]
@@ -88,7 +88,7 @@ class ModelVersion:
         self.state, self.reason = new, reason
 
 
-def _check_outputs(config: ModelConfig, runtime: Runtime) -> None:
+def _check_outputs(config: ModelConfig, runtime: RuntimePool) -> None:
     """The graph must offer what config.pbtxt promises, with the promised sizes."""
     dims = runtime.output_dims
     hidden = config.embedding_dimension
@@ -127,7 +127,7 @@ def _read_labels(path: Path, config: ModelConfig) -> list[str]:
 
 def _build(
     path: Path, config: ModelConfig, options: RuntimeOptions
-) -> tuple[Runtime, TextTokenizer, list[str]]:
+) -> tuple[RuntimePool, TextTokenizer, list[str]]:
     """Blocking part of a load: files, session, checks. Runs on a worker thread."""
     model_file = path / "model.onnx"
     if not model_file.is_file():
@@ -137,7 +137,8 @@ def _build(
     tokenizer = TextTokenizer(path / "tokenizer.json", config.max_sequence_length)
     labels = _read_labels(path, config)
     try:
-        runtime = Runtime(model_file, options)
+        instances = sum(group.count or 1 for group in config.instance_group)
+        runtime = RuntimePool(model_file, options, instances)
     except Exception as exc:
         raise ValueError(f"onnxruntime cannot load model.onnx: {exc}") from None
     _check_outputs(config, runtime)
@@ -329,9 +330,8 @@ class ModelManager:
                 _build, path, entry.config, self.runtime_options
             )
             observer = self.metrics.batch_observer(entry.name, version) if self.metrics else None
-            options = _batcher_options(entry.config)
-            if runtime.io_binding:  # a GPU: a second batch per instance overlaps host work
-                options = dataclasses.replace(options, instances=2 * options.instances)
+            options = dataclasses.replace(_batcher_options(entry.config),
+                                          instances=runtime.concurrency)
             batcher = Batcher(runtime.run, options, observer)
             mv.loaded = Loaded(entry.config, tokenizer, batcher, labels, runtime.provider)
             await _warm_up(mv.loaded)
@@ -509,7 +509,6 @@ def _batcher_options(config: ModelConfig) -> BatcherOptions:
         max_batch_tokens=batching.max_batch_tokens,
         max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
         max_queue_size=batching.max_queue_size,
-        instances=max(1, sum(g.count or 1 for g in config.instance_group)),
     )
 
 

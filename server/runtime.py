@@ -6,7 +6,9 @@ calls it from worker threads. Never imports grpc.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import queue
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ import onnxruntime as ort
 
 from .tokenization import Encoded
 
-__all__ = ["Batch", "Runtime", "RuntimeOptions", "pick_providers"]
+__all__ = ["Batch", "Runtime", "RuntimeOptions", "RuntimePool", "pick_providers"]
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -126,3 +128,36 @@ class Runtime:
             binding.bind_output(name, "cuda", self._device_id)
         self.session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+
+
+class RuntimePool:
+    """The sessions of one model version: `instance_group { count: N }` makes N (Triton's
+    meaning: N model instances running batches at the same time). On a CPU the cores are
+    split between them; on a GPU each session also takes two batches at once, so copying and
+    host work for one overlaps the other's kernels. `run` borrows a free slot."""
+
+    def __init__(self, model_path: Path, options: RuntimeOptions, count: int = 1) -> None:
+        count = max(1, count)
+        threads = options.intra_op_threads or max(1, _cores() // count)
+        self.runtimes = [Runtime(model_path, dataclasses.replace(options,
+                                                                 intra_op_threads=threads))
+                         for _ in range(count)]
+        first = self.runtimes[0]
+        self.provider, self.output_dims = first.provider, first.output_dims
+        self.slots_per_session = 2 if first.io_binding else 1
+        self._free: queue.SimpleQueue[Runtime] = queue.SimpleQueue()
+        for runtime in self.runtimes:
+            for _ in range(self.slots_per_session):
+                self._free.put(runtime)
+
+    @property
+    def concurrency(self) -> int:
+        """How many batches may run at once: what the batcher should keep in flight."""
+        return len(self.runtimes) * self.slots_per_session
+
+    def run(self, batch: Batch, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        runtime = self._free.get()
+        try:
+            return runtime.run(batch, outputs)
+        finally:
+            self._free.put(runtime)
