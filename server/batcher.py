@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -145,19 +146,22 @@ class Batcher:
     def _full(self) -> bool:
         if len(self._queue) >= self.options.max_batch_size:
             return True
-        longest = max(item.length for item in self._queue)
+        longest = max(item.length for item in self._queue)  # fewer than max_batch_size items
         return longest * (len(self._queue) + 1) > self.options.max_batch_tokens
 
     def _take(self) -> list[WorkItem]:
         """The oldest item and, from the next `lookahead` waiting, those closest to it in
         length that fit the budget: similar lengths cut padding, and the oldest item always
-        goes, so nothing waits behind a stream of better-fitting texts."""
-        live = [item for item in self._queue if not item.future.done()]
-        if not live:
-            self._queue = deque()
+        goes, so nothing waits behind a stream of better-fitting texts. Only the head window
+        is touched, so a long queue costs nothing per batch."""
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()  # cancelled while waiting
+        if not self._queue:
             return []
-        head, window = live[0], live[1:1 + self.options.lookahead]
-        by_fit = sorted(window, key=lambda item: abs(item.length - head.length))
+        window = list(itertools.islice(self._queue, 0, 1 + self.options.lookahead))
+        head = window[0]
+        candidates = [item for item in window[1:] if not item.future.done()]
+        by_fit = sorted(candidates, key=lambda item: abs(item.length - head.length))
         chosen, longest = [head], head.length
         for item in by_fit:
             if len(chosen) >= self.options.max_batch_size:
@@ -167,7 +171,10 @@ class Batcher:
                 chosen.append(item)
                 longest = max(longest, item.length)
         taken = {id(item) for item in chosen}
-        self._queue = deque(item for item in live if id(item) not in taken)
+        kept = [item for item in window if id(item) not in taken and not item.future.done()]
+        for _ in window:
+            self._queue.popleft()
+        self._queue.extendleft(reversed(kept))
         chosen.sort(key=lambda item: item.enqueued_at)
         self._notify_space()
         return chosen
