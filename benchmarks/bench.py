@@ -129,7 +129,7 @@ def _feed(address: str, model: str, share: list[str], per_message: int,
     limit being measured); waits at the barrier so that every feed starts together."""
     def requests() -> Iterator[pb.EmbedRequest]:
         for i in range(0, len(share), per_message):
-            yield pb.EmbedRequest(request_id=str(i), model=model,
+            yield pb.EmbedRequest(request_id=str(i), model=model, raw_values=True,
                                   texts=share[i:i + per_message], truncate=True)
 
     with grpc.insecure_channel(address) as channel:
@@ -170,7 +170,8 @@ def unary_latency(address: str, model: str, runs: int) -> list[float]:
         times = []
         for _ in range(runs + 5):
             start = time.perf_counter()
-            stub.Embed(pb.EmbedRequest(model=model, texts=[SHORT_TEXT]), timeout=30)
+            stub.Embed(pb.EmbedRequest(model=model, texts=[SHORT_TEXT], raw_values=True),
+                       timeout=30)
             times.append(time.perf_counter() - start)
     return times[5:]
 

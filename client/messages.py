@@ -102,9 +102,10 @@ def _pooling(pooling: str | None) -> int:
 def embed_request(texts: str | Sequence[str], *, model: str = "", version: int = 0,
                   pooling: str | None = None, pooling_layer: int | None = None,
                   normalize: bool = False, truncate: bool = False, truncation: str = "right",
-                  request_id: str = "") -> pb.EmbedRequest:
+                  request_id: str = "", raw_values: bool = True) -> pb.EmbedRequest:
     return pb.EmbedRequest(request_id=request_id, pooling=_pooling(pooling),
                            pooling_layer=pooling_layer, normalize=normalize,
+                           raw_values=raw_values,
                            **_common(model, version, texts, truncate, truncation))
 
 
@@ -121,6 +122,8 @@ def tokenize_request(texts: str | Sequence[str], *, model: str = "", version: in
 
 
 def _array(e: pb.Embedding) -> np.ndarray:
+    if e.raw:
+        return np.frombuffer(e.raw, dtype="<f4").reshape(tuple(e.shape))
     return np.asarray(e.values, dtype=np.float32).reshape(tuple(e.shape))
 
 

@@ -86,9 +86,15 @@ def _usage(text: TextResult) -> pb.TextUsage:
                         truncated_tokens=text.truncated_tokens)
 
 
-def _embedding(text: TextResult) -> pb.Embedding:
-    assert text.vector is not None
-    return pb.Embedding(values=text.vector.ravel().tolist(), shape=list(text.vector.shape),
+def _embedding(text: TextResult, raw: bool) -> pb.Embedding:
+    """Floats as a repeated field, or (raw) as little-endian float32 bytes: one copy instead
+    of a Python float per value, which was a third of the event loop's time on a GPU."""
+    vector = text.vector
+    assert vector is not None
+    if raw:
+        return pb.Embedding(raw=vector.astype("<f4", copy=False).tobytes(),
+                            shape=list(vector.shape), usage=_usage(text))
+    return pb.Embedding(values=vector.ravel().tolist(), shape=list(vector.shape),
                         usage=_usage(text))
 
 
@@ -118,8 +124,8 @@ class BertServicer(pb_grpc.BertServiceServicer):
                                                           len(result.texts))
         return pb.EmbedResponse(
             request_id=request.request_id, model=result.model, version=result.version,
-            embeddings=[_embedding(t) for t in result.texts], pooling=result.pooling,
-            pooling_layer=result.pooling_layer, timings=_timings(result),
+            embeddings=[_embedding(t, request.raw_values) for t in result.texts],
+            pooling=result.pooling, pooling_layer=result.pooling_layer, timings=_timings(result),
         )
 
     async def _classify(self, request: pb.ClassifyRequest, wait: bool) -> pb.ClassifyResponse:
@@ -137,7 +143,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
         results = [
             pb.Classification(
                 labels=_labels(t, list(result.labels), request.top_k), usage=_usage(t),
-                embedding=_embedding(t) if t.vector is not None else None,
+                embedding=_embedding(t, request.raw_values) if t.vector is not None else None,
             )
             for t in result.texts
         ]

@@ -179,3 +179,16 @@ def test_expired_deadline(stub) -> None:  # type: ignore[no-untyped-def]
         stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=TEXTS * 50), timeout=0.001)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=TEXTS), timeout=30).embeddings
+
+
+def test_raw_values_carry_the_same_vectors(stub) -> None:  # type: ignore[no-untyped-def]
+    for pooling in (Pooling.POOLING_UNSPECIFIED, Pooling.POOLING_TOKENS):
+        plain = stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=TEXTS, pooling=pooling),
+                           timeout=30)
+        raw = stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=TEXTS, pooling=pooling,
+                                         raw_values=True), timeout=30)
+        for a, b in zip(plain.embeddings, raw.embeddings, strict=True):
+            assert not b.values and len(b.raw) == 4 * int(np.prod(b.shape))
+            assert list(a.shape) == list(b.shape)
+            np.testing.assert_array_equal(np.frombuffer(b.raw, "<f4"),
+                                          np.asarray(a.values, np.float32))

@@ -61,7 +61,7 @@ class TextUsage(_message.Message):
     def __init__(self, token_count: _Optional[int] = ..., truncated: _Optional[bool] = ..., truncated_tokens: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "texts", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction")
+    __slots__ = ("request_id", "model", "version", "texts", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class EmbedRequest(_message.Message):
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    RAW_VALUES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
@@ -80,17 +81,20 @@ class EmbedRequest(_message.Message):
     normalize: bool
     truncate: bool
     truncation_direction: TruncationDirection
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ...) -> None: ...
+    raw_values: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("values", "shape", "usage")
+    __slots__ = ("values", "shape", "usage", "raw")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     shape: _containers.RepeatedScalarFieldContainer[int]
     usage: TextUsage
-    def __init__(self, values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[TextUsage, _Mapping]] = ...) -> None: ...
+    raw: bytes
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[TextUsage, _Mapping]] = ..., raw: _Optional[bytes] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("request_id", "model", "version", "embeddings", "pooling", "pooling_layer", "timings", "error")
@@ -113,7 +117,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "texts", "top_k", "return_embedding", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction")
+    __slots__ = ("request_id", "model", "version", "texts", "top_k", "return_embedding", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +129,7 @@ class ClassifyRequest(_message.Message):
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    RAW_VALUES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
@@ -136,7 +141,8 @@ class ClassifyRequest(_message.Message):
     normalize: bool
     truncate: bool
     truncation_direction: TruncationDirection
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., return_embedding: _Optional[bool] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ...) -> None: ...
+    raw_values: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., return_embedding: _Optional[bool] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "index", "probability")
