@@ -122,8 +122,8 @@ def tokenize_request(texts: str | Sequence[str], *, model: str = "", version: in
 
 
 def _array(e: pb.Embedding) -> np.ndarray:
-    if e.raw:
-        return np.frombuffer(e.raw, dtype="<f4").reshape(tuple(e.shape))
+    if e.raw:  # copied: frombuffer views are read-only, and callers normalise in place
+        return np.frombuffer(e.raw, dtype="<f4").reshape(tuple(e.shape)).astype(np.float32)
     return np.asarray(e.values, dtype=np.float32).reshape(tuple(e.shape))
 
 
