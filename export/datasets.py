@@ -58,12 +58,23 @@ class LabelledData:
     policy: str  # how a record became a text, for export.json
     notes: list[str] = field(default_factory=list)
 
+    def sampled(self, count: int | None, seed: int = 0) -> LabelledData:
+        """The same data with at most `count` records per split (quick runs and tests)."""
+        if count is None:
+            return self
+        splits = {name: split.sample(count, seed) for name, split in self.splits.items()}
+        notes = [*self.notes, f"sampled {count} per split, seed {seed}"]
+        return LabelledData(self.labels, splits, self.source, self.policy, notes)
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(split) for name, split in self.splits.items()}
+
     def describe(self) -> dict[str, object]:
         return {
             "source": self.source,
             "policy": self.policy,
             "labels": list(self.labels),
-            "sizes": {name: len(split) for name, split in self.splits.items()},
+            "sizes": self.sizes(),
             "notes": self.notes,
         }
 

@@ -23,7 +23,7 @@ from bertstream.client.news import DEFAULT_LEAD_CHARS
 
 from .datasets import INEWS_SOURCE, DatasetError, LabelledData, load_files, load_inews
 from .head import HEAD_POOLINGS
-from .training import C_GRID, ProbeOptions, sample, split_sizes, summary, train_probe
+from .training import C_GRID, ProbeOptions, summary, train_probe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,13 +70,13 @@ def load_data(args: argparse.Namespace) -> LabelledData:
     else:
         labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
         data = load_files(Path(args.data), args.dev, args.test, labels, args.lead_chars)
-    return sample(data, args.sample)
+    return data.sampled(args.sample)
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, object]:
     data = load_data(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"{data.source}: labels {list(data.labels)}; {split_sizes(data)}")
+    _log(f"{data.source}: labels {list(data.labels)}; sizes {data.sizes()}")
     if args.finetune:
         if not args.source or not args.encoder_output:
             parser.error("--finetune needs --source and --encoder-output")

@@ -25,7 +25,7 @@ from bertstream.server import config as model_config
 from bertstream.server.runtime import Batch, Runtime, RuntimeOptions
 from bertstream.server.tokenization import TextTokenizer
 
-from .datasets import LabelledData, Split
+from .datasets import LabelledData
 from .head import ClassificationHead, save_head
 from .metrics import scores
 
@@ -182,17 +182,3 @@ def summary(training: dict[str, object]) -> str:
             f"{split['macro_f1']:.4f}  ({f1})"
         )
     return "\n".join(lines)
-
-
-def split_sizes(data: LabelledData) -> str:
-    return ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
-
-
-def sample(data: LabelledData, count: int | None, seed: int = 0) -> LabelledData:
-    """The same data with at most `count` records per split (for quick runs and tests)."""
-    if count is None:
-        return data
-    splits: dict[str, Split] = {k: v.sample(count, seed) for k, v in data.splits.items()}
-    notes = [*data.notes, f"sampled {count} per split, seed {seed}"]
-    return LabelledData(data.labels, splits, data.source, data.policy, notes)
-

@@ -410,10 +410,7 @@ class ModelManager:
     async def _drain(self, mv: ModelVersion, why: str) -> None:
         if mv.leases:
             await mv._idle.wait()
-        loaded, mv.loaded = mv.loaded, None
-        if loaded is not None:
-            await loaded.batcher.close()
-        del loaded
+        await _close(mv)
         await asyncio.to_thread(_release_memory)
         current = self.versions.get(mv.model, {}).get(mv.version)
         if self.metrics is not None and (current is None or current.state is not State.READY):
@@ -488,7 +485,7 @@ def _folders(entry: repository.ModelEntry) -> tuple[object, ...]:
 
 
 async def _close(mv: ModelVersion) -> None:
-    """Stop a version's batcher that never served (failed or abandoned load)."""
+    """Stop a version's batcher and drop its session (retired, failed or abandoned load)."""
     loaded, mv.loaded = mv.loaded, None
     if loaded is not None:
         await loaded.batcher.close()

@@ -67,11 +67,6 @@ class ModelEntry:
     versions: dict[int, Path] = field(default_factory=dict)
     config_digest: str = ""  # sha256 of the config.pbtxt bytes that were parsed
 
-    def served_versions(self) -> list[int]:
-        if self.config is None:
-            return []
-        return select_versions(self.config.version_policy, self.versions)
-
 
 def _inside(path: Path, root: Path) -> bool:
     try:

@@ -63,6 +63,8 @@ def test_scan_keeps_broken_models_with_their_error(tmp_path: Path) -> None:
     entries = scan(tmp_path)
     assert set(entries) == {"good", "broken", "outside"}
     assert sorted(entries["good"].versions) == [1, 2]
-    assert entries["good"].served_versions() == [2]
+    good = entries["good"]
+    assert good.config is not None
+    assert select_versions(good.config.version_policy, good.versions) == [2]
     assert entries["broken"].config is None and "does not parse" in entries["broken"].config_error
     assert "outside the repository" in entries["outside"].config_error
