@@ -28,6 +28,8 @@ install: $(VENV)/.installed
 protos: install
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 	    --grpc_python_out=protos protos/bertstream/v1/bertstream.proto protos/bertstream/v1/model_config.proto
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+	    --grpc_python_out=protos protos/bertstream/kserve/v2/grpc_service.proto
 
 default-model: install
 	@if [ ! -d "$(REPO)/$(DEFAULT_MODEL)" ]; then $(MAKE) --no-print-directory starter-model; fi
@@ -60,7 +62,14 @@ news-zh-finetuned: install
 serve: default-model
 	$(VENV)/bin/bertstream-server --model-repository $(REPO) --port $(PORT)
 
-test: install
+# The Node.js example client's pinned modules (tests/clients); nothing where npm is absent,
+# and an offline npm leaves the Node test to skip with its reason rather than failing make.
+.PHONY: node-client
+node-client:
+	@if command -v npm >/dev/null; then cd client/examples/node && npm ci --no-audit --no-fund \
+	  || echo "npm ci failed in client/examples/node: the Node client test will say why"; fi
+
+test: install node-client
 	$(VENV)/bin/pytest -q
 
 lint: install

@@ -1,4 +1,8 @@
-"""`bertstream-client embed|classify|tokenize|models`: one call, JSON on stdout."""
+"""`bertstream-client embed|classify|tokenize|models|load|unload`: one call, JSON on stdout;
+or, with `--input FILE.jsonl --output FILE.jsonl`, a whole file streamed exactly once (feed.py).
+
+`--server` takes one address, a DNS name whose records are the replicas, or several
+comma-separated addresses: calls are then spread by gRPC's round_robin (channels.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+from .channels import split_servers
 from .client import BertClient
+from .feed import FeedError, FeedOptions, run_feed
 from .messages import POOLINGS, ClientError
 
 __all__ = ["main"]
@@ -21,7 +28,8 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
-    parser.add_argument("--server", default=default("localhost:8001"), help="HOST:PORT")
+    parser.add_argument("--server", default=default("localhost:8001"),
+                        help="HOST:PORT, or several comma-separated (round robin)")
     parser.add_argument("--model", default=default(""),
                         help="default: the server's default model")
     parser.add_argument("--version", type=int, default=default(0),
@@ -36,15 +44,29 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_common(common, suppress=True)
     texts = argparse.ArgumentParser(add_help=False)
-    texts.add_argument("texts", nargs="+", help="texts to send")
+    texts.add_argument("texts", nargs="*", help="texts to send")
     texts.add_argument("--truncate", action="store_true",
                        help="cut texts over the model's limit instead of refusing them")
+    feed = argparse.ArgumentParser(add_help=False)
+    group = feed.add_argument_group("bulk feed (embed and classify)")
+    group.add_argument("--input", type=Path, help="JSONL file, one {id, text} object per line")
+    group.add_argument("--output", type=Path,
+                       help="JSONL answers, one line per id; a rerun resumes it")
+    group.add_argument("--batch-size", type=int, default=32, help="texts per stream message")
+    group.add_argument("--window", type=int, default=4, help="messages in flight per stream")
+    group.add_argument("--streams", type=int, default=0,
+                       help="concurrent streams (default: one per server address)")
+    group.add_argument("--id-field", default="id")
+    group.add_argument("--text-field", default="text")
+    group.add_argument("--give-up-after", type=float, default=300.0,
+                       help="seconds without any answer before the feed stops")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub = p.add_subparsers(dest="command", required=True)
-    embed = sub.add_parser("embed", parents=[common, texts], help="one vector per text")
+    embed = sub.add_parser("embed", parents=[common, texts, feed], help="one vector per text")
     embed.add_argument("--pooling", choices=[k for k in POOLINGS if k])
     embed.add_argument("--pooling-layer", type=int, help="1..num_layers, or -1 for the last")
     embed.add_argument("--normalize", action="store_true")
-    classify = sub.add_parser("classify", parents=[common, texts], help="ranked labels")
+    classify = sub.add_parser("classify", parents=[common, texts, feed], help="ranked labels")
     classify.add_argument("--top-k", type=int, default=0, help="0: all labels")
     sub.add_parser("tokenize", parents=[common, texts], help="the tokens the model sees")
     sub.add_parser("models", parents=[common], help="every model and version with its state")
@@ -79,8 +101,48 @@ def _run(args: argparse.Namespace, bc: BertClient) -> Any:
             for t, tok in zip(args.texts, bc.tokenize(args.texts, **kw), strict=True)]
 
 
+def _feed(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {"truncate": args.truncate}
+    if args.command == "embed":
+        request.update(pooling=args.pooling, pooling_layer=args.pooling_layer,
+                       normalize=args.normalize)
+    else:
+        request["top_k"] = args.top_k
+    options = FeedOptions(
+        input=args.input, output=args.output, task=args.command,
+        servers=tuple(split_servers(args.server)), model=args.model, version=args.version,
+        request=request, batch_size=args.batch_size, window=args.window, streams=args.streams,
+        id_field=args.id_field, text_field=args.text_field, give_up_s=args.give_up_after,
+        progress=not args.no_progress)
+    report = run_feed(options)
+    return {**asdict(report), "items_per_s": round(report.items_per_s, 1),
+            "output": str(args.output)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    feeding = getattr(args, "input", None) is not None
+    if feeding and (args.texts or args.output is None):
+        parser.error("--input needs --output and no texts on the command line")
+    if not feeding and getattr(args, "output", None) is not None:
+        parser.error("--output needs --input")
+    if not feeding and args.command in ("embed", "classify", "tokenize") and not args.texts:
+        parser.error(f"{args.command}: give texts, or --input and --output")
+    if feeding:
+        try:
+            result: Any = _feed(args)
+        except (FeedError, ValueError) as err:
+            print(json.dumps({"error": {"code": "FEED", "message": str(err)}},
+                             ensure_ascii=False), file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print(json.dumps({"error": {"code": "INTERRUPTED",
+                                        "message": "stopped; rerun to resume"}}), file=sys.stderr)
+            sys.exit(130)
+        json.dump(result, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return
     try:
         with BertClient(args.server, model=args.model, timeout=args.timeout) as bc:
             result = _run(args, bc)

@@ -18,6 +18,7 @@ import numpy as np
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 
+from .channels import open_aio_channel, open_channel
 from .messages import (
     ClientError,
     Label,
@@ -35,9 +36,6 @@ from .messages import (
 
 __all__ = ["AsyncBertClient", "BertClient"]
 
-MiB = 1024 * 1024
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * MiB),
-                   ("grpc.max_send_message_length", 64 * MiB)]
 
 
 def _stream_result(index: int, response: Any, parse: Any) -> StreamResult:
@@ -53,16 +51,17 @@ def _stream_items(items: Iterable[str | Sequence[str]]) -> Iterator[tuple[int, l
 
 
 class BertClient:
-    """A blocking client of one server; safe to share between threads."""
+    """A blocking client of one server, or of several replicas ("a:1,b:2" or a list; see
+    channels.py); safe to share between threads."""
 
-    def __init__(self, server: str = "localhost:8001", model: str = "", timeout: float = 30.0,
+    def __init__(self, server: str | Sequence[str] = "localhost:8001", model: str = "",
+                 timeout: float = 30.0,
                  stream_timeout: float = 3600.0,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.model = model
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._channel = (grpc.secure_channel(server, credentials, CHANNEL_OPTIONS) if credentials
-                         else grpc.insecure_channel(server, CHANNEL_OPTIONS))
+        self._channel = open_channel(server, credentials)
         self._stub = pb_grpc.BertServiceStub(self._channel)
 
     def __enter__(self) -> BertClient:
@@ -152,14 +151,14 @@ class BertClient:
 class AsyncBertClient:
     """The asyncio twin of BertClient; same arguments, awaitable results."""
 
-    def __init__(self, server: str = "localhost:8001", model: str = "", timeout: float = 30.0,
+    def __init__(self, server: str | Sequence[str] = "localhost:8001", model: str = "",
+                 timeout: float = 30.0,
                  stream_timeout: float = 3600.0,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.model = model
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._channel = (grpc.aio.secure_channel(server, credentials, CHANNEL_OPTIONS)
-                         if credentials else grpc.aio.insecure_channel(server, CHANNEL_OPTIONS))
+        self._channel = open_aio_channel(server, credentials)
         self._stub = pb_grpc.BertServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncBertClient:

@@ -1,0 +1,337 @@
+'use strict';
+// A small promise-based client of bertstream.v1.BertService for Node.js.
+//
+// The service definition is read at run time from the repository's protos/ folder with
+// @grpc/proto-loader, so this file never drifts from the API the server serves.
+//
+//   const { BertClient } = require('./bertstream');
+//   const bc = new BertClient('localhost:8001', { model: 'news-zh' });
+//   const { vectors } = await bc.embed(['今天股市大涨']);   // [Float32Array(dim)]
+//   bc.close();
+//
+// Every call carries a deadline (timeout for unary calls, streamTimeout for streams). Failed
+// calls reject with a BertstreamError carrying the gRPC `code`, its `codeName` and `details`.
+
+const os = require('os');
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', '..', 'protos');
+const PROTO_FILE = path.join(PROTO_ROOT, 'bertstream', 'v1', 'bertstream.proto');
+const LOADER_OPTIONS = {
+  keepCase: true, // field names as in the .proto: request_id, raw_values, ...
+  longs: String, // int64/uint64 (version, timings) arrive as decimal strings
+  enums: String, // POOLING_MEAN, ...
+  defaults: true,
+  oneofs: true,
+  includeDirs: [PROTO_ROOT], // resolves `import "bertstream/v1/model_config.proto"`
+};
+const MiB = 1024 * 1024;
+const CHANNEL_OPTIONS = {
+  'grpc.max_receive_message_length': 256 * MiB,
+  'grpc.max_send_message_length': 64 * MiB,
+};
+
+const POOLINGS = {
+  mean: 'POOLING_MEAN',
+  max: 'POOLING_MAX',
+  cls: 'POOLING_CLS',
+  mean_max: 'POOLING_MEAN_MAX',
+  tokens: 'POOLING_TOKENS',
+};
+const DIRECTIONS = { right: 'TRUNCATION_DIRECTION_RIGHT', left: 'TRUNCATION_DIRECTION_LEFT' };
+const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([k, v]) => [v, k]));
+const LITTLE_ENDIAN_HOST = os.endianness() === 'LE';
+
+let cachedService = null;
+
+/** The BertService constructor, loaded once per process. */
+function loadService() {
+  if (cachedService === null) {
+    const definition = protoLoader.loadSync(PROTO_FILE, LOADER_OPTIONS);
+    cachedService = grpc.loadPackageDefinition(definition).bertstream.v1.BertService;
+  }
+  return cachedService;
+}
+
+/** A failed call or stream item: `code` is the numeric gRPC status, `codeName` its name. */
+class BertstreamError extends Error {
+  constructor(code, details) {
+    const codeName = CODE_NAMES[code] || 'UNKNOWN';
+    super(`${codeName}: ${details}`);
+    this.name = 'BertstreamError';
+    this.code = code;
+    this.codeName = codeName;
+    this.details = details;
+  }
+
+  static fromGrpc(err) {
+    if (err instanceof BertstreamError) return err;
+    const code = typeof err.code === 'number' ? err.code : grpc.status.UNKNOWN;
+    return new BertstreamError(code, err.details || err.message || '');
+  }
+
+  toJSON() {
+    return { code: this.codeName, grpc_code: this.code, message: this.details };
+  }
+}
+
+/**
+ * One Embedding message as a Float32Array (row-major, shape `embedding.shape`). `raw` holds
+ * little-endian float32 bytes when the request set raw_values; otherwise `values` is used.
+ */
+function decodeEmbedding(embedding) {
+  const raw = embedding.raw;
+  if (raw && raw.length > 0) {
+    if (raw.length % 4 !== 0) {
+      throw new BertstreamError(grpc.status.INTERNAL, `raw holds ${raw.length} bytes`);
+    }
+    const count = raw.length / 4;
+    if (!LITTLE_ENDIAN_HOST) {
+      const out = new Float32Array(count);
+      for (let i = 0; i < count; i++) out[i] = raw.readFloatLE(i * 4);
+      return out;
+    }
+    // A Float32Array view needs a 4-byte aligned offset; Buffers sliced from a decoded
+    // message often are not, and the view must not outlive a pooled buffer either: copy.
+    const copy = new Uint8Array(raw.length);
+    copy.set(raw);
+    return new Float32Array(copy.buffer, 0, count);
+  }
+  return Float32Array.from(embedding.values || []);
+}
+
+function parseEmbedding(embedding) {
+  return {
+    vector: decodeEmbedding(embedding),
+    shape: (embedding.shape || []).map(Number),
+    usage: embedding.usage,
+  };
+}
+
+function toTexts(texts) {
+  if (typeof texts === 'string') return [texts];
+  if (!Array.isArray(texts)) throw new TypeError('texts must be a string or an array of strings');
+  return texts.slice();
+}
+
+function pooling(name) {
+  if (name === undefined || name === null || name === '') return 'POOLING_UNSPECIFIED';
+  if (!(name in POOLINGS)) {
+    throw new TypeError(`pooling must be one of ${Object.keys(POOLINGS).join(', ')}`);
+  }
+  return POOLINGS[name];
+}
+
+function common(texts, opts, model) {
+  const truncation = opts.truncation || 'right';
+  if (!(truncation in DIRECTIONS)) throw new TypeError('truncation must be right or left');
+  const request = {
+    request_id: opts.requestId || '',
+    model: opts.model !== undefined ? opts.model : model,
+    version: String(opts.version || 0),
+    texts: toTexts(texts),
+    pooling: pooling(opts.pooling),
+    normalize: Boolean(opts.normalize),
+    truncate: Boolean(opts.truncate),
+    truncation_direction: DIRECTIONS[truncation],
+    raw_values: opts.rawValues !== false, // as the Python client: raw bytes unless told not to
+  };
+  if (opts.poolingLayer !== undefined && opts.poolingLayer !== null) {
+    request.pooling_layer = opts.poolingLayer;
+  }
+  return request;
+}
+
+function embedRequest(texts, opts, model) {
+  return common(texts, opts, model);
+}
+
+function classifyRequest(texts, opts, model) {
+  return {
+    ...common(texts, opts, model),
+    top_k: opts.topK || 0,
+    return_embedding: Boolean(opts.returnEmbedding),
+  };
+}
+
+function parseEmbed(response) {
+  const embeddings = response.embeddings.map(parseEmbedding);
+  return {
+    model: response.model,
+    version: Number(response.version),
+    pooling: response.pooling,
+    pooling_layer: response.pooling_layer,
+    vectors: embeddings.map((e) => e.vector),
+    shapes: embeddings.map((e) => e.shape),
+    usage: embeddings.map((e) => e.usage),
+    timings: response.timings,
+  };
+}
+
+function parseClassify(response) {
+  return {
+    model: response.model,
+    version: Number(response.version),
+    labels: response.results.map((r) =>
+      r.labels.map((s) => ({ label: s.label, index: s.index, probability: s.probability })),
+    ),
+    embeddings: response.results.map((r) => (r.embedding ? parseEmbedding(r.embedding) : null)),
+    usage: response.results.map((r) => r.usage),
+    timings: response.timings,
+  };
+}
+
+/** A stream item: a string (one text), an array of texts, or {texts, requestId, ...opts}. */
+function streamItem(item, index) {
+  if (typeof item === 'string' || Array.isArray(item)) {
+    return { texts: item, opts: { requestId: String(index) } };
+  }
+  const { texts, ...opts } = item;
+  return { texts, opts: { ...opts, requestId: opts.requestId || String(index) } };
+}
+
+class BertClient {
+  /**
+   * @param {string} address HOST:PORT
+   * @param {object} [options] model (default: the server's), timeout and streamTimeout in
+   *   seconds (30 and 3600, as the Python client), credentials (default: insecure)
+   */
+  constructor(address = 'localhost:8001', options = {}) {
+    const Service = loadService();
+    this.model = options.model || '';
+    this.timeout = options.timeout !== undefined ? options.timeout : 30;
+    this.streamTimeout = options.streamTimeout !== undefined ? options.streamTimeout : 3600;
+    const credentials = options.credentials || grpc.credentials.createInsecure();
+    this.stub = new Service(address, credentials, CHANNEL_OPTIONS);
+  }
+
+  close() {
+    this.stub.close();
+  }
+
+  deadline(seconds) {
+    return new Date(Date.now() + seconds * 1000);
+  }
+
+  unary(method, request, timeout) {
+    return new Promise((resolve, reject) => {
+      const deadline = this.deadline(timeout !== undefined ? timeout : this.timeout);
+      this.stub[method](request, { deadline }, (err, response) => {
+        if (err) reject(BertstreamError.fromGrpc(err));
+        else resolve(response);
+      });
+    });
+  }
+
+  /** Vectors for `texts`: {vectors: Float32Array[], shapes, model, version, ...}. */
+  async embed(texts, opts = {}) {
+    const response = await this.unary('Embed', embedRequest(texts, opts, this.model), opts.timeout);
+    return parseEmbed(response);
+  }
+
+  /** Ranked labels for `texts`: {labels: [[{label, index, probability}]], ...}. */
+  async classify(texts, opts = {}) {
+    const request = classifyRequest(texts, opts, this.model);
+    return parseClassify(await this.unary('Classify', request, opts.timeout));
+  }
+
+  /** EmbedStream: one message per batch; see `stream`. */
+  embedStream(batches, opts = {}) {
+    return this.stream('EmbedStream', embedRequest, parseEmbed, batches, opts);
+  }
+
+  /** ClassifyStream: one message per batch; see `stream`. */
+  classifyStream(batches, opts = {}) {
+    return this.stream('ClassifyStream', classifyRequest, parseClassify, batches, opts);
+  }
+
+  /**
+   * Writes every batch as one message with its own request_id, then half-closes; resolves
+   * with one {index, requestId, value | error} per batch, in input order, once every
+   * request_id is answered. A failed message carries a BertstreamError and the others still
+   * resolve; a failure of the whole stream (deadline, server gone) rejects.
+   */
+  stream(method, build, parse, batches, opts) {
+    let requests;
+    const indexById = new Map();
+    try {
+      requests = Array.from(batches, streamItem).map(({ texts, opts: own }) =>
+        build(texts, { ...opts, ...own }, this.model));
+      requests.forEach((request, index) => {
+        if (indexById.has(request.request_id)) {
+          throw new TypeError(`duplicate request_id ${JSON.stringify(request.request_id)}`);
+        }
+        indexById.set(request.request_id, index);
+      });
+    } catch (err) {
+      return Promise.reject(err); // bad arguments reject, as every other failure does
+    }
+    const timeout = opts.timeout !== undefined ? opts.timeout : this.streamTimeout;
+    return new Promise((resolve, reject) => {
+      const results = new Array(requests.length);
+      let answered = 0;
+      let settled = false;
+      const finish = (err) => {
+        if (settled) return;
+        settled = true;
+        if (err) {
+          call.cancel();
+          reject(err);
+        } else {
+          resolve(results);
+        }
+      };
+      const call = this.stub[method]({ deadline: this.deadline(timeout) });
+      call.on('data', (response) => {
+        const index = indexById.get(response.request_id);
+        if (index === undefined || results[index] !== undefined) {
+          const what = index === undefined ? 'unknown' : 'repeated';
+          finish(new BertstreamError(grpc.status.INTERNAL,
+            `${what} request_id ${JSON.stringify(response.request_id)} in the stream`));
+          return;
+        }
+        const result = { index, requestId: response.request_id };
+        if (response.error) {
+          result.error = new BertstreamError(response.error.code, response.error.message);
+        } else {
+          try {
+            result.value = parse(response);
+          } catch (err) {
+            finish(BertstreamError.fromGrpc(err));
+            return;
+          }
+        }
+        results[index] = result;
+        answered += 1;
+        if (answered === requests.length) finish(null);
+      });
+      call.on('error', (err) => finish(BertstreamError.fromGrpc(err)));
+      // 'end' follows the last 'data'; 'status' follows 'error'. Only with both seen is an
+      // OK stream that left requests unanswered known to be short.
+      let ended = false;
+      let status = null;
+      const checkShort = () => {
+        if (ended && status && answered < requests.length) {
+          finish(new BertstreamError(status.code === grpc.status.OK ? grpc.status.UNAVAILABLE
+            : status.code, `stream ended after ${answered} of ${requests.length} answers`));
+        }
+      };
+      call.on('end', () => { ended = true; checkShort(); });
+      call.on('status', (s) => { status = s; checkShort(); });
+      for (const request of requests) call.write(request);
+      call.end();
+      if (requests.length === 0) finish(null);
+    });
+  }
+}
+
+module.exports = {
+  BertClient,
+  BertstreamError,
+  POOLINGS,
+  PROTO_FILE,
+  decodeEmbedding,
+  loadService,
+};

@@ -1,0 +1,133 @@
+#!/usr/bin/env node
+'use strict';
+// node cli.js [--server HOST:PORT] [--model NAME] COMMAND TEXT... : one call, JSON on stdout.
+//
+// Commands: embed, classify (unary), embed-stream, classify-stream (one bidirectional stream,
+// one message per --batch texts). Failures print {"error": {code, grpc_code, message}} on
+// stderr and exit 1, as bertstream-client does. A stream prints every message's result or
+// error on stdout and exits 1 when any message failed.
+
+const { parseArgs } = require('util');
+const { BertClient, BertstreamError, POOLINGS } = require('./bertstream');
+
+const USAGE = `usage: node cli.js [options] {embed|classify|embed-stream|classify-stream} TEXT...
+
+options (before or after the command):
+  --server HOST:PORT     default localhost:8001
+  --model NAME           default: the server's default model
+  --version N            0: the version policy's default
+  --timeout S            deadline in seconds (default 30; streams 3600)
+  --pooling P            ${Object.keys(POOLINGS).join('|')}
+  --pooling-layer=N      1..num_layers, or -1 for the last (write negatives with =)
+  --normalize            L2-normalise vectors
+  --truncate             cut texts over the model's limit instead of refusing them
+  --top-k K              labels per text (classify; 0: all)
+  --batch N              texts per stream message (default 1)
+  --no-raw               ask for repeated floats instead of raw float32 bytes
+  -h, --help`;
+
+const COMMANDS = new Set(['embed', 'classify', 'embed-stream', 'classify-stream']);
+
+function parse(argv) {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      server: { type: 'string', default: 'localhost:8001' },
+      model: { type: 'string', default: '' },
+      version: { type: 'string', default: '0' },
+      timeout: { type: 'string' },
+      pooling: { type: 'string' },
+      'pooling-layer': { type: 'string' },
+      normalize: { type: 'boolean', default: false },
+      truncate: { type: 'boolean', default: false },
+      'top-k': { type: 'string', default: '0' },
+      batch: { type: 'string', default: '1' },
+      'no-raw': { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  const [command, ...texts] = positionals;
+  if (values.help) return { help: true };
+  if (!COMMANDS.has(command) || texts.length === 0) {
+    throw new TypeError(`expected a command (${[...COMMANDS].join(', ')}) and texts`);
+  }
+  const int = (name) => {
+    const n = Number(values[name]);
+    if (!Number.isInteger(n)) throw new TypeError(`--${name} must be an integer`);
+    return n;
+  };
+  const opts = {
+    version: int('version'),
+    pooling: values.pooling,
+    normalize: values.normalize,
+    truncate: values.truncate,
+    topK: int('top-k'),
+    rawValues: !values['no-raw'],
+  };
+  if (values['pooling-layer'] !== undefined) opts.poolingLayer = int('pooling-layer');
+  if (values.timeout !== undefined) opts.timeout = Number(values.timeout);
+  return { command, texts, opts, server: values.server, model: values.model, batch: int('batch') };
+}
+
+function embedItems(texts, value) {
+  return texts.map((text, i) => ({ text, embedding: Array.from(value.vectors[i]) }));
+}
+
+function classifyItems(texts, value) {
+  return texts.map((text, i) => ({ text, labels: value.labels[i] }));
+}
+
+async function run(client, { command, texts, opts, batch }) {
+  if (command === 'embed') return embedItems(texts, await client.embed(texts, opts));
+  if (command === 'classify') return classifyItems(texts, await client.classify(texts, opts));
+  const batches = [];
+  for (let i = 0; i < texts.length; i += Math.max(batch, 1)) {
+    batches.push(texts.slice(i, i + Math.max(batch, 1)));
+  }
+  const embed = command === 'embed-stream';
+  const results = embed
+    ? await client.embedStream(batches, opts)
+    : await client.classifyStream(batches, opts);
+  return results.map((r) => {
+    if (r.error) return { request_id: r.requestId, error: r.error.toJSON() };
+    const items = embed ? embedItems(batches[r.index], r.value) : classifyItems(batches[r.index], r.value);
+    return { request_id: r.requestId, version: r.value.version, items };
+  });
+}
+
+async function main(argv) {
+  let args;
+  try {
+    args = parse(argv);
+  } catch (err) {
+    process.stderr.write(`${err.message}\n${USAGE}\n`);
+    return 2;
+  }
+  if (args.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const client = new BertClient(args.server, { model: args.model });
+  try {
+    const result = await run(client, args);
+    process.stdout.write(`${JSON.stringify(result)}\n`);
+    // A stream goes on past a failed message; the exit status still tells scripts about it.
+    const failed = args.command.endsWith('-stream') && result.some((r) => r.error);
+    return failed ? 1 : 0;
+  } catch (err) {
+    const error = BertstreamError.fromGrpc(err);
+    process.stderr.write(`${JSON.stringify({ error: error.toJSON() })}\n`);
+    return 1;
+  } finally {
+    client.close();
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then((code) => {
+    process.exitCode = code;
+  });
+}
+
+module.exports = { main };
