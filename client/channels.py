@@ -90,8 +90,10 @@ def channel_target(servers: str | Sequence[str]) -> str:
     addresses = split_servers(servers)
     if len(addresses) == 1:
         address = addresses[0]
-        return address if "://" in address or address.startswith(("ipv4:", "ipv6:", "unix:")) \
-            else f"dns:///{address}"
+        if "://" in address or address.startswith(("ipv4:", "ipv6:", "unix:")):
+            return address
+        _host_port(address)
+        return f"dns:///{address}"
     resolved = list(dict.fromkeys(a for address in addresses for a in _resolve(address)))
     if all(not a.startswith("[") for a in resolved):
         return "ipv4:" + ",".join(resolved)

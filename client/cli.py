@@ -144,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stdout.write("\n")
         return
     try:
-        with BertClient(args.server, model=args.model, timeout=args.timeout) as bc:
+        bc = BertClient(args.server, model=args.model, timeout=args.timeout)
+    except ValueError as err:  # a malformed --server list
+        parser.error(str(err))
+    try:
+        with bc:
             result = _run(args, bc)
     except ClientError as err:
         print(json.dumps({"error": {"code": err.code.name, "message": err.message}},
