@@ -14,11 +14,22 @@ import ipaddress
 import json
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
-__all__ = ["CHANNEL_OPTIONS", "channel_options", "channel_target", "open_aio_channel",
-           "open_channel", "split_servers"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "TlsFiles",
+    "call_metadata",
+    "channel_options",
+    "channel_target",
+    "open_aio_channel",
+    "open_channel",
+    "split_servers",
+    "tls_credentials",
+]
 
 MiB = 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
@@ -108,17 +119,58 @@ def channel_options() -> list[tuple[str, object]]:
             ("grpc.enable_retries", 1)]
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """What a client needs for TLS: a CA to trust (None: the system roots) and, for mutual
+    TLS, its own certificate and key."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return tls_credentials(self.ca, self.cert, self.key)
+
+
+def tls_credentials(ca: Path | None = None, cert: Path | None = None,
+                    key: Path | None = None) -> grpc.ChannelCredentials:
+    """TLS trusting `ca` (the system roots when None); `cert` and `key` present a client
+    certificate, for servers started with --tls-client-ca (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both cert and key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None)
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The per-call metadata that carries a bearer token (server/security.py)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def _options(credentials: grpc.ChannelCredentials | None,
+             server_name: str | None) -> list[tuple[str, object]]:
+    if server_name and credentials is None:
+        raise ValueError("server_name only applies to TLS channels")
+    # Several addresses have no one name for the certificate check: say which to expect.
+    return [*channel_options(), *([("grpc.ssl_target_name_override", server_name)]
+                                  if server_name else [])]
+
+
 def open_channel(servers: str | Sequence[str],
-                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
-    target = channel_target(servers)
+                 credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None) -> grpc.Channel:
+    target, options = channel_target(servers), _options(credentials, server_name)
     if credentials is not None:
-        return grpc.secure_channel(target, credentials, channel_options())
-    return grpc.insecure_channel(target, channel_options())
+        return grpc.secure_channel(target, credentials, options)
+    return grpc.insecure_channel(target, options)
 
 
 def open_aio_channel(servers: str | Sequence[str],
-                     credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
-    target = channel_target(servers)
+                     credentials: grpc.ChannelCredentials | None = None,
+                     server_name: str | None = None) -> grpc.aio.Channel:
+    target, options = channel_target(servers), _options(credentials, server_name)
     if credentials is not None:
-        return grpc.aio.secure_channel(target, credentials, channel_options())
-    return grpc.aio.insecure_channel(target, channel_options())
+        return grpc.aio.secure_channel(target, credentials, options)
+    return grpc.aio.insecure_channel(target, options)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .channels import split_servers
+from .channels import TlsFiles, split_servers
 from .client import BertClient
 from .feed import FeedError, FeedOptions, run_feed
 from .messages import POOLINGS, ClientError
@@ -36,6 +37,18 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="0: the policy's default")
     parser.add_argument("--timeout", type=float, default=default(30.0),
                         help="deadline in seconds")
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="TLS, trusting the system's CAs (implied by the --tls-* files)")
+    parser.add_argument("--tls-ca", type=Path, default=default(None),
+                        help="CA certificate (PEM) to trust for the server")
+    parser.add_argument("--tls-cert", type=Path, default=default(None),
+                        help="client certificate (PEM), for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, default=default(None),
+                        help="client private key (PEM), for mutual TLS")
+    parser.add_argument("--tls-server-name", default=default(None),
+                        help="name to expect in the server's certificate")
+    parser.add_argument("--token", default=default(os.environ.get("BERTSTREAM_TOKEN")),
+                        help="bearer token (default: $BERTSTREAM_TOKEN)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +114,12 @@ def _run(args: argparse.Namespace, bc: BertClient) -> Any:
             for t, tok in zip(args.texts, bc.tokenize(args.texts, **kw), strict=True)]
 
 
+def _tls(args: argparse.Namespace) -> TlsFiles | None:
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        return TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
+    return None
+
+
 def _feed(args: argparse.Namespace) -> dict[str, Any]:
     request: dict[str, Any] = {"truncate": args.truncate}
     if args.command == "embed":
@@ -113,7 +132,8 @@ def _feed(args: argparse.Namespace) -> dict[str, Any]:
         servers=tuple(split_servers(args.server)), model=args.model, version=args.version,
         request=request, batch_size=args.batch_size, window=args.window, streams=args.streams,
         id_field=args.id_field, text_field=args.text_field, give_up_s=args.give_up_after,
-        progress=not args.no_progress)
+        progress=not args.no_progress, tls=_tls(args), server_name=args.tls_server_name,
+        token=args.token)
     report = run_feed(options)
     return {**asdict(report), "items_per_s": round(report.items_per_s, 1),
             "output": str(args.output)}
@@ -132,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if feeding:
         try:
             result: Any = _feed(args)
-        except (FeedError, ValueError) as err:
+        except (FeedError, ValueError, OSError) as err:
             print(json.dumps({"error": {"code": "FEED", "message": str(err)}},
                              ensure_ascii=False), file=sys.stderr)
             sys.exit(1)
@@ -144,8 +164,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stdout.write("\n")
         return
     try:
-        bc = BertClient(args.server, model=args.model, timeout=args.timeout)
-    except ValueError as err:  # a malformed --server list
+        tls = _tls(args)
+        bc = BertClient(args.server, model=args.model, timeout=args.timeout,
+                        credentials=tls.credentials() if tls else None,
+                        server_name=args.tls_server_name, token=args.token)
+    except (ValueError, OSError) as err:  # a malformed --server list, an unreadable PEM
         parser.error(str(err))
     try:
         with bc:

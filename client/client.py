@@ -18,7 +18,7 @@ import numpy as np
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 
-from .channels import open_aio_channel, open_channel
+from .channels import call_metadata, open_aio_channel, open_channel
 from .messages import (
     ClientError,
     Label,
@@ -52,16 +52,22 @@ def _stream_items(items: Iterable[str | Sequence[str]]) -> Iterator[tuple[int, l
 
 class BertClient:
     """A blocking client of one server, or of several replicas ("a:1,b:2" or a list; see
-    channels.py); safe to share between threads."""
+    channels.py); safe to share between threads.
+
+    TLS: `credentials=tls_credentials(ca=..., cert=..., key=...)` (cert and key for mutual TLS),
+    `server_name` when the certificate's name is not the address dialled. `token`: sent as
+    `authorization: Bearer <token>` on every call."""
 
     def __init__(self, server: str | Sequence[str] = "localhost:8001", model: str = "",
                  timeout: float = 30.0,
                  stream_timeout: float = 3600.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None, server_name: str | None = None) -> None:
         self.model = model
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._channel = open_channel(server, credentials)
+        self._metadata = call_metadata(token)
+        self._channel = open_channel(server, credentials, server_name)
         self._stub = pb_grpc.BertServiceStub(self._channel)
 
     def __enter__(self) -> BertClient:
@@ -75,7 +81,7 @@ class BertClient:
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise ClientError.from_rpc(err) from None
 
@@ -136,7 +142,7 @@ class BertClient:
                         return
                 yield build(texts, request_id=str(index), **kw)
 
-        call = method(requests(), timeout=self.stream_timeout)
+        call = method(requests(), timeout=self.stream_timeout, metadata=self._metadata)
         try:
             for index, response in enumerate(call):
                 slots.release()
@@ -154,11 +160,13 @@ class AsyncBertClient:
     def __init__(self, server: str | Sequence[str] = "localhost:8001", model: str = "",
                  timeout: float = 30.0,
                  stream_timeout: float = 3600.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None, server_name: str | None = None) -> None:
         self.model = model
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._channel = open_aio_channel(server, credentials)
+        self._metadata = call_metadata(token)
+        self._channel = open_aio_channel(server, credentials, server_name)
         self._stub = pb_grpc.BertServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncBertClient:
@@ -172,7 +180,7 @@ class AsyncBertClient:
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise ClientError.from_rpc(err) from None
 
@@ -204,7 +212,7 @@ class AsyncBertClient:
                             **kw: Any) -> AsyncIterator[StreamResult]:
         """As BertClient.encode_stream; the window bounds what the server holds for us."""
         kw.setdefault("model", self.model)
-        call = self._stub.EmbedStream(timeout=self.stream_timeout)
+        call = self._stub.EmbedStream(timeout=self.stream_timeout, metadata=self._metadata)
         source = _stream_items(items)
         sent = received = 0
         exhausted = False

@@ -40,7 +40,7 @@ from typing import Any, TextIO
 import grpc
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 
-from .channels import open_aio_channel, split_servers
+from .channels import TlsFiles, call_metadata, open_aio_channel, split_servers
 from .messages import ClientError, classify_request, embed_request, parse_classify, parse_embed
 from .news import news_text
 
@@ -82,6 +82,9 @@ class FeedOptions:
     text_field: str = "text"
     give_up_s: float = 300.0  # no answer at all for this long: stop (a rerun resumes)
     progress: bool = True
+    tls: TlsFiles | None = None  # None: plaintext
+    server_name: str | None = None  # the name in the server's certificate, when not dialled
+    token: str | None = None  # bearer token (server/security.py)
 
     def __post_init__(self) -> None:
         if self.task not in ("embed", "classify"):
@@ -349,7 +352,8 @@ class _Feed:
         # connected first, and the next streams spread once they all have.
         limit = min(self.options.rotate_after, 2 * self.options.window)
         while True:
-            one = _OneStream(method(wait_for_ready=True), self.options.window)
+            call = method(wait_for_ready=True, metadata=call_metadata(self.options.token))
+            one = _OneStream(call, self.options.window)
             sender = asyncio.create_task(one.send(work, self._request, limit))
             limit = self.options.rotate_after
             code = None
@@ -411,7 +415,8 @@ async def _run(options: FeedOptions, report: FeedReport) -> None:
     items = (item for item in _records(options) if item.key not in done)
     streams = options.streams or len(split_servers(options.servers))
     bar = _progress_bar(options, report.items, len(done))
-    channel = open_aio_channel(options.servers)
+    credentials = options.tls.credentials() if options.tls else None
+    channel = open_aio_channel(options.servers, credentials, options.server_name)
     try:
         with options.output.open("a", encoding="utf-8") as out:
             feed = _Feed(options, out, done, report, bar)

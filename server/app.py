@@ -28,6 +28,7 @@ from .inference import Limits, Pipeline
 from .lifecycle import ModelManager
 from .metrics import Metrics
 from .runtime import RuntimeOptions
+from .security import AuthInterceptor, TokenTable, server_credentials
 from .servicer import BertServicer
 from .watcher import StabilityTracker
 
@@ -48,6 +49,10 @@ class ServerOptions:
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": all)
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
     grace_period_s: float = 30.0
+    tls_cert: Path | None = None  # with tls_key: TLS on the gRPC port
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate from this CA
+    auth: TokenTable | None = None  # None: no token asked
     stream_window: int = 32
     max_receive_mb: int = 64
     limits: Limits = field(default_factory=Limits)
@@ -82,8 +87,26 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free "
                    "port; default: off)")
+    p.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM): serve TLS")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="mutual TLS: refuse clients without a certificate signed by this CA")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="bearer tokens, 'scope:token' (scope inference or admin) separated by "
+                   "whitespace; also read from $BERTSTREAM_AUTH_TOKENS. Health stays open")
     p.add_argument("--log-level", default=os.environ.get("BERTSTREAM_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
+    if (a.tls_cert is None) != (a.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if a.tls_client_ca and not a.tls_cert:
+        p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    for path in (a.tls_cert, a.tls_key, a.tls_client_ca, a.auth_token_file):
+        if path is not None and not path.is_file():
+            p.error(f"{path} is not a readable file")
+    try:
+        auth = TokenTable.load(a.auth_token_file, os.environ.get("BERTSTREAM_AUTH_TOKENS"))
+    except (ValueError, OSError) as exc:
+        p.error(str(exc))
     if a.load_model and a.model_control_mode != "explicit":
         p.error("--load-model needs --model-control-mode explicit")
     if a.repository_poll_secs <= 0:
@@ -95,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         default_model=a.default_model, model_control_mode=a.model_control_mode,
         repository_poll_s=a.repository_poll_secs, load_models=tuple(a.load_model),
         metrics_port=a.metrics_port, grace_period_s=a.grace_period,
+        tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, auth=auth,
         stream_window=a.stream_window,
         limits=Limits(a.max_texts_per_request, a.max_text_chars),
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
@@ -117,20 +141,39 @@ async def serve(options: ServerOptions) -> None:
     tokenize_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="tokenize")
     pipeline = Pipeline(manager, options.limits, tokenize_pool)
 
-    server = grpc.aio.server(options=[
+    interceptors = [AuthInterceptor(options.auth)] if options.auth else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", options.max_receive_mb * MiB),
         ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),
     ])
     bertstream_pb2_grpc.add_BertServiceServicer_to_server(
         BertServicer(pipeline, options.stream_window, options.model_control_mode, metrics),
         server)
+    # Imported here: the KServe stubs register `inference.*` in protobuf's default pool, as
+    # tritonclient does, and processes that import this module (tests) may also use tritonclient.
+    from .kserve import KServeServicer, add_to_server
+
+    kserve_service = add_to_server(
+        KServeServicer(pipeline, options.stream_window, options.model_control_mode, metrics),
+        server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([
         bertstream_pb2.DESCRIPTOR.services_by_name["BertService"].full_name,
+        kserve_service,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ], server)
-    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    bind = f"{options.host}:{options.port}"
+    if options.tls_cert and options.tls_key:
+        port = server.add_secure_port(bind, server_credentials(
+            options.tls_cert, options.tls_key, options.tls_client_ca))
+        log.info("TLS on the gRPC port%s", ", client certificates required"
+                 if options.tls_client_ca else "")
+    else:
+        port = server.add_insecure_port(bind)
+    if options.auth:
+        log.info("bearer tokens required (%d configured); health stays open",
+                 len(options.auth.entries))
     if port == 0:
         raise SystemExit(f"cannot bind {options.host}:{options.port}")
     await server.start()

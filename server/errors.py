@@ -18,6 +18,8 @@ __all__ = [
     "ModelNotFound",
     "ModelNotReady",
     "Overloaded",
+    "PermissionDenied",
+    "Unauthenticated",
     "Unsupported",
     "WrongControlMode",
     "to_status",
@@ -62,6 +64,18 @@ class WrongControlMode(BertstreamError):
 
 class Overloaded(BertstreamError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(BertstreamError):
+    """No bearer token, or one the server does not know (server/security.py)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(BertstreamError):
+    """A known token whose scope does not cover the rpc (inference token on LoadModel)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Unsupported(BertstreamError):

@@ -1,0 +1,361 @@
+"""The KServe v2 / Triton gRPC protocol (`inference.GRPCInferenceService`) over the same core.
+
+So tritonclient, Triton's perf_analyzer and other KServe clients can call bertstream unchanged.
+Translation only, as in servicer.py: a ModelInferRequest's BYTES tensor "TEXT" becomes an
+EmbedQuery or ClassifyQuery for the shared `Pipeline`; the result goes back as FP32 / BYTES
+tensors in `raw_output_contents` (what tritonclient reads by default). Failures map through
+`errors.to_status`, as for BertService; in ModelStreamInfer a failed request gets a response
+with its `error_message` and the stream goes on.
+
+Import this module only in the server process: its stubs register `inference.*` in protobuf's
+default descriptor pool, as tritonclient's do, and one process cannot hold both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import grpc
+import numpy as np
+from bertstream.kserve.v2 import grpc_service_pb2 as pb
+from bertstream.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
+
+from . import repository
+from .errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Unsupported,
+    WrongControlMode,
+)
+from .inference import (
+    OUTPUT_PREFIX,
+    ClassifyQuery,
+    EmbedQuery,
+    Pipeline,
+    Result,
+    TextOptions,
+)
+from .lifecycle import ModelVersion, State
+from .metrics import Metrics
+from .servicer import unary
+from .streams import ordered_stream
+
+__all__ = ["TEXT_INPUT", "KServeServicer", "add_to_server"]
+
+TEXT_INPUT = "TEXT"
+EMBEDDING, PROBABILITIES, LABEL = "embedding", "probabilities", "label"
+# "parameters": the request parameters below; "model_repository": index, load, unload.
+EXTENSIONS = ("model_repository", "parameters")
+_POOLINGS = {name: value for value, name in OUTPUT_PREFIX.items()}
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def metadata(self) -> pb.ModelMetadataResponse.TensorMetadata:
+        return pb.ModelMetadataResponse.TensorMetadata(
+            name=self.name, datatype=self.datatype, shape=list(self.shape))
+
+
+def model_outputs(config: ModelConfig, labels: Sequence[str]) -> list[Tensor]:
+    """What a model offers, in the order a request with no `outputs` gets them."""
+    width = config.embedding_dimension
+    if config.default_pooling == Pooling.POOLING_MEAN_MAX:
+        width *= 2
+    per_text = (-1, width) if config.default_pooling == Pooling.POOLING_TOKENS else (width,)
+    embedding = Tensor(EMBEDDING, "FP32", (-1, *per_text))
+    if config.task != Task.TASK_CLASSIFY:
+        return [embedding]
+    return [Tensor(PROBABILITIES, "FP32", (-1, len(labels))), Tensor(LABEL, "BYTES", (-1,)),
+            embedding]
+
+
+def parse_version(version: str) -> int:
+    """KServe versions are strings; "" is the policy's default (bertstream's 0)."""
+    if not version:
+        return 0
+    if not version.isdigit() or int(version) <= 0:
+        raise InvalidInput(f"model version must be a positive integer or empty, got {version!r}")
+    return int(version)
+
+
+def unpack_bytes(raw: bytes) -> list[bytes]:
+    """A BYTES tensor's raw contents: each element a 4-byte little-endian length, then it."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput("raw BYTES tensor ends inside an element's 4-byte length")
+        (size,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidInput(f"raw BYTES tensor element {len(items)} claims {size} bytes, "
+                               f"only {len(raw) - offset} follow")
+        items.append(raw[offset:offset + size])
+        offset += size
+    return items
+
+
+def pack_bytes(items: Iterable[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(item)) + item for item in items)
+
+
+def read_texts(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    """The texts of the one BYTES input, from raw_input_contents or contents.bytes_contents."""
+    if [i.name for i in request.inputs] != [TEXT_INPUT]:
+        raise InvalidInput(f"expected one input named {TEXT_INPUT!r} (BYTES, shape [N] or "
+                           f"[N, 1]), got {[i.name for i in request.inputs]}")
+    tensor = request.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input {TEXT_INPUT!r} must have datatype BYTES (UTF-8 text), "
+                           f"got {tensor.datatype or 'none'}")
+    shape = list(tensor.shape)
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
+        raise InvalidInput(f"input {TEXT_INPUT!r} must have shape [N] or [N, 1], got {shape}")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for 1 input")
+        items = unpack_bytes(request.raw_input_contents[0])
+    else:
+        items = list(tensor.contents.bytes_contents)
+    if len(items) != shape[0]:
+        raise InvalidInput(f"input {TEXT_INPUT!r} has shape {shape} but holds {len(items)} "
+                           "elements")
+    try:
+        return tuple(item.decode("utf-8") for item in items)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"input {TEXT_INPUT!r} holds bytes that are not UTF-8: {exc}") from None
+
+
+def _param(params: Any, name: str, kind: str) -> Any:
+    """A request parameter of the given kind (bool, int64, string), None when absent."""
+    if name not in params:
+        return None
+    value = params[name]
+    if value.WhichOneof("parameter_choice") != f"{kind}_param":
+        raise InvalidInput(f"parameter {name!r} must be a {kind}")
+    return getattr(value, f"{kind}_param")
+
+
+def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...]) -> EmbedQuery:
+    """Parameters bertstream understands (others are ignored, as KServe servers do):
+    truncate, truncation_direction ("right" / "left"), pooling, pooling_layer, normalize."""
+    p = request.parameters
+    direction = _param(p, "truncation_direction", "string") or "right"
+    if direction not in ("right", "left"):
+        raise InvalidInput(f"truncation_direction must be 'right' or 'left', got {direction!r}")
+    pooling_name = _param(p, "pooling", "string")
+    pooling = Pooling.POOLING_UNSPECIFIED
+    if pooling_name is not None:
+        if pooling_name not in _POOLINGS or pooling_name == "tokens":
+            raise InvalidInput(f"pooling must be one of {sorted(set(_POOLINGS) - {'tokens'})}, "
+                               f"got {pooling_name!r}")
+        pooling = _POOLINGS[pooling_name]
+    return EmbedQuery(
+        model=request.model_name, version=parse_version(request.model_version), texts=texts,
+        pooling=pooling, pooling_layer=_param(p, "pooling_layer", "int64"),
+        normalize=bool(_param(p, "normalize", "bool")),
+        text=TextOptions(truncate=bool(_param(p, "truncate", "bool")), direction=direction),
+    )
+
+
+def _requested(request: pb.ModelInferRequest, offered: list[Tensor], model: str) -> list[Tensor]:
+    by_name = {t.name: t for t in offered}
+    names = [o.name for o in request.outputs] or list(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise InvalidInput(f"model {model!r} has no output {unknown[0]!r}; it offers "
+                           f"{list(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def _output_data(tensor: Tensor, result: Result) -> tuple[list[int], bytes]:
+    if tensor.name == LABEL:
+        labels = [result.labels[int(np.argmax(t.probabilities))] for t in result.texts]
+        return [len(labels)], pack_bytes(label.encode() for label in labels)
+    rows: list[np.ndarray] = []
+    for text in result.texts:
+        row = text.probabilities if tensor.name == PROBABILITIES else text.vector
+        if row is None:
+            raise RuntimeError(f"the pipeline returned no {tensor.name}")
+        rows.append(row)
+    if len({row.shape for row in rows}) > 1:  # token pooling: one vector per token
+        raise InvalidInput("token vectors differ in length between texts: send one text per "
+                           "request, or use bertstream.v1 Embed for token pooling")
+    array = np.stack(rows).astype("<f4", copy=False)
+    return list(array.shape), array.tobytes()
+
+
+def _check_explicit(control_mode: str, rpc: str) -> None:
+    if control_mode != "explicit":
+        raise WrongControlMode(
+            f"{rpc} needs a server started with --model-control-mode explicit (this one "
+            f"runs in mode {control_mode!r})")
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, pipeline: Pipeline, stream_window: int = 32,
+                 control_mode: str = "none", metrics: Metrics | None = None) -> None:
+        self.pipeline = pipeline
+        self.manager = pipeline.manager
+        self.metrics = metrics or Metrics()
+        self.stream_window = stream_window
+        self.control_mode = control_mode
+
+    def _resolve(self, name: str, version: str) -> ModelVersion:
+        mv = self.manager.resolve(name, parse_version(version))
+        assert mv.loaded is not None
+        return mv
+
+    @unary
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: Any) -> pb.ServerReadyResponse:
+        """Ready once it answers: the server starts serving only after its initial loads, and
+        stops taking calls when it drains. Per-model readiness is ModelReady's."""
+        return pb.ServerReadyResponse(ready=True)
+
+    @unary
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: Any) -> pb.ModelReadyResponse:
+        """False, not an error, for a model that is unknown or not serving: probes want a bool."""
+        try:
+            self._resolve(request.name, request.version)
+        except (ModelNotFound, ModelNotReady):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @unary
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: Any) -> pb.ServerMetadataResponse:
+        try:
+            version = metadata.version("bertstream")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        return pb.ServerMetadataResponse(name="bertstream", version=version,
+                                         extensions=list(EXTENSIONS))
+
+    @unary
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: Any) -> pb.ModelMetadataResponse:
+        mv = self._resolve(request.name, request.version)
+        assert mv.loaded is not None
+        config = mv.loaded.config
+        ready = [str(v) for v, m in sorted(self.manager.versions[mv.model].items())
+                 if m.state is State.READY]
+        return pb.ModelMetadataResponse(
+            name=mv.model, versions=ready, platform=config.platform or "onnxruntime_onnx",
+            inputs=[Tensor(TEXT_INPUT, "BYTES", (-1,)).metadata()],
+            outputs=[t.metadata() for t in model_outputs(config, mv.loaded.labels)],
+        )
+
+    async def _infer(self, request: pb.ModelInferRequest, wait: bool,
+                     rpc: str) -> pb.ModelInferResponse:
+        with self.metrics.request(rpc, request.model_name) as record:
+            mv = self._resolve(request.model_name, request.model_version)
+            assert mv.loaded is not None
+            texts = read_texts(request)
+            query = embed_query(request, texts)
+            outputs = _requested(request, model_outputs(mv.loaded.config, mv.loaded.labels),
+                                 mv.model)
+            names = {t.name for t in outputs}
+            if mv.loaded.config.task == Task.TASK_CLASSIFY:
+                result = await self.pipeline.classify(ClassifyQuery(
+                    model=query.model, version=query.version, texts=texts, text=query.text,
+                    embed=query if EMBEDDING in names else None), wait=wait)
+            else:
+                result = await self.pipeline.embed(query, wait=wait)
+            record.model, record.version, record.texts = result.model, result.version, len(texts)
+            response = pb.ModelInferResponse(model_name=result.model,
+                                             model_version=str(result.version), id=request.id)
+            for tensor in outputs:
+                shape, raw = _output_data(tensor, result)
+                response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+                response.raw_output_contents.append(raw)
+        return response
+
+    @unary
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: Any) -> pb.ModelInferResponse:
+        return await self._infer(request, wait=False, rpc="ModelInfer")
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                               context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in request order (ordered_stream's contract)."""
+
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                infer_response=await self._infer(request, wait=True, rpc="ModelStreamInfer"))
+
+        def on_error(request: pb.ModelInferRequest, code: int,
+                     message: str) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                     model_version=request.model_version,
+                                                     id=request.id))
+
+        async for response in ordered_stream(requests, handle, on_error, self.stream_window):
+            yield response
+
+    @unary
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: Any) -> pb.RepositoryIndexResponse:
+        """Every model the manager knows, version by version, plus (unless `ready`) the model
+        folders on disk it has not loaded, as Triton lists them. One repository: its name is
+        not checked."""
+        Index = pb.RepositoryIndexResponse.ModelIndex
+        rows: list[pb.RepositoryIndexResponse.ModelIndex] = []
+        on_disk: set[str] = set()
+        if not request.ready:
+            on_disk = set(await asyncio.to_thread(repository.scan, self.manager.root))
+        for name in sorted(set(self.manager.versions) | on_disk):
+            versions = self.manager.versions.get(name, {})
+            error = self.manager.model_errors.get(name)
+            if not request.ready and (error or not versions):
+                rows.append(Index(name=name, state=State.UNAVAILABLE.name,
+                                  reason=error or "not loaded"))
+            rows += [Index(name=name, version=str(v), state=mv.state.name, reason=mv.reason)
+                     for v, mv in sorted(versions.items())
+                     if not request.ready or mv.state is State.READY]
+        return pb.RepositoryIndexResponse(models=rows)
+
+    @unary
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Any) -> pb.RepositoryModelLoadResponse:
+        _check_explicit(self.control_mode, "RepositoryModelLoad")
+        if request.parameters:
+            raise Unsupported("loading with a config override or files is not supported "
+                              f"(parameters {sorted(request.parameters)}); put the model in "
+                              "the repository folder and load it by name")
+        await self.manager.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Any) -> pb.RepositoryModelUnloadResponse:
+        """`unload_dependents` (which tritonclient always sends) means nothing here: no
+        ensembles."""
+        _check_explicit(self.control_mode, "RepositoryModelUnload")
+        await self.manager.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def add_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> str:
+    """Register the servicer; return its full service name, for reflection."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    return str(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
