@@ -13,7 +13,7 @@ BUILD  ?= build
 E5_PREFIXES := --embed-prefix "query: " --classify-prefix "query: "
 STARTER_ENCODER := $(BUILD)/encoders/e5-small/1
 
-.PHONY: install serve test lint protos check-protos default-model starter-model news-zh-finetuned clean
+.PHONY: install serve test soak lint protos check-protos default-model starter-model news-zh-finetuned clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ node-client:
 
 test: install node-client
 	$(VENV)/bin/pytest -q
+
+# 200,000 mixed requests against one server: memory, threads, open files and p99 must stay
+# flat (benchmarks/soak.py; tens of minutes on 2 cores, so not part of `make test`).
+soak: install
+	$(PY) benchmarks/soak.py
 
 lint: install
 	$(VENV)/bin/ruff check .

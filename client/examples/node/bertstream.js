@@ -11,7 +11,15 @@
 //
 // Every call carries a deadline (timeout for unary calls, streamTimeout for streams). Failed
 // calls reject with a BertstreamError carrying the gRPC `code`, its `codeName` and `details`.
+//
+// TLS and bearer tokens (server/security.py), as the Python client's channels.py:
+//
+//   new BertClient('bert.example.com:8001', {
+//     tls: { ca: 'ca.crt', cert: 'client.crt', key: 'client.key' }, // cert+key: mutual TLS
+//     token: process.env.BERTSTREAM_TOKEN,   // sent as `authorization: Bearer ...` per call
+//   });
 
+const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
@@ -43,6 +51,10 @@ const POOLINGS = {
 const DIRECTIONS = { right: 'TRUNCATION_DIRECTION_RIGHT', left: 'TRUNCATION_DIRECTION_LEFT' };
 const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([k, v]) => [v, k]));
 const LITTLE_ENDIAN_HOST = os.endianness() === 'LE';
+
+// What a metadata value may hold (printable ASCII); checked here so that grpc-js's own error,
+// which quotes the value, never shows a token.
+const TOKEN_PATTERN = /^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$/;
 
 let cachedService = null;
 
@@ -192,19 +204,98 @@ function streamItem(item, index) {
   return { texts, opts: { ...opts, requestId: opts.requestId || String(index) } };
 }
 
+/** A PEM given as a Buffer, or read from a file path; `what` names it in errors. */
+function readPem(value, what) {
+  if (value === undefined || value === null || value === '') return null;
+  if (Buffer.isBuffer(value)) return value;
+  if (typeof value !== 'string') throw new TypeError(`${what} must be a file path or a Buffer`);
+  try {
+    return fs.readFileSync(value);
+  } catch (err) {
+    throw new Error(`cannot read ${what} ${value}: ${err.code || err.message}`);
+  }
+}
+
+/**
+ * TLS channel credentials: `tls` is true (the system's roots) or {ca, cert, key}, each a PEM
+ * file path or Buffer; ca defaults to the system's roots, cert with key presents a client
+ * certificate (mutual TLS, servers started with --tls-client-ca).
+ */
+function tlsCredentials(tls) {
+  const files = tls === true ? {} : tls;
+  if (typeof files !== 'object' || files === null) {
+    throw new TypeError('tls must be true or {ca, cert, key}');
+  }
+  const unknown = Object.keys(files).filter((k) => !['ca', 'cert', 'key'].includes(k));
+  if (unknown.length > 0) throw new TypeError(`unknown tls option ${unknown.join(', ')}`);
+  const hasCert = Boolean(files.cert);
+  if (hasCert !== Boolean(files.key)) {
+    throw new TypeError('a client certificate needs both tls.cert and tls.key');
+  }
+  const ca = readPem(files.ca, 'tls.ca');
+  const cert = readPem(files.cert, 'tls.cert');
+  const key = readPem(files.key, 'tls.key');
+  try {
+    return grpc.credentials.createSsl(ca, key, cert);
+  } catch (err) {
+    // OpenSSL's reason (bad PEM, key not matching the certificate); never the key itself.
+    throw new Error(`invalid TLS files: ${err.message}`);
+  }
+}
+
+/** `authorization: Bearer <token>` metadata, or null without a token. */
+function tokenMetadata(token) {
+  if (token === undefined || token === null || token === '') return null;
+  if (typeof token !== 'string' || !TOKEN_PATTERN.test(token)) {
+    throw new TypeError('token must be printable ASCII without surrounding spaces');
+  }
+  const metadata = new grpc.Metadata();
+  metadata.set('authorization', `Bearer ${token}`);
+  return metadata;
+}
+
 class BertClient {
   /**
    * @param {string} address HOST:PORT
    * @param {object} [options] model (default: the server's), timeout and streamTimeout in
-   *   seconds (30 and 3600, as the Python client), credentials (default: insecure)
+   *   seconds (30 and 3600, as the Python client); tls (true: the system's roots, or
+   *   {ca, cert, key}: PEM file paths or Buffers, cert+key for mutual TLS); serverName (the
+   *   name the server certificate must carry, when it differs from the address's host);
+   *   token (a bearer token sent with every call); credentials (ready-made grpc-js channel
+   *   credentials instead of tls; default: plaintext)
    */
   constructor(address = 'localhost:8001', options = {}) {
     const Service = loadService();
     this.model = options.model || '';
     this.timeout = options.timeout !== undefined ? options.timeout : 30;
     this.streamTimeout = options.streamTimeout !== undefined ? options.streamTimeout : 3600;
-    const credentials = options.credentials || grpc.credentials.createInsecure();
-    this.stub = new Service(address, credentials, CHANNEL_OPTIONS);
+    if (options.tls && options.credentials) {
+      throw new TypeError('give either tls or credentials, not both');
+    }
+    const secure = Boolean(options.tls || options.credentials);
+    if (options.serverName && !secure) {
+      throw new TypeError('serverName only applies to TLS channels');
+    }
+    let credentials = options.credentials;
+    if (!credentials) {
+      credentials = options.tls ? tlsCredentials(options.tls)
+        : grpc.credentials.createInsecure();
+    }
+    // Per-call metadata rather than call credentials: grpc-js composes call credentials with
+    // TLS channel credentials only, and a token must also work on a plaintext port (behind a
+    // TLS-terminating proxy).
+    this.metadata = tokenMetadata(options.token);
+    const channelOptions = { ...CHANNEL_OPTIONS };
+    if (options.serverName) {
+      channelOptions['grpc.ssl_target_name_override'] = options.serverName;
+      channelOptions['grpc.default_authority'] = options.serverName;
+    }
+    this.stub = new Service(address, credentials, channelOptions);
+  }
+
+  /** Fresh metadata for one call (grpc-js may add to what it is given). */
+  callMetadata() {
+    return this.metadata ? this.metadata.clone() : new grpc.Metadata();
   }
 
   close() {
@@ -218,7 +309,7 @@ class BertClient {
   unary(method, request, timeout) {
     return new Promise((resolve, reject) => {
       const deadline = this.deadline(timeout !== undefined ? timeout : this.timeout);
-      this.stub[method](request, { deadline }, (err, response) => {
+      this.stub[method](request, this.callMetadata(), { deadline }, (err, response) => {
         if (err) reject(BertstreamError.fromGrpc(err));
         else resolve(response);
       });
@@ -283,7 +374,8 @@ class BertClient {
           resolve(results);
         }
       };
-      const call = this.stub[method]({ deadline: this.deadline(timeout) });
+      const deadline = this.deadline(timeout);
+      const call = this.stub[method](this.callMetadata(), { deadline });
       call.on('data', (response) => {
         const index = indexById.get(response.request_id);
         if (index === undefined || results[index] !== undefined) {
@@ -334,4 +426,5 @@ module.exports = {
   PROTO_FILE,
   decodeEmbedding,
   loadService,
+  tlsCredentials,
 };

@@ -5,8 +5,11 @@
 // Commands: embed, classify (unary), embed-stream, classify-stream (one bidirectional stream,
 // one message per --batch texts). Failures print {"error": {code, grpc_code, message}} on
 // stderr and exit 1, as bertstream-client does. A stream prints every message's result or
-// error on stdout and exits 1 when any message failed.
+// error on stdout and exits 1 when any message failed. Bad TLS / token options (a file that
+// cannot be read, --tls-cert without --tls-key) print {"error": {code: "USAGE", message}} and
+// exit 2. The token is never printed.
 
+const fs = require('fs');
 const { parseArgs } = require('util');
 const { BertClient, BertstreamError, POOLINGS } = require('./bertstream');
 
@@ -24,7 +27,23 @@ options (before or after the command):
   --top-k K              labels per text (classify; 0: all)
   --batch N              texts per stream message (default 1)
   --no-raw               ask for repeated floats instead of raw float32 bytes
+  --tls                  TLS, trusting the system's CAs (implied by the --tls-* files)
+  --tls-ca FILE          CA certificate(s) to trust (PEM) instead of the system's
+  --tls-cert FILE        client certificate (PEM), for mutual TLS (with --tls-key)
+  --tls-key FILE         client private key (PEM), for mutual TLS
+  --tls-server-name NAME the name the server certificate must carry, when not the host's
+  --token TOKEN          bearer token (default: $BERTSTREAM_TOKEN)
   -h, --help`;
+
+// grpc-js sets the TLS server name (SNI) to the address's host even when it is an IP
+// address, and Node then warns once (DEP0123) on stderr, where this command prints JSON. The
+// certificate is still checked against that IP; only this one warning is dropped.
+const emitWarning = process.emitWarning;
+process.emitWarning = function filtered(warning, ...args) {
+  const code = typeof args[0] === 'object' && args[0] !== null ? args[0].code : args[1];
+  if (code === 'DEP0123') return;
+  emitWarning.call(process, warning, ...args);
+};
 
 const COMMANDS = new Set(['embed', 'classify', 'embed-stream', 'classify-stream']);
 
@@ -44,6 +63,12 @@ function parse(argv) {
       'top-k': { type: 'string', default: '0' },
       batch: { type: 'string', default: '1' },
       'no-raw': { type: 'boolean', default: false },
+      tls: { type: 'boolean', default: false },
+      'tls-ca': { type: 'string' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
+      'tls-server-name': { type: 'string' },
+      token: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -67,7 +92,50 @@ function parse(argv) {
   };
   if (values['pooling-layer'] !== undefined) opts.poolingLayer = int('pooling-layer');
   if (values.timeout !== undefined) opts.timeout = Number(values.timeout);
-  return { command, texts, opts, server: values.server, model: values.model, batch: int('batch') };
+  return { command, texts, opts, server: values.server, model: values.model, batch: int('batch'),
+    values };
+}
+
+/** An option error that exits 2 with a JSON message (as bertstream-client's usage errors). */
+class UsageError extends Error {}
+
+function readFlagFile(flag, file) {
+  if (file === undefined) return undefined;
+  if (file === '') throw new UsageError(`${flag} needs a file`);
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw new UsageError(`${flag}: cannot read ${file}: ${err.code || err.message}`);
+  }
+}
+
+/** BertClient options from the TLS / token flags; the files are read here. */
+function clientOptions(model, values) {
+  const options = { model };
+  const [ca, cert, key] = ['tls-ca', 'tls-cert', 'tls-key'].map((name) => values[name]);
+  if ((cert === undefined) !== (key === undefined)) {
+    throw new UsageError('--tls-cert and --tls-key go together');
+  }
+  if (values.tls || ca !== undefined || cert !== undefined) {
+    options.tls = {
+      ca: readFlagFile('--tls-ca', ca),
+      cert: readFlagFile('--tls-cert', cert),
+      key: readFlagFile('--tls-key', key),
+    };
+  }
+  const serverName = values['tls-server-name'];
+  if (serverName !== undefined) {
+    if (!options.tls) throw new UsageError('--tls-server-name needs --tls or a --tls-* file');
+    options.serverName = serverName;
+  }
+  const token = values.token !== undefined ? values.token : process.env.BERTSTREAM_TOKEN;
+  if (token) options.token = token;
+  return options;
+}
+
+function usageError(err) {
+  process.stderr.write(`${JSON.stringify({ error: { code: 'USAGE', message: err.message } })}\n`);
+  return 2;
 }
 
 function embedItems(texts, value) {
@@ -108,7 +176,13 @@ async function main(argv) {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
-  const client = new BertClient(args.server, { model: args.model });
+  let client;
+  try {
+    client = new BertClient(args.server, clientOptions(args.model, args.values));
+  } catch (err) {
+    // Unreadable or invalid PEM files, a malformed token: no stack trace, never the token.
+    return usageError(err);
+  }
   try {
     const result = await run(client, args);
     process.stdout.write(`${JSON.stringify(result)}\n`);
