@@ -16,6 +16,12 @@ __all__ = ["CONFIG_FILE", "ConfigError", "load", "load_with_digest", "normalize"
 
 CONFIG_FILE = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"
+# Upper bounds on values that cost the server at load time or while serving: sessions are built
+# one per instance, the warm-up runs a text of max_sequence_length tokens, and a batch's first
+# text waits up to max_queue_delay. Past these a config is a mistake, not a setting.
+MAX_INSTANCES = 64
+MAX_SEQUENCE_LENGTH = 65_536
+MAX_QUEUE_DELAY_US = 10_000_000
 
 
 class ConfigError(Exception):
@@ -60,9 +66,10 @@ def normalize(config: ModelConfig, default_name: str) -> ModelConfig:
         out.platform = PLATFORM
     if not out.HasField("version_policy"):
         out.version_policy.latest.num_versions = 1
-    if out.max_batch_size <= 0:
+    # Only 0 means "the default": a negative value is left for validate() to refuse.
+    if out.max_batch_size == 0:
         out.max_batch_size = 32
-    if out.max_sequence_length <= 0:
+    if out.max_sequence_length == 0:
         out.max_sequence_length = 512
     if out.default_pooling == Pooling.POOLING_UNSPECIFIED:
         out.default_pooling = Pooling.POOLING_MEAN
@@ -73,10 +80,10 @@ def normalize(config: ModelConfig, default_name: str) -> ModelConfig:
     if not out.instance_group:
         out.instance_group.add(count=1)
     batching = out.dynamic_batching
-    if batching.max_batch_tokens <= 0:
-        batching.max_batch_tokens = out.max_batch_size * out.max_sequence_length
-    if batching.max_queue_size <= 0:
-        batching.max_queue_size = 64 * out.max_batch_size
+    if batching.max_batch_tokens == 0:
+        batching.max_batch_tokens = max(out.max_batch_size, 1) * max(out.max_sequence_length, 1)
+    if batching.max_queue_size == 0:
+        batching.max_queue_size = 64 * max(out.max_batch_size, 1)
     return out
 
 
@@ -110,13 +117,39 @@ def validate(config: ModelConfig, folder_name: str) -> list[str]:
         v < 1 for v in policy.specific.versions
     ):
         problems.append("version_policy specific versions must be positive integers")
-    for group in config.instance_group:
-        if group.count < 0:
-            problems.append("instance_group count must not be negative")
+    problems += _check_limits(config)
     if config.dynamic_batching.max_batch_tokens < config.max_sequence_length:
         problems.append(
             f"dynamic_batching max_batch_tokens {config.dynamic_batching.max_batch_tokens} is "
             f"smaller than max_sequence_length {config.max_sequence_length}: a long text could "
             "never be batched"
         )
+    return problems
+
+
+def _check_limits(config: ModelConfig) -> list[str]:
+    """Sizes that are negative or too large to load or serve."""
+    problems: list[str] = []
+    for field in ("max_batch_size", "max_sequence_length"):
+        if getattr(config, field) < 0:
+            problems.append(f"{field} must not be negative (0 means the default)")
+    if config.max_sequence_length > MAX_SEQUENCE_LENGTH:
+        problems.append(f"max_sequence_length {config.max_sequence_length} is over the limit "
+                        f"of {MAX_SEQUENCE_LENGTH} tokens")
+    if any(group.count < 0 for group in config.instance_group):
+        problems.append("instance_group count must not be negative")
+    instances = sum(max(group.count, 1) for group in config.instance_group)
+    if instances > MAX_INSTANCES:
+        problems.append(f"instance_group asks for {instances} sessions per version, over the "
+                        f"limit of {MAX_INSTANCES}")
+    batching = config.dynamic_batching
+    for field in ("max_batch_tokens", "max_queue_size"):
+        if getattr(batching, field) < 0:
+            problems.append(f"dynamic_batching {field} must not be negative (0 means the "
+                            "default)")
+    if batching.max_queue_delay_microseconds > MAX_QUEUE_DELAY_US:
+        problems.append(
+            f"dynamic_batching max_queue_delay_microseconds "
+            f"{batching.max_queue_delay_microseconds} is over the limit of {MAX_QUEUE_DELAY_US} "
+            "(the first text of every batch would wait that long)")
     return problems

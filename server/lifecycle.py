@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from bertstream.v1.model_config_pb2 import ModelConfig, Task
 
 from . import repository, watcher
@@ -126,9 +127,13 @@ def _read_labels(path: Path, config: ModelConfig) -> list[str]:
 
 
 def _build(
-    path: Path, config: ModelConfig, options: RuntimeOptions
+    path: Path, config: ModelConfig, options: RuntimeOptions, root: Path
 ) -> tuple[RuntimePool, TextTokenizer, list[str]]:
     """Blocking part of a load: files, session, checks. Runs on a worker thread."""
+    outside = repository.links_outside(root, path)
+    if outside:
+        raise ValueError(f"refused: {', '.join(outside)} links outside the model repository "
+                         "(symlinks must stay inside it)")
     model_file = path / "model.onnx"
     if not model_file.is_file():
         raise ValueError("model.onnx is missing")
@@ -327,7 +332,7 @@ class ModelManager:
         mv.transition(State.LOADING)
         try:
             runtime, tokenizer, labels = await asyncio.to_thread(
-                _build, path, entry.config, self.runtime_options
+                _build, path, entry.config, self.runtime_options, self.root
             )
             observer = self.metrics.batch_observer(entry.name, version) if self.metrics else None
             options = dataclasses.replace(_batcher_options(entry.config),
@@ -510,9 +515,11 @@ def _batcher_options(config: ModelConfig) -> BatcherOptions:
 
 
 async def _warm_up(loaded: Loaded) -> None:
-    """One real batch through tokenizer, batcher and session before the version is READY.
+    """Real batches through tokenizer, batcher and session before the version is READY.
 
-    Asks for every output so a graph that fails on any of them never turns READY.
+    Asks for every output so a graph that fails on any of them never turns READY, and runs a
+    text of max_sequence_length tokens so a config that promises longer texts than the graph
+    takes (its position table, say) fails here with a reason, not later on a caller's text.
     """
     config = loaded.config
     outputs = {f"{p}_layer{n}" for p in POOLED_OUTPUTS for n in config.pooling_layers}
@@ -524,3 +531,13 @@ async def _warm_up(loaded: Loaded) -> None:
     items = [WorkItem(e, frozenset(outputs), loop.create_future()) for e in encoded]
     await loaded.batcher.submit(items, wait=True)
     await asyncio.gather(*(item.future for item in items))
+    first, longest = encoded[0], config.max_sequence_length
+    full = dataclasses.replace(first, ids=np.resize(first.ids, longest),
+                               type_ids=np.resize(first.type_ids, longest))
+    item = WorkItem(full, frozenset(outputs), loop.create_future())
+    await loaded.batcher.submit([item], wait=True)
+    try:
+        await item.future
+    except Exception as exc:
+        raise ValueError(f"the model cannot run a text of max_sequence_length {longest} tokens "
+                         f"(config.pbtxt promises it): {exc}") from None

@@ -6,6 +6,7 @@ come from disk or from the network pass `check_name` before they touch the files
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ from bertstream.v1.model_config_pb2 import ModelConfig, ModelVersionPolicy
 from . import config as config_mod
 from .errors import InvalidInput
 
-__all__ = ["ModelEntry", "check_name", "parse_version", "read_model", "scan", "scan_model",
-           "select_versions"]
+__all__ = ["ModelEntry", "check_name", "links_outside", "parse_version", "read_model", "scan",
+           "scan_model", "select_versions"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -71,13 +72,32 @@ class ModelEntry:
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root.resolve())
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # outside, unreadable, or a symlink loop
         return False
     return True
 
 
+def links_outside(root: Path, version_dir: Path) -> list[str]:
+    """What in a version folder resolves outside the repository (symlinks, or the folder
+    itself), relative to the folder; empty when nothing does.
+
+    Triton follows such links; we refuse them, so a repository an operator audits is all that
+    is served and a link cannot expose files elsewhere on the host."""
+    if not _inside(version_dir, root):
+        return ["the version folder itself"]
+    escaping = []
+    for folder, dirs, files in os.walk(version_dir):  # links to folders are listed, not walked
+        for name in dirs + files:
+            path = Path(folder, name)
+            if not _inside(path, root):
+                escaping.append(str(path.relative_to(version_dir)))
+    return sorted(escaping)
+
+
 def read_model(root: Path, model_dir: Path) -> ModelEntry:
-    """One model folder: its config (or the reason it has none) and its version folders."""
+    """One model folder: its config (or the reason it has none) and its version folders.
+    Version folders that link outside the repository are listed: the lifecycle refuses them
+    with a reason (`links_outside`) instead of leaving them out without a word."""
     if not _inside(model_dir, root):
         outside = "the folder links outside the repository"
         return ModelEntry(model_dir.name, model_dir, None, outside)
@@ -85,9 +105,11 @@ def read_model(root: Path, model_dir: Path) -> ModelEntry:
         v: child
         for child in model_dir.iterdir()
         if child.is_dir() and (v := parse_version(child.name)) is not None
-        and _inside(child, root)
     }
     digest = ""
+    if not _inside(model_dir / config_mod.CONFIG_FILE, root):
+        return ModelEntry(model_dir.name, model_dir, None,
+                          f"{config_mod.CONFIG_FILE} links outside the repository", versions)
     try:
         (cfg, digest), err = config_mod.load_with_digest(model_dir), None
     except config_mod.ConfigError as exc:
