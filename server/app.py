@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import repository
+from .decoding import DecodeGuard
 from .errors import BertstreamError
 from .health import publish_health
 from .inference import Limits, Pipeline
@@ -141,21 +142,24 @@ async def serve(options: ServerOptions) -> None:
     tokenize_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="tokenize")
     pipeline = Pipeline(manager, options.limits, tokenize_pool)
 
-    interceptors = [AuthInterceptor(options.auth)] if options.auth else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
+    if options.auth:  # listed first: it runs first, so a refused call is never decoded
+        interceptors.insert(0, AuthInterceptor(options.auth))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", options.max_receive_mb * MiB),
         ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),
     ])
+    draining = asyncio.Event()  # set on SIGTERM: streams stop reading and end after answering
     bertstream_pb2_grpc.add_BertServiceServicer_to_server(
-        BertServicer(pipeline, options.stream_window, options.model_control_mode, metrics),
-        server)
+        BertServicer(pipeline, options.stream_window, options.model_control_mode, metrics,
+                     draining), server)
     # Imported here: the KServe stubs register `inference.*` in protobuf's default pool, as
     # tritonclient does, and processes that import this module (tests) may also use tritonclient.
     from .kserve import KServeServicer, add_to_server
 
     kserve_service = add_to_server(
-        KServeServicer(pipeline, options.stream_window, options.model_control_mode, metrics),
-        server)
+        KServeServicer(pipeline, options.stream_window, options.model_control_mode, metrics,
+                       draining), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([
         bertstream_pb2.DESCRIPTOR.services_by_name["BertService"].full_name,
@@ -204,6 +208,7 @@ async def serve(options: ServerOptions) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await poller
     await health_servicer.enter_graceful_shutdown()
+    draining.set()
     await server.stop(options.grace_period_s)
     await manager.close()
     tokenize_pool.shutdown(wait=False, cancel_futures=True)

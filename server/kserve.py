@@ -205,12 +205,14 @@ def _check_explicit(control_mode: str, rpc: str) -> None:
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, pipeline: Pipeline, stream_window: int = 32,
-                 control_mode: str = "none", metrics: Metrics | None = None) -> None:
+                 control_mode: str = "none", metrics: Metrics | None = None,
+                 draining: asyncio.Event | None = None) -> None:
         self.pipeline = pipeline
         self.manager = pipeline.manager
         self.metrics = metrics or Metrics()
         self.stream_window = stream_window
         self.control_mode = control_mode
+        self.draining = draining  # set on SIGTERM (see streams.py)
 
     def _resolve(self, name: str, version: str) -> ModelVersion:
         mv = self.manager.resolve(name, parse_version(version))
@@ -309,7 +311,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                      model_version=request.model_version,
                                                      id=request.id))
 
-        async for response in ordered_stream(requests, handle, on_error, self.stream_window):
+        async for response in ordered_stream(requests, handle, on_error, self.stream_window,
+                                             context, self.draining):
             yield response
 
     @unary

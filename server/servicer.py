@@ -7,6 +7,7 @@ per-message error responses (see streams.py).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -15,7 +16,6 @@ import grpc
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from bertstream.v1.model_config_pb2 import Pooling, Task
-from google.protobuf.message import DecodeError
 
 from .errors import InvalidInput, WrongControlMode, to_status
 from .inference import (
@@ -34,7 +34,6 @@ from .streams import ordered_stream
 __all__ = ["BertServicer"]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-R = TypeVar("R")
 _DIRECTIONS = {
     pb.TRUNCATION_DIRECTION_UNSPECIFIED: "right",
     pb.TRUNCATION_DIRECTION_RIGHT: "right",
@@ -109,27 +108,16 @@ def _labels(text: TextResult, labels: list[str], top_k: int) -> list[pb.LabelSco
             for i in order]
 
 
-async def _parsed_stream(context: grpc.aio.ServicerContext, message: type,
-                         responses: AsyncIterator[R]) -> AsyncIterator[R]:
-    """A stream message whose bytes do not parse is a malformed stream: the stream ends with
-    INVALID_ARGUMENT (not grpc's UNKNOWN naming the parser's exception class)."""
-    try:
-        async for response in responses:
-            yield response
-    except DecodeError:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"a stream message does not parse as {message.DESCRIPTOR.full_name}; "
-                            "the stream ends here")
-
-
 class BertServicer(pb_grpc.BertServiceServicer):
     def __init__(self, pipeline: Pipeline, stream_window: int = 32,
-                 control_mode: str = "none", metrics: Metrics | None = None) -> None:
+                 control_mode: str = "none", metrics: Metrics | None = None,
+                 draining: asyncio.Event | None = None) -> None:
         self.pipeline = pipeline
         self.metrics = metrics or Metrics()
         self.manager = pipeline.manager
         self.stream_window = stream_window
         self.control_mode = control_mode
+        self.draining = draining  # set on SIGTERM: streams answer what they read, then end
 
     async def _embed(self, request: pb.EmbedRequest, wait: bool) -> pb.EmbedResponse:
         with self.metrics.request("EmbedStream" if wait else "Embed", request.model) as record:
@@ -176,22 +164,22 @@ class BertServicer(pb_grpc.BertServiceServicer):
 
     async def EmbedStream(self, requests: AsyncIterator[pb.EmbedRequest],
                           context: Any) -> AsyncIterator[pb.EmbedResponse]:
-        async for response in _parsed_stream(context, pb.EmbedRequest, ordered_stream(
+        async for response in ordered_stream(
             requests, lambda r: self._embed(r, wait=True),
             lambda r, code, msg: pb.EmbedResponse(request_id=r.request_id, model=r.model,
                                                   error=pb.Error(code=code, message=msg)),
-            self.stream_window,
-        )):
+            self.stream_window, context, self.draining,
+        ):
             yield response
 
     async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest],
                              context: Any) -> AsyncIterator[pb.ClassifyResponse]:
-        async for response in _parsed_stream(context, pb.ClassifyRequest, ordered_stream(
+        async for response in ordered_stream(
             requests, lambda r: self._classify(r, wait=True),
             lambda r, code, msg: pb.ClassifyResponse(request_id=r.request_id, model=r.model,
                                                      error=pb.Error(code=code, message=msg)),
-            self.stream_window,
-        )):
+            self.stream_window, context, self.draining,
+        ):
             yield response
 
     @unary

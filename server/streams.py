@@ -6,13 +6,23 @@ full the reader stops reading, which is how gRPC flow control slows the sender i
 server buffering without bound. The writer yields exactly one response per request, in
 request order; a failed message becomes a response carrying its error and the stream goes on.
 When the caller goes away, its queued work is cancelled.
+
+Two ways a stream ends with a status instead: a message whose bytes do not parse
+(INVALID_ARGUMENT: the stream cannot be trusted past it), and the server draining on SIGTERM
+(`draining` set): the reader stops reading, every message already read is answered, then the
+stream ends UNAVAILABLE so the caller sends the rest to another replica. Nothing read is lost,
+nothing unread is half-done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
 
 from .errors import to_status
 
@@ -28,17 +38,34 @@ async def ordered_stream(
     handle: Callable[[Req], Awaitable[Resp]],
     on_error: Callable[[Req, int, str], Resp],
     window: int,
+    context: grpc.aio.ServicerContext,
+    draining: asyncio.Event | None = None,
 ) -> AsyncIterator[Resp]:
-    pending: asyncio.Queue[tuple[Req, asyncio.Task[Resp]] | None] = asyncio.Queue(window)
+    pending: asyncio.Queue[tuple[Req, asyncio.Task[Resp]] | _Drained | None] = \
+        asyncio.Queue(window)
+    stop = asyncio.ensure_future((draining or asyncio.Event()).wait())
 
     async def read() -> None:
-        async for request in requests:
+        iterator = aiter(requests)
+        while True:
+            received = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait({received, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not received.done():  # draining: what was not read is not ours to answer
+                received.cancel()
+                await pending.put(_DRAINED)
+                return
+            try:
+                request = received.result()
+            except StopAsyncIteration:
+                break
             await pending.put((request, asyncio.create_task(handle(request))))
         await pending.put(None)
 
     reader = asyncio.create_task(read())
     try:
         while (entry := await _next(pending, reader)) is not None:
+            if isinstance(entry, _Drained):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _DRAINING_MESSAGE)
             request, task = entry
             try:
                 response = await task
@@ -48,12 +75,32 @@ async def ordered_stream(
                 code, message = to_status(exc)
                 response = on_error(request, code.value[0], message)
             yield response
+    except DecodeError as exc:  # from the reader: bytes that are not a request message
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"a stream message does not parse as {_message_name(exc)}; the "
+                            "stream ends here")
     finally:
+        stop.cancel()
         reader.cancel()
         while not pending.empty():
             entry = pending.get_nowait()
-            if entry is not None:
+            if isinstance(entry, tuple):
                 entry[1].cancel()
+
+
+class _Drained:
+    """Queued by the reader when the server drains: answer what came before, then end."""
+
+
+_DRAINED = _Drained()
+_DRAINING_MESSAGE = ("server is shutting down: every message it read was answered; send the "
+                     "rest again (to another replica)")
+
+
+def _message_name(exc: DecodeError) -> str:
+    """The message type protobuf names in its error ("... with type 'x.y.Z'")."""
+    found = re.search(r"type '([\w.]+)'", str(exc))
+    return found.group(1) if found else "the request message"
 
 
 async def _next(pending: asyncio.Queue[T], reader: asyncio.Task[None]) -> T:
