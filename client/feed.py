@@ -320,17 +320,15 @@ class _Feed:
         """One message came back with an error: retry (True: after a backoff), split, record,
         or stop the feed."""
         if error.code in RETRYABLE:
-            again = []
             for item in items:
                 item.attempts += 1
-                if item.attempts < MAX_ITEM_ATTEMPTS:
-                    again.append(item)
-                else:
-                    self._write(item, {"error": {"code": error.code.name,
-                                                 "message": error.message}})
+            again = [item for item in items if item.attempts < MAX_ITEM_ATTEMPTS]
+            spent = [item for item in items if item.attempts >= MAX_ITEM_ATTEMPTS]
+            for item in spent:
+                self._write(item, {"error": {"code": error.code.name, "message": error.message}})
             self.out.flush()
             await work.settle(again, retry=True)
-            await work.settle(items[:len(items) - len(again)])  # the count is what matters
+            await work.settle(spent)
             return True
         if error.code in ITEM_ERRORS and len(items) > 1:
             for item in items:

@@ -1,0 +1,122 @@
+"""client/feed.py's parts without a server: resuming an output file, the work queue, and what
+a failed message turns into."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from bertstream.client.feed import (
+    MAX_ITEM_ATTEMPTS,
+    FeedError,
+    FeedOptions,
+    FeedReport,
+    _Feed,
+    _Item,
+    _resume,
+    _Work,
+)
+from bertstream.client.messages import ClientError
+
+
+def _items(n: int) -> list[_Item]:
+    return [_Item(json.dumps(i), i, f"text {i}") for i in range(n)]
+
+
+def test_resume_keeps_whole_lines_and_cuts_a_partial_one(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    good = "".join(json.dumps({"id": i, "embedding": [0.5]}) + "\n" for i in (1, "b", 3))
+    out.write_text(good + '{"id": 4, "embe', encoding="utf-8")
+    assert _resume(out) == {"1", '"b"', "3"}
+    assert out.read_text(encoding="utf-8") == good
+    assert _resume(tmp_path / "missing.jsonl") == set()
+
+
+def test_resume_stops_at_a_line_that_is_not_an_answer(tmp_path: Path) -> None:
+    """Everything from the first unreadable line on is redone, never kept twice."""
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 1}\nnot json\n{"id": 2}\n', encoding="utf-8")
+    assert _resume(out) == {"1"}
+    assert out.read_text(encoding="utf-8") == '{"id": 1}\n'
+
+
+def test_work_sends_retries_first_and_split_items_alone() -> None:
+    async def run() -> None:
+        work = _Work(iter(_items(5)), batch_size=2)
+        first = await work.take()
+        assert [i.id for i in first] == [0, 1]
+        for item in first:
+            item.solo = True
+        await work.settle(first, retry=True)
+        assert [i.id for i in await work.take()] == [0]
+        assert [i.id for i in await work.take()] == [1]
+        rest = await work.take()
+        assert [i.id for i in rest] == [2, 3]
+        await work.settle(rest, retry=True)
+        assert [i.id for i in await work.take()] == [2, 3]  # regrouped: neither is solo
+        last = await work.take()
+        assert [i.id for i in last] == [4]
+
+        async def settle_later(batches: list[list[_Item]]) -> None:
+            await asyncio.sleep(0.05)
+            for batch in batches:
+                await work.settle(batch)
+
+        # Nothing left to send, but 5 items in flight: take waits until they are settled.
+        waiter = asyncio.create_task(work.take())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        await settle_later([[_Item("x", 0, "")]] * 5)
+        assert await waiter is None
+
+    asyncio.run(run())
+
+
+def _feed(tmp_path: Path) -> tuple[_Feed, io.StringIO, FeedReport]:
+    out = io.StringIO()
+    report = FeedReport()
+    options = FeedOptions(input=tmp_path / "in", output=tmp_path / "out")
+    return _Feed(options, out, set(), report, None), out, report
+
+
+def test_a_retryable_message_error_is_retried_until_attempts_run_out(tmp_path: Path) -> None:
+    async def run() -> None:
+        feed, out, report = _feed(tmp_path)
+        work = _Work(iter(_items(2)), batch_size=2)
+        error = ClientError(grpc.StatusCode.UNAVAILABLE, "try again")
+        for attempt in range(1, MAX_ITEM_ATTEMPTS + 1):
+            batch = await work.take()
+            assert batch is not None and len(batch) == 2
+            assert await feed._failed(work, batch, error) is True
+            if attempt < MAX_ITEM_ATTEMPTS:
+                assert out.getvalue() == ""
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert [line["error"]["code"] for line in lines] == ["UNAVAILABLE"] * 2
+        assert report.errors == 2 and await work.take() is None
+
+    asyncio.run(run())
+
+
+def test_an_item_error_splits_the_message_then_answers_the_bad_text(tmp_path: Path) -> None:
+    async def run() -> None:
+        feed, out, _ = _feed(tmp_path)
+        work = _Work(iter(_items(3)), batch_size=3)
+        bad = ClientError(grpc.StatusCode.INVALID_ARGUMENT, "texts[0] is too long")
+        batch = await work.take()
+        assert await feed._failed(work, batch, bad) is False
+        assert out.getvalue() == "" and all(i.solo for i in batch)
+        single = await work.take()
+        assert len(single) == 1
+        await feed._failed(work, single, bad)
+        line = json.loads(out.getvalue())
+        assert line == {"id": 0, "error": {"code": "INVALID_ARGUMENT",
+                                           "message": "texts[0] is too long"}}
+        with pytest.raises(FeedError, match="NOT_FOUND"):
+            await feed._failed(work, await work.take(),
+                               ClientError(grpc.StatusCode.NOT_FOUND, "no model x"))
+
+    asyncio.run(run())
