@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, default=32, help="texts per stream message")
     group.add_argument("--window", type=int, default=4, help="messages in flight per stream")
     group.add_argument("--streams", type=int, default=0,
-                       help="concurrent streams (default: one per server address)")
+                       help="concurrent streams (default: one per server address, at least 4)")
     group.add_argument("--id-field", default="id")
     group.add_argument("--text-field", default="text")
     group.add_argument("--give-up-after", type=float, default=300.0,

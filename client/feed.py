@@ -53,12 +53,15 @@ RETRYABLE = frozenset({
     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
 })
+# Server faults that one text may cause: a message failing so is split before it is retried.
+SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 # Failures that belong to one text: a message that fails this way is split into single texts,
 # and a single text that fails this way gets an error line.
 ITEM_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
 # Anything else (NOT_FOUND model, UNAUTHENTICATED, PERMISSION_DENIED, ...) stops the feed:
 # every other message would fail the same way. What was written stays; a rerun resumes.
 MAX_ITEM_ATTEMPTS = 8
+DEFAULT_STREAMS = 4
 
 
 class FeedError(Exception):
@@ -76,7 +79,7 @@ class FeedOptions:
     request: dict[str, Any] = field(default_factory=dict)  # pooling, normalize, top_k, ...
     batch_size: int = 32  # texts per stream message
     window: int = 4  # messages in flight per stream
-    streams: int = 0  # 0: one per server address
+    streams: int = 0  # 0: one per server address, at least DEFAULT_STREAMS
     rotate_after: int = 64  # messages per stream before it is reopened (rebalancing)
     id_field: str = "id"
     text_field: str = "text"
@@ -92,6 +95,10 @@ class FeedOptions:
         for name in ("batch_size", "window", "rotate_after"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.streams < 0:
+            raise ValueError("streams must be >= 0 (0: the default)")
+        if self.give_up_s <= 0:
+            raise ValueError("give_up_s must be > 0")
 
 
 @dataclass
@@ -146,34 +153,39 @@ def _records(options: FeedOptions) -> Iterator[_Item]:
             yield _Item(_id_key(item_id), item_id, text)
 
 
-def _check_input(options: FeedOptions) -> int:
-    """Read the whole input once before sending: every line valid, every id unique."""
+def _check_input(options: FeedOptions, done: set[str]) -> tuple[int, int]:
+    """Read the whole input once before sending: every line valid, every id unique.
+    Returns (items, items not yet answered)."""
     seen: dict[str, int] = {}
     for count, item in enumerate(_records(options), 1):
         if item.key in seen:
             raise FeedError(f"{options.input}: id {item.key} appears twice "
                             f"(items {seen[item.key]} and {count})")
         seen[item.key] = count
-    return len(seen)
+    return len(seen), len(seen.keys() - done)
 
 
 def _resume(path: Path) -> set[str]:
-    """Ids already answered in `path`; a last line cut off mid-write is truncated away."""
+    """Ids already answered in `path`. A last line cut off mid-write (no newline) is truncated
+    away; blank lines are skipped; any other line that is not an answer stops the feed, so a
+    damaged output is never silently half-redone."""
     done: set[str] = set()
     if not path.exists():
         return done
-    good_end = 0
+    end = 0
     with path.open("rb+") as f:
-        for raw in f:
+        for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
+                f.truncate(end)
                 break
+            end += len(raw)
+            if not raw.strip():
+                continue
             try:
                 done.add(_id_key(json.loads(raw)["id"]))
             except (ValueError, KeyError, TypeError):
-                break
-            good_end += len(raw)
-        if good_end != f.seek(0, os.SEEK_END):
-            f.truncate(good_end)
+                raise FeedError(f"{path}:{number}: not an answer line; fix or delete it, then "
+                                "rerun") from None
     return done
 
 
@@ -316,9 +328,30 @@ class _Feed:
                                    "version": response.version})
         self.out.flush()
 
+    async def _lost(self, work: _Work, items: list[_Item]) -> None:
+        """Items of a stream that failed before answering them: sent again, alone after two
+        such failures (a text that brings a replica down must not take its neighbours with
+        it), and given an error line when their attempts run out."""
+        for item in items:
+            item.attempts += 1
+            item.solo = item.solo or item.attempts >= 2
+        spent = [item for item in items if item.attempts >= MAX_ITEM_ATTEMPTS]
+        for item in spent:
+            self._write(item, {"error": {"code": "UNAVAILABLE", "message": (
+                f"no answer after {item.attempts} streams failed while it was in flight")}})
+        self.out.flush()
+        await work.settle([item for item in items if item.attempts < MAX_ITEM_ATTEMPTS],
+                          retry=True)
+        await work.settle(spent)
+
     async def _failed(self, work: _Work, items: list[_Item], error: ClientError) -> bool:
         """One message came back with an error: retry (True: after a backoff), split, record,
         or stop the feed."""
+        if error.code in SERVER_FAULTS and len(items) > 1:  # maybe one text's fault: split
+            for item in items:
+                item.solo = True
+            await work.settle(items, retry=True)
+            return True
         if error.code in RETRYABLE:
             for item in items:
                 item.attempts += 1
@@ -366,7 +399,9 @@ class _Feed:
                         await work.settle(items)
                     elif await self._failed(work, items, ClientError.from_proto(response.error)):
                         await asyncio.sleep(backoff.next())
-                finished = await sender
+                if not sender.done():  # the server ended the stream before we half-closed
+                    raise asyncio.InvalidStateError
+                finished = sender.result()
             except asyncio.InvalidStateError:  # written to a call that had just ended
                 code = grpc.StatusCode.UNAVAILABLE
             except grpc.aio.AioRpcError as err:
@@ -381,7 +416,7 @@ class _Feed:
                 one.call.cancel()
             unanswered = one.unanswered()
             for items in unanswered:  # the stream ended before answering them: send again
-                await work.settle(items, retry=True)
+                await self._lost(work, items)
             if code is None and not unanswered:
                 if finished:
                     return
@@ -407,12 +442,11 @@ def _progress_bar(options: FeedOptions, total: int, initial: int) -> Any:
                 file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
-async def _run(options: FeedOptions, report: FeedReport) -> None:
-    done = _resume(options.output)
-    report.already_done = len(done)
+async def _run(options: FeedOptions, report: FeedReport, done: set[str]) -> None:
     items = (item for item in _records(options) if item.key not in done)
-    streams = options.streams or len(split_servers(options.servers))
-    bar = _progress_bar(options, report.items, len(done))
+    # A DNS name may stand for many replicas: streams are what spreads a feed over them.
+    streams = options.streams or max(len(split_servers(options.servers)), DEFAULT_STREAMS)
+    bar = _progress_bar(options, report.items, report.already_done)
     credentials = options.tls.credentials() if options.tls else None
     channel = open_aio_channel(options.servers, credentials, options.server_name)
     try:
@@ -446,10 +480,13 @@ def run_feed(options: FeedOptions) -> FeedReport:
     """Run the feed to the end; FeedError when it cannot finish (a rerun resumes)."""
     if not options.input.is_file():
         raise FeedError(f"input {options.input} is not a file")
-    report = FeedReport(items=_check_input(options))
+    done = _resume(options.output)
+    items, remaining = _check_input(options, done)
+    report = FeedReport(items=items, already_done=items - remaining)
     start = time.perf_counter()
     try:
-        asyncio.run(_run(options, report))
+        if remaining:  # nothing left: no server needed
+            asyncio.run(_run(options, report, done))
     finally:
         report.seconds = time.perf_counter() - start
     return report

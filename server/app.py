@@ -143,7 +143,7 @@ async def serve(options: ServerOptions) -> None:
     pipeline = Pipeline(manager, options.limits, tokenize_pool)
 
     interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
-    if options.auth:  # listed first: it runs first, so a refused call is never decoded
+    if options.auth:  # first: a refused call never reaches the decode guard or a servicer
         interceptors.insert(0, AuthInterceptor(options.auth))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", options.max_receive_mb * MiB),
@@ -178,6 +178,9 @@ async def serve(options: ServerOptions) -> None:
     if options.auth:
         log.info("bearer tokens required (%d configured); health stays open",
                  len(options.auth.entries))
+        if not options.tls_cert:
+            log.warning("bearer tokens over plaintext gRPC: anyone on the path can read them; "
+                        "add --tls-cert/--tls-key unless a TLS proxy or mesh fronts this port")
     if port == 0:
         raise SystemExit(f"cannot bind {options.host}:{options.port}")
     await server.start()

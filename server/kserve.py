@@ -227,9 +227,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: Any) -> pb.ServerReadyResponse:
-        """Ready once it answers: the server starts serving only after its initial loads, and
-        stops taking calls when it drains. Per-model readiness is ModelReady's."""
-        return pb.ServerReadyResponse(ready=True)
+        """Ready once it answers (the server starts serving only after its initial loads)
+        until it drains on SIGTERM. Per-model readiness is ModelReady's."""
+        return pb.ServerReadyResponse(ready=not (self.draining and self.draining.is_set()))
 
     @unary
     async def ModelReady(self, request: pb.ModelReadyRequest,

@@ -30,6 +30,7 @@ __all__ = ["Metrics", "RequestRecord"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0)
+MAX_MODEL_LABELS = 256
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -45,6 +46,7 @@ class RequestRecord:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._model_labels: set[str] = set()
         r = self.registry
         self.requests = Counter("bertstream_requests", "Unary calls and stream messages",
                                 ["model", "version", "rpc", "code"], registry=r)
@@ -89,11 +91,22 @@ class Metrics:
             raise
         finally:
             gauge.dec()
-            model, version = record.model or "default", str(record.version or "")
+            model, version = self._model_label(record.model), str(record.version or "")
             self.requests.labels(model, version, rpc, code.name).inc()
             self.request_seconds.labels(model, rpc).observe(time.perf_counter() - start)
             if code is grpc.StatusCode.OK and record.texts:
                 self.texts.labels(model, version, rpc).inc(record.texts)
+
+    def _model_label(self, name: str) -> str:
+        """The model label of a call: the name a caller sent until it resolves, so a caller
+        sending random names could grow the label set without end; past MAX_MODEL_LABELS
+        distinct names the rest count as "other"."""
+        name = name or "default"
+        if name not in self._model_labels:
+            if len(self._model_labels) >= MAX_MODEL_LABELS:
+                return "other"
+            self._model_labels.add(name)
+        return name
 
     def batch_observer(self, model: str, version: int) -> Callable[..., None]:
         """What a version's batcher calls after each batch."""

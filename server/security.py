@@ -135,7 +135,8 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
         await context.abort(code, message)
         yield  # makes this an async generator, as response-streaming handlers must be
 
-    args = (handler.request_deserializer, handler.response_serializer)
+    # No deserializer: a refused caller's bytes are never parsed, whatever their size.
+    args = (None, handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(streaming, *args)
     if handler.request_streaming:
@@ -164,7 +165,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             self.tokens.check(method, metadata)
         except (Unauthenticated, PermissionDenied) as exc:
-            log.info("refused %s: %s", method, exc)  # the reason, never the token
+            # DEBUG: an unauthenticated caller must not be able to flood the log. The reason
+            # is logged, never the token.
+            log.debug("refused %s: %s", method, exc)
             return _refusal(handler, exc.code, str(exc))
         return handler
 

@@ -49,9 +49,14 @@ async def ordered_stream(
         iterator = aiter(requests)
         while True:
             received = asyncio.ensure_future(anext(iterator))
-            await asyncio.wait({received, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not received.done():  # draining: what was not read is not ours to answer
-                received.cancel()
+            received.add_done_callback(_retrieved)
+            try:
+                await asyncio.wait({received, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # cancelled (the caller left), or draining: drop the pending read
+                drop = not received.done()
+                if drop:
+                    received.cancel()
+            if drop:  # draining: what was not read is not ours to answer
                 await pending.put(_DRAINED)
                 return
             try:
@@ -97,6 +102,12 @@ _DRAINING_MESSAGE = ("server is shutting down: every message it read was answere
                      "rest again (to another replica)")
 
 
+def _retrieved(future: asyncio.Future[object]) -> None:
+    """Mark a dropped read's outcome as seen, so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _message_name(exc: DecodeError) -> str:
     """The message type protobuf names in its error ("... with type 'x.y.Z'")."""
     found = re.search(r"type '([\w.]+)'", str(exc))
@@ -104,14 +115,17 @@ def _message_name(exc: DecodeError) -> str:
 
 
 async def _next(pending: asyncio.Queue[T], reader: asyncio.Task[None]) -> T:
-    """The next queued entry; if the reader dies first (a broken stream), its error."""
-    if reader.done():
-        reader.result()
-        return await pending.get()
-    getter = asyncio.ensure_future(pending.get())
-    await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-    if getter.done():
-        return getter.result()
-    getter.cancel()
-    reader.result()  # raises the reader's error, if any
+    """The next queued entry; once none is queued and the reader has died (a broken stream),
+    its error. Entries queued before the error are answered first."""
+    while pending.empty() and not reader.done():
+        getter = asyncio.ensure_future(pending.get())
+        try:
+            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if not getter.cancelled():
+            return getter.result()
+    if pending.empty():
+        reader.result()  # raises the reader's error, if any
     return await pending.get()

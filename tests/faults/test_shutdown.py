@@ -59,11 +59,11 @@ class StreamLoad(threading.Thread):
         self.errors: list[str] = []
         self.status: grpc.StatusCode | None = None
         self.details = ""
-        self._stop = threading.Event()
+        self._finished = threading.Event()
 
     def _requests(self) -> Iterator[pb.EmbedRequest]:
         n = 0
-        while not self._stop.is_set():
+        while not self._finished.is_set():
             n += 1
             yield pb.EmbedRequest(request_id=str(n), model="tiny-embed", texts=TEXTS[:8])
 
@@ -79,7 +79,7 @@ class StreamLoad(threading.Thread):
             except grpc.RpcError as err:
                 self.status, self.details = err.code(), err.details() or ""
             finally:
-                self._stop.set()
+                self._finished.set()
 
 
 def test_sigterm_under_load_answers_what_it_admitted_and_exits_0(
@@ -90,8 +90,10 @@ def test_sigterm_under_load_answers_what_it_admitted_and_exits_0(
     streams = [StreamLoad(server.address) for _ in range(2)]
     for load in [*unary, *streams]:
         load.start()
-    time.sleep(2.0)
-    assert all(load.codes for load in unary) and all(load.ids for load in streams)
+    deadline = time.monotonic() + 60
+    while not (all(load.codes for load in unary) and all(len(load.ids) > 5 for load in streams)):
+        assert time.monotonic() < deadline, "the load never got going"
+        time.sleep(0.1)
     sent_at = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(GRACE + 30)
@@ -101,7 +103,7 @@ def test_sigterm_under_load_answers_what_it_admitted_and_exits_0(
     log = "".join(server.lines)
     assert code == 0, log[-3000:]
     assert took < GRACE, f"exit took {took:.1f} s: in-flight work kept it until the grace end"
-    assert "Traceback" not in log
+    assert "Traceback" not in log, log[max(0, log.find("Traceback") - 500):][:4000]
     for load in unary:
         # Every call ran to its answer, except the last one, refused once the server stopped
         # admitting calls.
@@ -169,6 +171,11 @@ def test_callers_that_vanish_mid_stream_leave_nothing_queued(
     answered = values.get("bertstream_texts_total", 0)
     assert answered < sent / 2, f"{answered} of {sent} texts computed for callers who left"
     threads, files = resources()
-    assert threads <= before[0] + 2 and files <= before[1] + 2, (before, (threads, files))
+    # The tokenizer pool starts its threads as work comes (up to one per core): allow those.
+    assert threads <= before[0] + (os.cpu_count() or 2) and files <= before[1] + 2, \
+        (before, (threads, files))
     assert server.stop() == 0
-    assert "Traceback" not in "".join(server.lines)
+    log = "".join(server.lines)
+    assert "Traceback" not in log
+    # Reads and queue waits left behind by cancelled streams are dropped, not orphaned.
+    assert "never retrieved" not in log and "Task was destroyed" not in log, log[-3000:]

@@ -84,13 +84,15 @@ def test_feed_through_three_replicas_with_one_killed(
         victim, survivors = replicas[1], [replicas[0], replicas[2]]
         victim.proc.kill()
         victim.proc.wait(10)
-        killed_at = _line_count(output)
         before = sum(texts_answered(s.lines) for s in survivors)
+        killed_at = _line_count(output)
         reached = _wait_lines(output, killed_at + 3000, feed)
         after = sum(texts_answered(s.lines) for s in survivors)
         assert reached >= killed_at + 3000, "the feed stalled while a replica was down"
-        # Answers the victim sent just before it died may still be written after killed_at.
-        assert after - before >= 0.9 * (reached - killed_at), "the survivors took no load"
+        # Answers the victim sent just before it died may still be written after killed_at:
+        # at most one window of its streams (4 messages of 32 texts each).
+        in_flight = 4 * 4 * 32
+        assert after - before >= reached - killed_at - in_flight, "the survivors took no load"
         port = victim.address.rsplit(":", 1)[1]
         restarted = start_server(model_repository, "--port", port, "--metrics-port", "0")
         stdout, stderr = feed.communicate(timeout=300)

@@ -537,7 +537,7 @@ def test_garbage_in_a_stream_ends_only_that_stream(channel: grpc.Channel,
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
     assert f"a stream message does not parse as {message.DESCRIPTOR.full_name}" in \
         (error.value.details() or "")
-    assert len(answers) <= 1
+    assert len(answers) == 1  # the good message before the bad one is answered
     assert len(stub.Embed(pb.EmbedRequest(texts=["新闻"]), timeout=30).embeddings) == 1
 
 

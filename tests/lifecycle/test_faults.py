@@ -69,11 +69,12 @@ def test_sigkill_while_a_version_is_half_copied(
     assert "Traceback" not in "".join(restarted.lines)
 
 
-def test_sigkill_while_a_published_version_loads(
+def test_sigkill_right_after_a_version_is_published(
     staged: Path, tmp_path: Path, start_server: Callable[..., ServerProcess],
 ) -> None:
-    """v2 published the documented way and the server killed while it loads and warms up:
-    the restarted server serves v2, the last good version on disk."""
+    """v2 published the documented way and the server killed as soon as it notices it (while
+    v2 loads and warms up, or just after): the restarted server serves v2, the last good
+    version on disk."""
     repository = make_repository(staged, tmp_path / "repo", {MODEL: [1]})
     server = start_server(repository, "--model-control-mode", "poll",
                           "--repository-poll-secs", "0.2", default_model=MODEL)

@@ -27,7 +27,7 @@ def test_channel_target(servers: str | list[str], target: str | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "servers", ["", " , ", "nohost", "a:b,c:1", "no-such-host.invalid:1,b:2"])
+    "servers", ["", " , ", "nohost", "a:b,c:1", "127.0.0.1:1,nohost"])
 def test_bad_server_lists_are_refused(servers: str) -> None:
     with pytest.raises(ValueError):
         channel_target(servers)

@@ -36,12 +36,13 @@ def test_resume_keeps_whole_lines_and_cuts_a_partial_one(tmp_path: Path) -> None
     assert _resume(tmp_path / "missing.jsonl") == set()
 
 
-def test_resume_stops_at_a_line_that_is_not_an_answer(tmp_path: Path) -> None:
-    """Everything from the first unreadable line on is redone, never kept twice."""
+def test_resume_refuses_a_damaged_line_and_skips_blank_ones(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 1}\n\n{"id": 2}\n', encoding="utf-8")
+    assert _resume(out) == {"1", "2"}
     out.write_text('{"id": 1}\nnot json\n{"id": 2}\n', encoding="utf-8")
-    assert _resume(out) == {"1"}
-    assert out.read_text(encoding="utf-8") == '{"id": 1}\n'
+    with pytest.raises(FeedError, match=r"out\.jsonl:2: not an answer line"):
+        _resume(out)
 
 
 def test_work_sends_retries_first_and_split_items_alone() -> None:
