@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--intra-op-threads", type=int, default=0, help="0: the cores available")
     p.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
     p.add_argument("--max-text-chars", type=int, default=Limits.max_text_chars)
+    p.add_argument("--max-request-chars", type=int, default=Limits.max_request_chars,
+                   help="characters in all texts of one message together")
     p.add_argument("--stream-window", type=int, default=32,
                    help="messages of one stream in flight before the server stops reading")
     p.add_argument("--grace-period", type=float, default=30.0,
@@ -121,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         metrics_port=a.metrics_port, grace_period_s=a.grace_period,
         tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, auth=auth,
         stream_window=a.stream_window,
-        limits=Limits(a.max_texts_per_request, a.max_text_chars),
+        limits=Limits(a.max_texts_per_request, a.max_text_chars, a.max_request_chars),
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
                                intra_op_threads=a.intra_op_threads),
     )

@@ -37,6 +37,7 @@ OUTPUT_PREFIX = {
 class Limits:
     max_texts_per_request: int = 256
     max_text_chars: int = 65_536
+    max_request_chars: int = 1_048_576  # all texts of one message together
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ class Pipeline:
 
     async def tokenize(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
                        task: int = Task.TASK_EMBED) -> tuple[ModelVersion, list[Encoded]]:
-        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars)
+        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
+                    self.limits.max_request_chars)
         with self.manager.lease(model, version) as mv:
             assert mv.loaded is not None
             prefix = _prefix(mv.loaded.config, task)
@@ -138,7 +140,8 @@ class Pipeline:
                    task: int, embed: EmbedQuery | None, top_k: int | None,
                    wait: bool) -> Result:
         start = time.perf_counter()
-        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars)
+        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
+                    self.limits.max_request_chars)
         with self.manager.lease(model, version) as mv:
             loaded = mv.loaded
             assert loaded is not None

@@ -122,9 +122,10 @@ async def _next(pending: asyncio.Queue[T], reader: asyncio.Task[None]) -> T:
         try:
             await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not getter.done():
+            got = getter.done()
+            if not got:  # cancel() only asks: the getter is not cancelled before it runs
                 getter.cancel()
-        if not getter.cancelled():
+        if got:
             return getter.result()
     if pending.empty():
         reader.result()  # raises the reader's error, if any

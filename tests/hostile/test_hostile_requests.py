@@ -431,6 +431,19 @@ def test_texts_at_the_character_limit(stub: pb_grpc.BertServiceStub) -> None:
            f"texts[0] has {MAX_CHARS + 1} characters")
 
 
+def test_a_message_over_the_total_character_limit(stub: pb_grpc.BertServiceStub) -> None:
+    """Texts each under the per-text limit, together over the per-message one (1,048,576):
+    refused before any tokenizing, so one caller cannot hold a tokenizer thread for a minute."""
+    text = "今天股市大涨，沪指收复三千点。" * 2_700  # 40,500 characters
+    started = time.monotonic()
+    expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Embed,
+           pb.EmbedRequest(texts=[text] * 26, truncate=True),
+           f"{26 * len(text)} characters in one message, over the limit of 1048576")
+    assert time.monotonic() - started < 5
+    r = stub.Embed(pb.EmbedRequest(texts=[text] * 25, truncate=True), timeout=120)
+    assert len(r.embeddings) == 25
+
+
 def test_a_hundred_thousand_texts_fail_fast(stub: pb_grpc.BertServiceStub) -> None:
     for method, request in (
         (stub.Embed, pb.EmbedRequest(texts=["新闻"] * 100_000)),
