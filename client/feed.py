@@ -14,8 +14,9 @@
 - streams that drop (UNAVAILABLE, a replica killed or draining) are reopened with backoff and
   their unanswered items sent again; an id whose answer is already written is never written
   twice, whatever the servers do;
-- memory stays bounded: the input is read as it is sent, and at most streams x window x
-  batch_size items are in flight. Only the ids already answered are held, to skip them.
+- memory stays bounded by the ids, not the texts or vectors: the input is read as it is sent,
+  and at most streams x window x batch_size items are in flight. The ids themselves are held
+  (to check they are unique, and to skip or drop answered ones): about 100 bytes each.
 
 With several servers (or a DNS name with several records) the feed opens `streams` streams on
 one round_robin channel (client/channels.py), so each stream lands on another replica; a stream
