@@ -9,6 +9,8 @@ from .lifecycle import ModelManager, State
 
 __all__ = ["publish_health"]
 
+# "" is the server as a whole; the others are the gRPC services it serves, by full name.
+SERVICES = ("", "bertstream.v1.BertService", "inference.GRPCInferenceService")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -22,5 +24,5 @@ async def publish_health(servicer: health.aio.HealthServicer, manager: ModelMana
     for name, versions in list(manager.versions.items()):
         ready = any(mv.state is State.READY for mv in list(versions.values()))
         await servicer.set(name, SERVING if serving and ready else NOT_SERVING)
-    await servicer.set("", SERVING if serving else NOT_SERVING)
-    await servicer.set("bertstream.v1.BertService", SERVING if serving else NOT_SERVING)
+    for service in SERVICES:
+        await servicer.set(service, SERVING if serving else NOT_SERVING)

@@ -12,7 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 def test_health_overall_and_per_model(channel) -> None:  # type: ignore[no-untyped-def]
     stub = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "bertstream.v1.BertService", "tiny-embed", "tiny-news"):
+    for service in ("", "bertstream.v1.BertService", "inference.GRPCInferenceService",
+                    "tiny-embed", "tiny-news"):
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
 
