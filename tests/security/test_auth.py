@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 if TYPE_CHECKING:
     from conftest import ServerProcess
 
-INFERENCE_TOKEN = secrets.token_urlsafe(24)
-ADMIN_TOKEN = secrets.token_urlsafe(24)
-ENV_TOKEN = secrets.token_urlsafe(24)
+INFERENCE_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a flag
+ADMIN_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a flag
+ENV_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a flag
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_the_cli_sends_its_token(secured: ServerProcess) -> None:
            "--model", "tiny-embed"]
     done = subprocess.run([*cli, "embed", "股市"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
-    done = subprocess.run([*cli, "--token", INFERENCE_TOKEN, "embed", "股市"],
+    done = subprocess.run([*cli, f"--token={INFERENCE_TOKEN}", "embed", "股市"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 NODE_DIR = Path(__file__).resolve().parents[2] / "client" / "examples" / "node"
 PINNED = ("@grpc/grpc-js", "@grpc/proto-loader")
 TEXTS = ["今天股市大涨，沪指收复三千点", "央行宣布降准，股市应声大涨", "颱風來襲，學校停課一天"]
-INFERENCE_TOKEN = secrets.token_urlsafe(24)
-ADMIN_TOKEN = secrets.token_urlsafe(24)
-WRONG_TOKEN = secrets.token_urlsafe(24)
+INFERENCE_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a flag
+ADMIN_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a flag
+WRONG_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a flag
 TOKENS = (INFERENCE_TOKEN, ADMIN_TOKEN, WRONG_TOKEN)
 
 
