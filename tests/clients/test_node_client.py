@@ -7,24 +7,18 @@ Skipped only where `node` or `npm` is missing, or where `npm ci` cannot reach th
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 from bertstream.client import BertClient
+from nodelib import Result, node_with_modules, run_cli
 
 if TYPE_CHECKING:
     from conftest import ServerProcess
 
-NODE_DIR = Path(__file__).resolve().parents[2] / "client" / "examples" / "node"
-PINNED = ("@grpc/grpc-js", "@grpc/proto-loader")
-NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT",
-                  "ENETUNREACH", "EHOSTUNREACH", "network")
 TEXTS = [
     "今天股市大涨，沪指收复三千点",
     "央行宣布降准，股市应声大涨",
@@ -34,49 +28,14 @@ TEXTS = [
 ]
 
 
-def _installed(package: str) -> str | None:
-    manifest = NODE_DIR / "node_modules" / package / "package.json"
-    return json.loads(manifest.read_text())["version"] if manifest.is_file() else None
-
-
-def _needs_install() -> bool:
-    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
-    return any(_installed(p) != wanted[p] for p in PINNED)
-
-
-@dataclass(frozen=True)
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
 @pytest.fixture(scope="session")
 def node_cli() -> Callable[..., Result]:
     """`node_cli(*args)`: runs cli.js; installs the pinned modules with `npm ci` first when
     node_modules lacks them."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        missing = " and ".join(f"`{n}`" for n, p in (("node", node), ("npm", npm)) if p is None)
-        pytest.skip(f"Node.js client test skipped: {missing} not on PATH "
-                    "(install Node.js >= 18 with npm to run it)")
-    if _needs_install():
-        proc = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR,
-                              capture_output=True, text=True, timeout=300, check=False)
-        if proc.returncode != 0:
-            log = proc.stdout + proc.stderr
-            if any(marker in log for marker in NETWORK_ERRORS):
-                pytest.skip("Node.js client test skipped: `npm ci` in client/examples/node "
-                            f"could not reach the npm registry:\n{log[-2000:]}")
-            pytest.fail(f"`npm ci` in client/examples/node failed:\n{log[-4000:]}")
+    node = node_with_modules("Node.js client test")
 
     def run(*args: str) -> Result:
-        proc = subprocess.run([node, str(NODE_DIR / "cli.js"), *args], capture_output=True,
-                              text=True, timeout=120, check=False)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+        return run_cli(node, *args)
 
     return run
 

@@ -1,9 +1,8 @@
 """The Node.js client (client/examples/node) against a server with mutual TLS and bearer
 tokens: its --tls-* / --token options must reach the server as the Python client's do.
 
-Skipped where `node` or `npm` is missing, or where client/examples/node/node_modules lacks the
-pinned modules (`make node-client` installs them); tests/clients/test_node_client.py covers
-the calls themselves.
+Skipped only where `node` or `npm` is missing, or where `npm ci` cannot reach the registry;
+tests/clients/test_node_client.py covers the calls themselves.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +21,11 @@ import pytest
 from bertstream.client import BertClient
 from bertstream.client.channels import tls_credentials
 from certlib import Pki, make_pki
+from nodelib import NODE_DIR, Result, node_with_modules, run_cli
 
 if TYPE_CHECKING:
     from conftest import ServerProcess
 
-NODE_DIR = Path(__file__).resolve().parents[2] / "client" / "examples" / "node"
-PINNED = ("@grpc/grpc-js", "@grpc/proto-loader")
 TEXTS = ["今天股市大涨，沪指收复三千点", "央行宣布降准，股市应声大涨", "颱風來襲，學校停課一天"]
 INFERENCE_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a flag
 ADMIN_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a flag
@@ -36,51 +33,19 @@ WRONG_TOKEN = "t" + secrets.token_urlsafe(24)  # a leading "-" would read as a f
 TOKENS = (INFERENCE_TOKEN, ADMIN_TOKEN, WRONG_TOKEN)
 
 
-@dataclass(frozen=True)
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def error_code(self) -> str:
-        assert self.returncode != 0 and self.stdout == "", self.stdout
-        return str(json.loads(self.stderr)["error"]["code"])
-
-
-def _missing_modules() -> list[str]:
-    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
-    missing = []
-    for package in PINNED:
-        manifest = NODE_DIR / "node_modules" / package / "package.json"
-        if not manifest.is_file() or json.loads(manifest.read_text())["version"] != wanted[package]:
-            missing.append(f"{package}@{wanted[package]}")
-    return missing
-
-
 @pytest.fixture(scope="module")
 def node_cli() -> Callable[..., Result]:
     """`node_cli(*args, env=None)`: runs cli.js with BERTSTREAM_TOKEN unset unless `env`
     sets it; checks that no token ever appears in what it prints."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        missing = " and ".join(f"`{n}`" for n, p in (("node", node), ("npm", npm)) if p is None)
-        pytest.skip(f"Node.js TLS/token test skipped: {missing} not on PATH "
-                    "(install Node.js >= 18 with npm to run it)")
-    if modules := _missing_modules():
-        pytest.skip("Node.js TLS/token test skipped: client/examples/node/node_modules lacks "
-                    f"{', '.join(modules)} (run `make node-client` or `npm ci` there)")
+    node = node_with_modules("Node.js TLS/token test")
     base_env = {k: v for k, v in os.environ.items() if k != "BERTSTREAM_TOKEN"}
 
     def run(*args: str, env: dict[str, str] | None = None) -> Result:
-        proc = subprocess.run([node, str(NODE_DIR / "cli.js"), *args], capture_output=True,
-                              text=True, timeout=120, check=False, env={**base_env, **(env or {})})
+        result = run_cli(node, *args, env={**base_env, **(env or {})})
         for token in TOKENS:
-            assert token not in proc.stdout + proc.stderr
-        assert "    at " not in proc.stderr, proc.stderr  # no stack trace
-        return Result(proc.returncode, proc.stdout, proc.stderr)
+            assert token not in result.stdout + result.stderr
+        assert "    at " not in result.stderr, result.stderr  # no stack trace
+        return result
 
     return run
 
