@@ -4,8 +4,9 @@
 "encode a million sentences" job made restartable:
 
 - input lines are JSON objects with an id (`--id-field`, default "id"; the line number when
-  absent) and a text (`--text-field`, default "text"; or "title" and "body", joined by the news
-  policy of client/news.py). Ids must be unique; this is checked before anything is sent;
+  absent) and a text: a record with a "title" is title + lead of "body" by the news policy,
+  exactly as head training reads it (client/news.py `record_text`); otherwise `--text-field`
+  (default "text"). Ids must be unique; this is checked before anything is sent;
 - the output gets one line per id, in the order answers arrive: {"id", "embedding" | "labels",
   "version"} or, for an item the server refuses (a text over the model's limit, say),
   {"id", "error": {"code", "message"}}. An error line is an answer too: delete it to retry it;
@@ -43,7 +44,7 @@ from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 
 from .channels import TlsFiles, call_metadata, open_aio_channel, split_servers
 from .messages import ClientError, classify_request, embed_request, parse_classify, parse_embed
-from .news import news_text
+from .news import record_text
 
 __all__ = ["FeedError", "FeedOptions", "FeedReport", "run_feed"]
 
@@ -145,12 +146,10 @@ def _records(options: FeedOptions) -> Iterator[_Item]:
             item_id = record.get(options.id_field, number)
             if isinstance(item_id, (dict, list)) or item_id is None:
                 raise FeedError(f"{options.input}:{number}: id must be a string or a number")
-            text = record.get(options.text_field)
-            if text is None and ("title" in record or "body" in record):
-                text = news_text(str(record.get("title") or ""), str(record.get("body") or ""))
-            if not isinstance(text, str):
+            text = record_text(record, (options.text_field,))
+            if text is None:
                 raise FeedError(f"{options.input}:{number}: no {options.text_field!r} string "
-                                "(nor title/body)")
+                                "(nor a title, with an optional body)")
             yield _Item(_id_key(item_id), item_id, text)
 
 

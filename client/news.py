@@ -12,8 +12,11 @@ language, can reproduce it without a tokenizer.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 
 DEFAULT_LEAD_CHARS = 160
+TEXT_KEYS = ("text", "sentence", "content")
+BODY_KEYS = ("body", "content")
 _SENTENCE_END = re.compile(r"[。！？!?；;…]")
 _SPACES = re.compile(r"\s+")
 
@@ -36,3 +39,15 @@ def news_text(title: str, body: str = "", lead_chars: int = DEFAULT_LEAD_CHARS) 
     title = _SPACES.sub(" ", title or "").strip()
     parts = [part for part in (title, lead(body, lead_chars)) if part]
     return "\n".join(parts)
+
+
+def record_text(fields: Mapping[str, object], text_keys: Sequence[str] = TEXT_KEYS,
+                lead_chars: int = DEFAULT_LEAD_CHARS) -> str | None:
+    """The text of one JSON record, the same for head training and bulk feeds: a record with a
+    title is `news_text(title, body)`; otherwise its first `text_keys` field holding a string;
+    None when it has neither."""
+    title = fields.get("title")
+    if isinstance(title, str):
+        body = next((fields[k] for k in BODY_KEYS if isinstance(fields.get(k), str)), "")
+        return news_text(title, str(body), lead_chars)
+    return next((str(fields[k]) for k in text_keys if isinstance(fields.get(k), str)), None)

@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from importlib import util
 from pathlib import Path
 
-from bertstream.client.news import DEFAULT_LEAD_CHARS, news_text
+from bertstream.client.news import DEFAULT_LEAD_CHARS, TEXT_KEYS, news_text, record_text
 
 INEWS_SOURCE = "inews"
 INEWS_LABELS = ("positive", "neutral", "negative")  # the package's label ids 0, 1, 2
 SPLITS = ("train", "dev", "test")
-_TEXT_KEYS = ("text", "sentence", "content")
-_BODY_KEYS = ("body", "content")
 
 
 class DatasetError(ValueError):
@@ -106,15 +104,10 @@ def load_inews(lead_chars: int = DEFAULT_LEAD_CHARS) -> LabelledData:
 
 
 def _record_text(fields: dict[str, object], where: str, lead_chars: int) -> str:
-    title = fields.get("title")
-    if isinstance(title, str):
-        body = next((fields[k] for k in _BODY_KEYS if isinstance(fields.get(k), str)), "")
-        text = news_text(title, str(body), lead_chars)
-    else:
-        text = next((fields[k] for k in _TEXT_KEYS if isinstance(fields.get(k), str)), "")
-    if not str(text).strip():
+    text = record_text(fields, TEXT_KEYS, lead_chars)
+    if text is None or not text.strip():
         raise DatasetError(f"{where}: no text (give 'text', or 'title' and optionally 'body')")
-    return str(text)
+    return text
 
 
 def _record_label(fields: dict[str, object], where: str) -> str:
