@@ -8,7 +8,9 @@ Measures, in one run:
       an offline job could do);
   (b) the service over gRPC: a bertstream-server process on loopback, N concurrent
       EmbedStream feeds of Chinese news texts (title + lead, the news policy), each in its
-      own process so the load generator is not the bottleneck;
+      own process so the load generator is not the bottleneck; the server's /metrics give
+      the texts per batch, real / padded tokens and how busy the runtime was, to tell thin or
+      padded batches from a slow pipeline;
   (c) single short text latency at low load: unary Embed one at a time vs session.run on one
       text, p50 and p99.
 Prints a table and writes JSON (device, CPU count, model, settings, figures) to
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +44,7 @@ from bertstream.server.runtime import Batch, Runtime, RuntimeOptions, pick_provi
 from bertstream.server.tokenization import TextTokenizer
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 RESULTS = Path(__file__).parent / "results"
 SHORT_TEXT = "央行宣布降准，股市应声大涨"
@@ -80,15 +84,21 @@ class Raw:
     def encode(self, texts: list[str]) -> list:
         return self.tokenizer.encode([self.prefix + t for t in texts], truncate=True)
 
-    def throughput(self, encoded: list, batch_size: int, sort: bool) -> float:
+    def throughput(self, encoded: list, batch_size: int, sort: bool) -> tuple[float, float]:
+        """Texts per second, and real / padded tokens, over batches of `batch_size`."""
         order = sorted(range(len(encoded)), key=lambda i: encoded[i].length) if sort \
             else list(range(len(encoded)))
         self.runtime.run(Batch.pad([encoded[i] for i in order[:batch_size]]), [self.output])
+        padded = 0
         start = time.perf_counter()
         for begin in range(0, len(order), batch_size):
-            rows = order[begin:begin + batch_size]
-            self.runtime.run(Batch.pad([encoded[i] for i in rows]), [self.output])
-        return len(encoded) / (time.perf_counter() - start)
+            batch = Batch.pad([encoded[order[i]] for i in range(begin,
+                                                                 min(begin + batch_size,
+                                                                     len(order)))])
+            padded += batch.padded_tokens
+            self.runtime.run(batch, [self.output])
+        elapsed = time.perf_counter() - start
+        return len(encoded) / elapsed, sum(e.length for e in encoded) / padded
 
     def latency(self, runs: int) -> list[float]:
         encoded = self.encode([SHORT_TEXT])
@@ -104,13 +114,15 @@ class Server:
     def __init__(self, repository: Path, model: str, args: argparse.Namespace) -> None:
         cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
                "--host", "127.0.0.1", "--port", "0", "--default-model", model,
-               "--device", args.device, "--log-level", "WARNING"]
+               "--device", args.device, "--log-level", "WARNING", "--metrics-port", "0"]
         if args.threads:
             cmd += ["--intra-op-threads", str(args.threads)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            if line.startswith("bertstream metrics on "):
+                self.metrics_url = f"http://{line.split()[-1]}/metrics"
             if line.startswith("bertstream serving on "):
                 self.address = line.split()[-1]
                 break
@@ -118,9 +130,44 @@ class Server:
             sys.exit("bench: the server did not start")
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
+    def batch_counters(self) -> dict[str, float]:
+        """The server's own batch counters (Prometheus text), summed over models."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode("utf-8")
+        totals = dict.fromkeys(BATCH_COUNTERS.values(), 0.0)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = BATCH_COUNTERS.get((sample.name, sample.labels.get("kind", "")))
+                if key is not None:
+                    totals[key] += sample.value
+        return totals
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+
+
+# (sample name, "kind" label) -> what bench records: to tell a slow runtime from thin batches.
+BATCH_COUNTERS = {
+    ("bertstream_batch_size_count", ""): "batches",
+    ("bertstream_batch_size_sum", ""): "texts",
+    ("bertstream_batch_tokens_total", "real"): "real_tokens",
+    ("bertstream_batch_tokens_total", "padded"): "padded_tokens",
+    ("bertstream_inference_seconds_sum", ""): "inference_s",
+}
+
+
+def batch_figures(before: dict[str, float], after: dict[str, float], elapsed: float,
+                  prefix: str) -> dict[str, float]:
+    """Mean texts per batch, real / padded tokens, and the share of the wall time some batch
+    was running (over 1 when instances overlap)."""
+    delta = {k: after[k] - before[k] for k in after}
+    batches = max(delta["batches"], 1.0)
+    return {
+        f"{prefix}_mean_batch_texts": delta["texts"] / batches,
+        f"{prefix}_padding_efficiency": delta["real_tokens"] / max(delta["padded_tokens"], 1.0),
+        f"{prefix}_runtime_busy": delta["inference_s"] / elapsed,
+    }
 
 
 def _feed(address: str, model: str, share: list[str], per_message: int,
@@ -217,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
           f"provider {raw.runtime.provider}", flush=True)
 
     figures: dict[str, float] = {}
-    figures["raw_arrival_order_texts_per_s"] = raw.throughput(encoded, batch_size, sort=False)
-    figures["raw_sorted_texts_per_s"] = raw.throughput(encoded, batch_size, sort=True)
+    for name, sort in (("arrival_order", False), ("sorted", True)):
+        speed, efficiency = raw.throughput(encoded, batch_size, sort=sort)
+        figures[f"raw_{name}_texts_per_s"] = speed
+        figures[f"raw_{name}_padding_efficiency"] = efficiency
     raw_latency = raw.latency(args.latency_runs)
     figures["raw_single_p50_ms"] = percentile(raw_latency, 50) * 1e3
     figures["raw_single_p99_ms"] = percentile(raw_latency, 99) * 1e3
@@ -227,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(args.model_repository, args.model, args)
     try:
         stream_throughput(server.address, args.model, texts[:64], 1, args.per_message)  # warm
-        figures["service_stream_texts_per_s"] = stream_throughput(
-            server.address, args.model, texts, args.feeds, args.per_message)
+        before = server.batch_counters()
+        speed = stream_throughput(server.address, args.model, texts, args.feeds,
+                                  args.per_message)
+        figures["service_stream_texts_per_s"] = speed
+        figures.update(batch_figures(before, server.batch_counters(), len(texts) / speed,
+                                     "service_stream"))
         service_latency = unary_latency(server.address, args.model, args.latency_runs)
     finally:
         server.stop()

@@ -54,6 +54,22 @@ def resolve_pooling_layers(layers: Sequence[int] | None, num_layers: int) -> tup
     return tuple(sorted(resolved))
 
 
+MASK_VALUE = -10000.0
+
+
+def additive_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The [B, 1, 1, S] mask BERT adds to attention scores: 0 for tokens, -10000 for padding.
+
+    transformers 5 passes a ready 4-D mask through unchanged. Built here rather than by
+    transformers (whose vmap-built boolean mask exports as Where/And/GatherND), it exports as
+    Unsqueeze, Cast, Sub, Mul: the pattern onnxruntime's attention fusion matches. -10000 rather
+    than the float minimum, as the original BERT: exp(-10000) is 0 in fp32 all the same, and
+    the value stays finite in an fp16 graph.
+    """
+    expanded = attention_mask.unsqueeze(1).unsqueeze(2).to(torch.float32)
+    return (1.0 - expanded) * MASK_VALUE
+
+
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
@@ -82,6 +98,9 @@ class PoolingGraph(torch.nn.Module):
                 f"head expects hidden size {head.hidden_size}, the encoder has "
                 f"{encoder.config.hidden_size}"
             )
+        # Eager attention with the classic additive mask (see `additive_mask`): the form
+        # onnxruntime's BERT optimizer knows how to fuse into its Attention operator.
+        encoder.set_attn_implementation("eager")
         self.encoder = encoder.eval()
         self.layers = tuple(sorted(set(layers)))
         self.head = head.linear() if head is not None else None
@@ -102,7 +121,7 @@ class PoolingGraph(torch.nn.Module):
         # By keyword: transformers 5 changed BertModel.forward's positional order.
         encoded = self.encoder(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=additive_mask(attention_mask),
             token_type_ids=token_type_ids,
             output_hidden_states=True,
         )

@@ -163,8 +163,12 @@ def _builder(
             config = prepared.checkpoint.config
             log(f"making the {options.variant} graph (fusion"
                 f"{', fp16' if options.variant == 'fp16' else ', int8 weights'})")
-            make_variant(folder, options.variant, int(config.num_attention_heads),
-                         prepared.checkpoint.hidden_size)
+            fused = make_variant(folder, options.variant, int(config.num_attention_heads),
+                                 prepared.checkpoint.hidden_size)
+            provenance["fused_attention_layers"] = fused
+            if fused != int(config.num_hidden_layers):
+                log(f"warning: attention fused in {fused} of {config.num_hidden_layers} layers; "
+                    "the graph is right but slower than it could be")
             log(f"verifying the {options.variant} graph against PyTorch fp32")
             variant_report = verify_variant(graph, folder / ONNX_FILE,
                                             prepared.checkpoint.tokenizer,

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import tokenizers
+from onnx import numpy_helper
 
 from .graph import PoolingGraph
 from .verify import (
@@ -57,15 +59,88 @@ class VariantReport:
         }
 
 
-def make_variant(folder: Path, variant: str, num_heads: int, hidden_size: int) -> None:
-    """Replace folder/model.onnx (+ .data) by the fused fp16 or int8 graph."""
-    import onnx
+def _single_axis_unsqueezes(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> None:
+    """Unsqueeze(attention_mask, [1, 2]) -> two Unsqueezes of one axis each.
+
+    The dynamo exporter merges `mask.unsqueeze(1).unsqueeze(2)` into one node; onnxruntime's
+    attention fusion only knows the mask path with two.
+    """
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        axes = constants.get(node.input[1]) if len(node.input) == 2 else None
+        if (node.op_type != "Unsqueeze" or node.input[0] != "attention_mask" or axes is None
+                or axes.size < 2 or (axes < 0).any()):
+            nodes.append(node)
+            continue
+        current = node.input[0]
+        for i, axis in enumerate(sorted(int(a) for a in axes.reshape(-1))):
+            axis_name = f"{node.name}_axis{i}"
+            graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), axis_name))
+            last = i == axes.size - 1
+            output = node.output[0] if last else f"{node.output[0]}_step{i}"
+            nodes.append(onnx.helper.make_node("Unsqueeze", [current, axis_name], [output],
+                                               name=f"{node.name}_{i}"))
+            current = output
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _scores_scaled_by_division(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> None:
+    """MatMul(q, k) * c  ->  MatMul(q, k) / (1 / c), where the product is added to the mask.
+
+    transformers 5 scales attention scores with a Mul; onnxruntime's matcher takes the first
+    Mul above the mask Add, which is then the score's rather than the mask's, and gives up.
+    """
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in graph.node:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        scores = [n for n in node.input if n in producers and producers[n].op_type == "MatMul"]
+        scale = [n for n in node.input if n in constants and constants[n].size == 1]
+        users = consumers.get(node.output[0], [])
+        if len(scores) != 1 or len(scale) != 1 or [u.op_type for u in users] != ["Add"]:
+            continue
+        value = constants[scale[0]]
+        name = f"{node.name}_divisor"
+        divisor = np.array(1.0 / value.reshape(-1)[0].astype(np.float64), value.dtype)
+        graph.initializer.append(numpy_helper.from_array(divisor.reshape(value.shape), name))
+        node.op_type = "Div"
+        node.input[:] = [scores[0], name]
+
+
+def prepare_attention_fusion(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite two spots of the exported graph, each exactly equivalent, into the forms
+    onnxruntime's BERT optimizer fuses into one Attention operator per layer (its pattern
+    matcher, fusion_attention.py, predates transformers 5 and the dynamo exporter). Without
+    them `optimize_model` still fuses layer norms and GELU but leaves attention as ~15 ops.
+    """
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    _single_axis_unsqueezes(graph, constants)
+    _scores_scaled_by_division(graph, constants)
+    return model
+
+
+def fused_attention_count(model: onnx.ModelProto) -> int:
+    return sum(node.op_type in ("Attention", "QAttention") for node in model.graph.node)
+
+
+def make_variant(folder: Path, variant: str, num_heads: int, hidden_size: int) -> int:
+    """Replace folder/model.onnx (+ .data) by the fused fp16 or int8 graph; return how many
+    layers' attention was fused into one operator."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
     source = folder / "model.onnx"
-    fused = optimize_model(str(source), model_type="bert", num_heads=num_heads,
-                           hidden_size=hidden_size, opt_level=0)
+    fused = optimize_model(prepare_attention_fusion(onnx.load(source)), model_type="bert",
+                           num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
     if variant == "fp16":
         fused.convert_float_to_float16(keep_io_types=True)
     staged = folder / ".variant.onnx"
@@ -76,10 +151,12 @@ def make_variant(folder: Path, variant: str, num_heads: int, hidden_size: int) -
         quantize_dynamic(staged, quantized, weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         os.replace(quantized, staged)
+    fused_layers = fused_attention_count(onnx.load(staged))
     os.replace(staged, source)
     data = folder / "model.onnx.data"
     if data.exists():
         data.unlink()  # the variant holds its weights inline (well under 2 GB)
+    return fused_layers
 
 
 def _providers(variant: str) -> list[str]:
