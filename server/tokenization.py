@@ -40,7 +40,6 @@ class TextTokenizer:
 
     def __init__(self, path: Path, max_length: int) -> None:
         self.max_length = max_length
-        self._plain = self._load(path)
         self._truncating = {}
         for side in ("right", "left"):
             tok = self._load(path)
@@ -60,28 +59,30 @@ class TextTokenizer:
     def encode(
         self, texts: Sequence[str], truncate: bool, direction: str = "right"
     ) -> list[Encoded]:
-        """Encode a batch; raise InputTooLong naming the first text over the limit."""
-        encodings = self._plain.encode_batch(list(texts))
-        over = [i for i, enc in enumerate(encodings) if len(enc.ids) > self.max_length]
-        if over and not truncate:
-            i = over[0]
-            raise InputTooLong(
-                f"texts[{i}] is {len(encodings[i].ids)} tokens, over this model's limit of "
-                f"{self.max_length}; shorten it or set truncate"
-            )
-        full_lengths = {i: len(encodings[i].ids) for i in over}
-        if over:
-            redone = self._truncating[direction].encode_batch([texts[i] for i in over])
-            for i, enc in zip(over, redone, strict=True):
-                encodings[i] = enc
+        """Encode a batch in one pass; raise InputTooLong naming the first text over the limit.
+
+        The truncating tokenizer keeps what it cut in `overflowing` (each piece with its own
+        special tokens), so the full length comes from the same pass: texts over the limit
+        are not tokenized twice (at 128 tokens, three news texts in four are).
+        """
+        encodings = self._truncating[direction].encode_batch(list(texts))
+        cut = [sum(len(piece.ids) - sum(piece.special_tokens_mask) for piece in enc.overflowing)
+               for enc in encodings]
+        if not truncate:
+            over = next((i for i, n in enumerate(cut) if n), None)
+            if over is not None:
+                raise InputTooLong(
+                    f"texts[{over}] is {len(encodings[over].ids) + cut[over]} tokens, over this "
+                    f"model's limit of {self.max_length}; shorten it or set truncate"
+                )
         return [
             Encoded(
                 ids=np.asarray(enc.ids, dtype=np.int64),
                 type_ids=np.asarray(enc.type_ids, dtype=np.int64),
-                truncated_tokens=full_lengths.get(i, len(enc.ids)) - len(enc.ids),
+                truncated_tokens=n,
                 encoding=enc,
             )
-            for i, enc in enumerate(encodings)
+            for enc, n in zip(encodings, cut, strict=True)
         ]
 
     async def encode_async(

@@ -1,0 +1,50 @@
+"""One-pass truncation: lengths and ids equal to tokenizing in full, then truncating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from bertstream.server.errors import InputTooLong
+from bertstream.server.tokenization import TextTokenizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+WORDS = st.sampled_from(["央行", "宣布", "降准", "股市", "，", "iPhone", "15", "售价", "5999元",
+                         "暴雨", "救援", "。", "the", "market", "\u200b", "😀", "龘"])
+TEXTS = st.lists(WORDS, min_size=1, max_size=400).map("".join)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(model_repository: Path) -> Path:
+    return model_repository / "tiny-embed" / "1" / "tokenizer.json"
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(TEXTS, min_size=1, max_size=8), max_length=st.sampled_from([8, 16, 64]),
+       direction=st.sampled_from(["right", "left"]))
+def test_one_pass_matches_full_then_truncated(tokenizer_path: Path, texts: list[str],
+                                              max_length: int, direction: str) -> None:
+    plain = Tokenizer.from_file(str(tokenizer_path))
+    plain.no_truncation()
+    reference = Tokenizer.from_file(str(tokenizer_path))
+    reference.enable_truncation(max_length, direction=direction)
+    encoded = TextTokenizer(tokenizer_path, max_length).encode(texts, True, direction)
+    for text, got in zip(texts, encoded, strict=True):
+        full = len(plain.encode(text).ids)
+        assert got.ids.tolist() == reference.encode(text).ids
+        assert got.length == min(full, max_length)
+        assert got.truncated_tokens == max(0, full - max_length)
+
+
+def test_too_long_without_truncate_names_the_full_length(tokenizer_path: Path) -> None:
+    plain = Tokenizer.from_file(str(tokenizer_path))
+    plain.no_truncation()
+    text = "央行宣布降准，股市应声大涨。" * 40  # several overflow pieces at 16 tokens
+    full = len(plain.encode(text).ids)
+    tokenizer = TextTokenizer(tokenizer_path, 16)
+    with pytest.raises(InputTooLong, match=rf"texts\[1\] is {full} tokens, over .* of 16"):
+        tokenizer.encode(["短文本", text], False)
+    assert [e.truncated_tokens for e in tokenizer.encode(["短文本", text], True)] == [0, full - 16]
