@@ -121,7 +121,8 @@ class Pipeline:
             assert mv.loaded is not None
             prefix = _prefix(mv.loaded.config, task)
             encoded = await mv.loaded.tokenizer.encode_async(
-                self._pool, [prefix + t for t in texts], text.truncate, text.direction
+                self._pool, [prefix + t for t in texts], text.truncate, text.direction,
+                keep_encoding=True,
             )
             return mv, encoded
 

@@ -190,15 +190,17 @@ class BertServicer(pb_grpc.BertServiceServicer):
             raise InvalidInput(f"unknown task {request.task}")
         mv, encoded = await self.pipeline.tokenize(
             request.model, request.version, request.texts, _text_options(request), task)
+        encodings = [e.encoding for e in encoded if e.encoding is not None]
+        assert len(encodings) == len(encoded), "Pipeline.tokenize keeps the encodings"
         results = [
             pb.TokenizedText(
-                tokens=e.encoding.tokens, ids=e.encoding.ids,
-                offset_starts=[s for s, _ in e.encoding.offsets],
-                offset_ends=[t for _, t in e.encoding.offsets],
+                tokens=enc.tokens, ids=enc.ids,
+                offset_starts=[s for s, _ in enc.offsets],
+                offset_ends=[t for _, t in enc.offsets],
                 usage=pb.TextUsage(token_count=e.length, truncated=e.truncated_tokens > 0,
                                    truncated_tokens=e.truncated_tokens),
             )
-            for e in encoded
+            for e, enc in zip(encoded, encodings, strict=True)
         ]
         assert mv.loaded is not None
         return pb.TokenizeResponse(model=mv.model, version=mv.version, results=results,

@@ -24,17 +24,24 @@ def tokenizer_path(model_repository: Path) -> Path:
 @settings(max_examples=60, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(TEXTS, min_size=1, max_size=8), max_length=st.sampled_from([8, 16, 64]),
-       direction=st.sampled_from(["right", "left"]))
+       direction=st.sampled_from(["right", "left"]), keep=st.booleans())
 def test_one_pass_matches_full_then_truncated(tokenizer_path: Path, texts: list[str],
-                                              max_length: int, direction: str) -> None:
+                                              max_length: int, direction: str,
+                                              keep: bool) -> None:
     plain = Tokenizer.from_file(str(tokenizer_path))
     plain.no_truncation()
     reference = Tokenizer.from_file(str(tokenizer_path))
     reference.enable_truncation(max_length, direction=direction)
-    encoded = TextTokenizer(tokenizer_path, max_length).encode(texts, True, direction)
+    encoded = TextTokenizer(tokenizer_path, max_length).encode(texts, True, direction, keep)
     for text, got in zip(texts, encoded, strict=True):
         full = len(plain.encode(text).ids)
-        assert got.ids.tolist() == reference.encode(text).ids
+        expected = reference.encode(text)
+        assert got.ids.tolist() == expected.ids
+        assert got.type_ids.tolist() == expected.type_ids
+        if keep:  # the Tokenize rpc's tokens and offsets
+            assert got.encoding is not None and got.encoding.offsets == expected.offsets
+        else:
+            assert got.encoding is None
         assert got.length == min(full, max_length)
         assert got.truncated_tokens == max(0, full - max_length)
 
