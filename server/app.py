@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -129,6 +130,14 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     )
 
 
+def _freeze_startup_objects() -> None:
+    """Move what start-up built (modules, protobuf descriptors, sessions, tokenizers) out of
+    the cyclic garbage collector's reach: it lives as long as the process, and full passes
+    over it took a fifth of the event loop's time at a few thousand texts per second."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(options: ServerOptions) -> None:
     """Load the repository, serve until SIGTERM/SIGINT, then drain and return."""
     health_servicer = health.aio.HealthServicer()
@@ -186,6 +195,7 @@ async def serve(options: ServerOptions) -> None:
     if port == 0:
         raise SystemExit(f"cannot bind {options.host}:{options.port}")
     await server.start()
+    _freeze_startup_objects()
     serving = True
     await publish_health(health_servicer, manager, serving=True)
     for name, versions in sorted(manager.versions.items()):

@@ -498,8 +498,15 @@ async def _close(mv: ModelVersion) -> None:
 
 def _release_memory() -> None:
     """Hand a released session's memory back to the OS: collect cycles, then ask glibc to
-    return freed heap pages (onnxruntime frees through malloc, which keeps them otherwise)."""
+    return freed heap pages (onnxruntime frees through malloc, which keeps them otherwise).
+    Start-up objects are frozen out of the collector (app.py); they are thawed for this pass,
+    so a version loaded at start-up is collected too, then what is still alive is frozen again."""
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
     gc.collect()
+    if frozen:
+        gc.freeze()
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
