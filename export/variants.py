@@ -105,6 +105,8 @@ def _scores_scaled_by_division(graph: onnx.GraphProto, constants: dict[str, np.n
         if len(scores) != 1 or len(scale) != 1 or [u.op_type for u in users] != ["Add"]:
             continue
         value = constants[scale[0]]
+        if not np.issubdtype(value.dtype, np.floating) or not value.reshape(-1)[0]:
+            continue
         name = f"{node.name}_divisor"
         divisor = np.array(1.0 / value.reshape(-1)[0].astype(np.float64), value.dtype)
         graph.initializer.append(numpy_helper.from_array(divisor.reshape(value.shape), name))
@@ -113,7 +115,8 @@ def _scores_scaled_by_division(graph: onnx.GraphProto, constants: dict[str, np.n
 
 
 def prepare_attention_fusion(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite two spots of the exported graph, each exactly equivalent, into the forms
+    """Rewrite two spots of the exported graph, each equivalent (the division up to float
+    rounding, exact when the scale is a power of two), into the forms
     onnxruntime's BERT optimizer fuses into one Attention operator per layer (its pattern
     matcher, fusion_attention.py, predates transformers 5 and the dynamo exporter). Without
     them `optimize_model` still fuses layer norms and GELU but leaves attention as ~15 ops.

@@ -58,7 +58,9 @@ LEAK = re.compile(
 )
 # The server quotes what the caller sent (repr), so a model named "AError" comes back as
 # 'AError': the caller's own text, not a leak. Quoted spans are left out of the LEAK check.
-QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+# Apostrophes inside words ("model's", "can't") are not quotes.
+QUOTED = re.compile(r"(?<![A-Za-z])'(?:[^'\\]|\\.)*'(?![A-Za-z])|"
+                    r'(?<![A-Za-z])"(?:[^"\\]|\\.)*"(?![A-Za-z])')
 
 # Characters that break naive text handling: controls, format (zero-width, bidi overrides,
 # BOM), combining marks, separators, RTL scripts, emoji with joiners, CJK, plane ends.

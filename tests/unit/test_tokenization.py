@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 WORDS = st.sampled_from(["央行", "宣布", "降准", "股市", "，", "iPhone", "15", "售价", "5999元",
-                         "暴雨", "救援", "。", "the", "market", "\u200b", "😀", "龘"])
+                         "暴雨", "救援", "。", "the", "market", "\u200b", "😀", "龘",
+                         "[SEP]", "[CLS]", "[PAD]", " "])
 TEXTS = st.lists(WORDS, min_size=1, max_size=400).map("".join)
 
 
