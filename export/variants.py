@@ -144,6 +144,7 @@ def make_variant(folder: Path, variant: str, num_heads: int, hidden_size: int) -
     source = folder / "model.onnx"
     fused = optimize_model(prepare_attention_fusion(onnx.load(source)), model_type="bert",
                            num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    fused_layers = fused_attention_count(fused.model)  # int8 turns each into a QAttention
     if variant == "fp16":
         fused.convert_float_to_float16(keep_io_types=True)
     staged = folder / ".variant.onnx"
@@ -154,7 +155,6 @@ def make_variant(folder: Path, variant: str, num_heads: int, hidden_size: int) -
         quantize_dynamic(staged, quantized, weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         os.replace(quantized, staged)
-    fused_layers = fused_attention_count(onnx.load(staged))
     os.replace(staged, source)
     data = folder / "model.onnx.data"
     if data.exists():
