@@ -27,7 +27,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -45,6 +44,7 @@ from bertstream.server.tokenization import TextTokenizer
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from server_process import ServerProcess
 
 RESULTS = Path(__file__).parent / "results"
 SHORT_TEXT = "央行宣布降准，股市应声大涨"
@@ -110,41 +110,17 @@ class Raw:
         return times[5:]
 
 
-class Server:
-    def __init__(self, repository: Path, model: str, args: argparse.Namespace) -> None:
-        cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", "0", "--default-model", model,
-               "--device", args.device, "--log-level", "WARNING", "--metrics-port", "0"]
-        if args.threads:
-            cmd += ["--intra-op-threads", str(args.threads)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("bertstream metrics on "):
-                self.metrics_url = f"http://{line.split()[-1]}/metrics"
-            if line.startswith("bertstream serving on "):
-                self.address = line.split()[-1]
-                break
-        else:
-            sys.exit("bench: the server did not start")
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-
-    def batch_counters(self) -> dict[str, float]:
-        """The server's own batch counters (Prometheus text), summed over models."""
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-            text = response.read().decode("utf-8")
-        totals = dict.fromkeys(BATCH_COUNTERS.values(), 0.0)
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                key = BATCH_COUNTERS.get((sample.name, sample.labels.get("kind", "")))
-                if key is not None:
-                    totals[key] += sample.value
-        return totals
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+def batch_counters(metrics_url: str) -> dict[str, float]:
+    """The server's own batch counters (Prometheus text), summed over models."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode("utf-8")
+    totals = dict.fromkeys(BATCH_COUNTERS.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = BATCH_COUNTERS.get((sample.name, sample.labels.get("kind", "")))
+            if key is not None:
+                totals[key] += sample.value
+    return totals
 
 
 # (sample name, "kind" label) -> what bench records: to tell a slow runtime from thin batches.
@@ -273,14 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     figures["raw_single_p99_ms"] = percentile(raw_latency, 99) * 1e3
     del raw  # free the session before the server loads its own
 
-    server = Server(args.model_repository, args.model, args)
+    flags = ["--default-model", args.model, "--device", args.device, "--log-level", "WARNING"]
+    if args.threads:
+        flags += ["--intra-op-threads", str(args.threads)]
+    server = ServerProcess(args.model_repository, flags, "bench")
     try:
         stream_throughput(server.address, args.model, texts[:64], 1, args.per_message)  # warm
-        before = server.batch_counters()
+        before = batch_counters(server.metrics_url)
         speed = stream_throughput(server.address, args.model, texts, args.feeds,
                                   args.per_message)
         figures["service_stream_texts_per_s"] = speed
-        figures.update(batch_figures(before, server.batch_counters(), len(texts) / speed,
+        figures.update(batch_figures(before, batch_counters(server.metrics_url), len(texts) / speed,
                                      "service_stream"))
         service_latency = unary_latency(server.address, args.model, args.latency_runs)
     finally:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -120,33 +121,6 @@ def _ensure_repository(repository: Path, model: str, labels_model: str) -> None:
                         "positive,neutral,negative"], check=True)
 
 
-class Server:
-    def __init__(self, repository: Path, extra: list[str]) -> None:
-        cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", "0", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: list[str] = []
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("bertstream serving on "):
-                self.address = line.split(" on ", 1)[1].strip()
-                break
-        else:
-            sys.exit("soak: the server did not start:\n" + "".join(self.lines[-30:]))
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(60)
-
-
 def _quarters(times: np.ndarray, start: float, end: float) -> list[np.ndarray]:
     edges = np.linspace(start, end, 5)
     return [(times >= lo) & (times <= hi) for lo, hi in itertools.pairwise(edges)]
@@ -168,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     _ensure_repository(a.model_repository, a.model, a.classify_model)
-    server = Server(a.model_repository, a.server_flag)
+    server = ServerProcess(a.model_repository, a.server_flag, "soak")
     pid = server.proc.pid
     samples: list[tuple[float, float, int, int]] = []
     stop = threading.Event()
