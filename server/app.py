@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .runtime import RuntimeOptions
 from .security import AuthInterceptor, TokenTable, server_credentials
 from .servicer import BertServicer
+from .shutdown import ShutdownGate
 from .watcher import StabilityTracker
 
 __all__ = ["ServerOptions", "main", "serve"]
@@ -153,14 +154,15 @@ async def serve(options: ServerOptions) -> None:
     tokenize_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="tokenize")
     pipeline = Pipeline(manager, options.limits, tokenize_pool)
 
-    interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
+    gate = ShutdownGate()  # counts running calls; refuses new ones once draining
+    interceptors: list[grpc.aio.ServerInterceptor] = [gate, DecodeGuard()]
     if options.auth:  # first: a refused call never reaches the decode guard or a servicer
         interceptors.insert(0, AuthInterceptor(options.auth))
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", options.max_receive_mb * MiB),
         ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),
     ])
-    draining = asyncio.Event()  # set on SIGTERM: streams stop reading and end after answering
+    draining = gate.draining  # set on SIGTERM: streams stop reading and end after answering
     bertstream_pb2_grpc.add_BertServiceServicer_to_server(
         BertServicer(pipeline, options.stream_window, options.model_control_mode, metrics,
                      draining), server)
@@ -223,8 +225,11 @@ async def serve(options: ServerOptions) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await poller
     await health_servicer.enter_graceful_shutdown()
-    draining.set()
-    await server.stop(options.grace_period_s)
+    # Running calls end before any connection closes (see shutdown.py for why).
+    grace_left = await gate.drain(options.grace_period_s)
+    if gate.running:
+        log.warning("grace period over: cancelling %d calls still running", gate.running)
+    await server.stop(grace_left)
     await manager.close()
     tokenize_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -19,6 +19,7 @@ __all__ = [
     "ModelNotReady",
     "Overloaded",
     "PermissionDenied",
+    "ShuttingDown",
     "Unauthenticated",
     "Unsupported",
     "WrongControlMode",
@@ -64,6 +65,12 @@ class WrongControlMode(BertstreamError):
 
 class Overloaded(BertstreamError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ShuttingDown(BertstreamError):
+    """A call that reached the server after SIGTERM (server/shutdown.py): try another replica."""
+
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 class Unauthenticated(BertstreamError):

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from .errors import PermissionDenied, Unauthenticated
+from .handlers import is_probe, refusal
 
 __all__ = ["ADMIN", "INFERENCE", "AuthInterceptor", "TokenTable", "server_credentials"]
 
@@ -34,12 +35,6 @@ ADMIN = "admin"
 SCOPES = (INFERENCE, ADMIN)
 OPEN = "open"
 
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-_OPEN_METHODS = frozenset({
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
-    "/inference.GRPCInferenceService/ModelReady",
-})
 _ADMIN_METHODS = frozenset({
     "/bertstream.v1.BertService/LoadModel",
     "/bertstream.v1.BertService/UnloadModel",
@@ -51,7 +46,7 @@ _ADMIN_METHODS = frozenset({
 
 def required_scope(method: str) -> str:
     """The scope a full method name ("/pkg.Service/Method") needs; OPEN for health."""
-    if method in _OPEN_METHODS or method.startswith(_OPEN_PREFIXES):
+    if is_probe(method):
         return OPEN
     return ADMIN if method in _ADMIN_METHODS else INFERENCE
 
@@ -123,29 +118,6 @@ class TokenTable:
             raise PermissionDenied(f"{name} needs a token with the admin scope")
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
-             message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only aborts with (code, message)."""
-
-    async def unary(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    async def streaming(request: object,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        await context.abort(code, message)
-        yield  # makes this an async generator, as response-streaming handlers must be
-
-    # No deserializer: a refused caller's bytes are never parsed, whatever their size.
-    args = (None, handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, *args)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, *args)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, *args)
-    return grpc.unary_unary_rpc_method_handler(unary, *args)
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks the bearer token of every call before its handler runs."""
 
@@ -168,7 +140,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             # DEBUG: an unauthenticated caller must not be able to flood the log. The reason
             # is logged, never the token.
             log.debug("refused %s: %s", method, exc)
-            return _refusal(handler, exc.code, str(exc))
+            return refusal(handler, exc.code, str(exc))
         return handler
 
 

@@ -1,0 +1,115 @@
+"""Graceful shutdown on SIGTERM: refuse new work, let admitted calls end, then close.
+
+grpc.aio's `server.stop(grace)` closes every connection the moment its last call ends. A
+caller still writing into a stream that has just ended then meets a TCP reset, and the reset
+can throw away what sat unread in the caller's socket: the stream's last answers and its
+status. The caller saw "Stream removed (Broken pipe)" instead of "shutting down", and could not
+tell which messages were answered. So the server stops in steps, as Triton and TEI do:
+
+1. `draining` is set: health reports NOT_SERVING, new calls (all but probes) are refused
+   UNAVAILABLE by `ShutdownGate`, and open streams stop reading, answer what they read and
+   end UNAVAILABLE (streams.py);
+2. the gate waits until no admitted call is running (at most the grace period), then a short
+   linger lets the last statuses reach their callers, who stop writing;
+3. only then `server.stop` closes the connections, with what is left of the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from .errors import ShuttingDown
+from .handlers import is_probe, refusal
+
+__all__ = ["ShutdownGate"]
+
+# Loopback and LAN round trips are far below this; it bounds what a stop costs.
+LINGER_S = 0.25
+
+
+class ShutdownGate(grpc.aio.ServerInterceptor):
+    """Counts running calls, refuses new ones once `draining` is set, and waits for the
+    count to reach zero."""
+
+    def __init__(self) -> None:
+        self.draining = asyncio.Event()
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or is_probe(handler_call_details.method):  # type: ignore[attr-defined]
+            return handler
+        if self.draining.is_set():
+            error = ShuttingDown("server is shutting down; send this call to another replica")
+            return refusal(handler, error.code, str(error))
+        return self._counted(handler)
+
+    async def drain(self, grace_s: float, linger_s: float = LINGER_S) -> float:
+        """Refuse new calls and wait for the running ones (at most `grace_s`), then linger.
+        Returns the seconds of grace left for `server.stop`."""
+        started = time.monotonic()
+        self.draining.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            return 0.0
+        await asyncio.sleep(linger_s)
+        return max(0.0, grace_s - (time.monotonic() - started))
+
+    def _enter(self) -> None:
+        self._running += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+
+    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The same handler, its behaviour bracketed by enter / leave (also when cancelled)."""
+        if handler.response_streaming:
+            behaviour = handler.stream_stream if handler.request_streaming \
+                else handler.unary_stream
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext,
+                                ) -> AsyncIterator[Any]:
+                self._enter()
+                try:  # aclosing: a caller who leaves closes the inner stream now, not at GC
+                    async with contextlib.aclosing(behaviour(request, context)) as responses:
+                        async for response in responses:
+                            yield response
+                finally:
+                    self._leave()
+
+            make = grpc.stream_stream_rpc_method_handler if handler.request_streaming \
+                else grpc.unary_stream_rpc_method_handler
+            return make(streaming, handler.request_deserializer, handler.response_serializer)
+
+        behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._enter()
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._leave()
+
+        make = grpc.stream_unary_rpc_method_handler if handler.request_streaming \
+            else grpc.unary_unary_rpc_method_handler
+        return make(unary, handler.request_deserializer, handler.response_serializer)
