@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .runtime import RuntimeOptions
 from .security import AuthInterceptor, TokenTable, server_credentials
 from .servicer import BertServicer
-from .shutdown import ShutdownGate
+from .shutdown import CLOSE_GRACE_S, ShutdownGate
 from .watcher import StabilityTracker
 
 __all__ = ["ServerOptions", "main", "serve"]
@@ -226,12 +226,15 @@ async def serve(options: ServerOptions) -> None:
             await poller
     await health_servicer.enter_graceful_shutdown()
     # Running calls end before any connection closes (see shutdown.py for why).
-    grace_left = await gate.drain(options.grace_period_s)
-    if gate.running:
-        log.warning("grace period over: cancelling %d calls still running", gate.running)
-    await server.stop(grace_left)
-    await manager.close()
-    tokenize_pool.shutdown(wait=False, cancel_futures=True)
+    grace_left = 0.0
+    try:
+        grace_left = await gate.drain(options.grace_period_s)
+        if gate.running:
+            log.warning("grace period over: cancelling %d calls still running", gate.running)
+    finally:
+        await server.stop(min(grace_left, CLOSE_GRACE_S))
+        await manager.close()
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _initial_load(manager: ModelManager, options: ServerOptions) -> None:

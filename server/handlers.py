@@ -18,8 +18,10 @@ _PROBE_METHODS = frozenset({
 
 
 def is_probe(method: str) -> bool:
-    """Health, reflection and KServe liveness / readiness: calls that do no model work, which
-    stay open without a token and keep answering while the server drains."""
+    """Health, reflection and KServe liveness / readiness: calls that do no model work.
+
+    One list for two policies on purpose: probes need no token (security.py) and keep
+    answering while the server drains (shutdown.py). A call added here gets both."""
     return method in _PROBE_METHODS or method.startswith(_PROBE_PREFIXES)
 
 

@@ -11,13 +11,16 @@ tell which messages were answered. So the server stops in steps, as Triton and T
    end UNAVAILABLE (streams.py);
 2. the gate waits until no admitted call is running (at most the grace period), then a short
    linger lets the last statuses reach their callers, who stop writing;
-3. only then `server.stop` closes the connections, with what is left of the grace period.
+3. only then `server.stop` closes the connections. Probe streams (health Watch) are not
+   counted and would hold `server.stop` for its whole grace, so when no admitted call is
+   left it gets at most `CLOSE_GRACE_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,10 +30,12 @@ import grpc
 from .errors import ShuttingDown
 from .handlers import is_probe, refusal
 
-__all__ = ["ShutdownGate"]
+__all__ = ["CLOSE_GRACE_S", "ShutdownGate"]
 
 # Loopback and LAN round trips are far below this; it bounds what a stop costs.
 LINGER_S = 0.25
+# server.stop's grace once every admitted call has ended: what is left are probe streams.
+CLOSE_GRACE_S = 1.0
 
 
 class ShutdownGate(grpc.aio.ServerInterceptor):
@@ -45,6 +50,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
 
     @property
     def running(self) -> int:
+        """Admitted calls whose handler has not returned yet (probes are not counted)."""
         return self._running
 
     async def intercept_service(
@@ -63,14 +69,18 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
     async def drain(self, grace_s: float, linger_s: float = LINGER_S) -> float:
         """Refuse new calls and wait for the running ones (at most `grace_s`), then linger.
         Returns the seconds of grace left for `server.stop`."""
-        started = time.monotonic()
+        deadline = time.monotonic() + grace_s
         self.draining.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        except TimeoutError:
-            return 0.0
-        await asyncio.sleep(linger_s)
-        return max(0.0, grace_s - (time.monotonic() - started))
+        # A unary call is counted once its request has arrived, so one admitted just before
+        # the drain can start during the linger: wait again until none runs after it.
+        while True:
+            try:  # asyncio.TimeoutError: the builtin TimeoutError only from Python 3.11
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return 0.0
+            await asyncio.sleep(linger_s)
+            if not self._running:
+                return max(0.0, deadline - time.monotonic())
 
     def _enter(self) -> None:
         self._running += 1
@@ -86,6 +96,8 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             behaviour = handler.stream_stream if handler.request_streaming \
                 else handler.unary_stream
+            if not inspect.isasyncgenfunction(behaviour):  # writes with context.write
+                return self._counted_coroutine(handler, behaviour)
 
             async def streaming(request: Any, context: grpc.aio.ServicerContext,
                                 ) -> AsyncIterator[Any]:
@@ -102,14 +114,24 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
             return make(streaming, handler.request_deserializer, handler.response_serializer)
 
         behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        return self._counted_coroutine(handler, behaviour)
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def _counted_coroutine(self, handler: grpc.RpcMethodHandler,
+                           behaviour: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
+        """A handler whose behaviour is a coroutine (any unary response, or a stream written
+        with context.write), bracketed by enter / leave."""
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self._enter()
             try:
                 return await behaviour(request, context)
             finally:
                 self._leave()
 
-        make = grpc.stream_unary_rpc_method_handler if handler.request_streaming \
-            else grpc.unary_unary_rpc_method_handler
-        return make(unary, handler.request_deserializer, handler.response_serializer)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return make(counted, handler.request_deserializer, handler.response_serializer)
