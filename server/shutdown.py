@@ -9,8 +9,9 @@ tell which messages were answered. So the server stops in steps, as Triton and T
 1. `draining` is set: health reports NOT_SERVING, new calls (all but probes) are refused
    UNAVAILABLE by `ShutdownGate`, and open streams stop reading, answer what they read and
    end UNAVAILABLE (streams.py);
-2. the gate waits until no admitted call is running (at most the grace period), then a short
-   linger lets the last statuses reach their callers, who stop writing;
+2. the gate waits until no admitted call is running and no call has come in for a short
+   linger (at most the grace period): the last statuses reach their callers, who stop
+   writing, and calls already sent get the gate's UNAVAILABLE, not server.stop's CANCELLED;
 3. only then `server.stop` closes the connections. Probe streams (health Watch) are not
    counted and would hold `server.stop` for its whole grace, so when no admitted call is
    left it gets at most `CLOSE_GRACE_S`.
@@ -32,8 +33,9 @@ from .handlers import is_probe, refusal
 
 __all__ = ["CLOSE_GRACE_S", "ShutdownGate"]
 
-# Loopback and LAN round trips are far below this; it bounds what a stop costs.
-LINGER_S = 0.25
+# Quiet time before closing: loopback and LAN round trips are far below it, and it leaves
+# room for a busy event loop to refuse calls already sent.
+LINGER_S = 0.5
 # server.stop's grace once every admitted call has ended: what is left are probe streams.
 CLOSE_GRACE_S = 1.0
 
@@ -47,6 +49,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_call = 0.0  # monotonic time the last non-probe call came in
 
     @property
     def running(self) -> int:
@@ -61,6 +64,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or is_probe(handler_call_details.method):  # type: ignore[attr-defined]
             return handler
+        self._last_call = time.monotonic()
         if self.draining.is_set():
             error = ShuttingDown("server is shutting down; send this call to another replica")
             return refusal(handler, error.code, str(error))
@@ -71,16 +75,24 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
         Returns the seconds of grace left for `server.stop`."""
         deadline = time.monotonic() + grace_s
         self.draining.set()
+        # Done when no call runs and none has come in (admitted or refused) for `linger_s`.
         # A unary call is counted once its request has arrived, so one admitted just before
-        # the drain can start during the linger: wait again until none runs after it.
+        # the drain can start during the linger; and a caller that sends its next call as
+        # soon as one is answered must get its refusal before server.stop, which would
+        # cancel that call (CANCELLED) instead of letting the gate answer it UNAVAILABLE.
         while True:
             try:  # asyncio.TimeoutError: the builtin TimeoutError only from Python 3.11
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 return 0.0
-            await asyncio.sleep(linger_s)
+            quiet_until = max(time.monotonic(), self._last_call) + linger_s
+            while (now := time.monotonic()) < min(quiet_until, deadline):
+                await asyncio.sleep(min(quiet_until, deadline) - now)
+                quiet_until = self._last_call + linger_s
             if not self._running:
                 return max(0.0, deadline - time.monotonic())
+            if time.monotonic() >= deadline:
+                return 0.0
 
     def _enter(self) -> None:
         self._running += 1
