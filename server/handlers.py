@@ -1,13 +1,23 @@
-"""gRPC method handlers made by interceptors: which calls are probes, and a refusal of any
-shape. Shared by the token check (security.py) and the shutdown gate (shutdown.py)."""
+"""gRPC method handlers made by interceptors: which calls are probes, a handler of the same
+shape with another behaviour, and a refusal of any shape. Shared by the token check
+(security.py) and the shutdown gate (shutdown.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
-__all__ = ["is_probe", "refusal"]
+__all__ = ["behaviour_of", "is_probe", "refusal", "with_behaviour"]
+
+# (request streaming, response streaming) -> the grpc function that builds such a handler.
+_MAKERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 _PROBE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _PROBE_METHODS = frozenset({
@@ -25,6 +35,21 @@ def is_probe(method: str) -> bool:
     return method in _PROBE_METHODS or method.startswith(_PROBE_PREFIXES)
 
 
+def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The one behaviour a handler carries, whatever its shape."""
+    return (handler.unary_unary or handler.unary_stream or handler.stream_unary
+            or handler.stream_stream)
+
+
+def with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any],
+                   parse_requests: bool = True) -> grpc.RpcMethodHandler:
+    """A handler of the same shape and serializers as `handler`, running `behaviour`
+    (without the request deserializer when `parse_requests` is False)."""
+    make = _MAKERS[(handler.request_streaming, handler.response_streaming)]
+    parse = handler.request_deserializer if parse_requests else None
+    return make(behaviour, parse, handler.response_serializer)
+
+
 def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
             message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only aborts with (code, message)."""
@@ -38,11 +63,5 @@ def refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
         yield  # makes this an async generator, as response-streaming handlers must be
 
     # No deserializer: a refused caller's bytes are never parsed, whatever their size.
-    args = (None, handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, *args)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, *args)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, *args)
-    return grpc.unary_unary_rpc_method_handler(unary, *args)
+    return with_behaviour(handler, streaming if handler.response_streaming else unary,
+                          parse_requests=False)

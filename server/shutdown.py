@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from .errors import ShuttingDown
-from .handlers import is_probe, refusal
+from .handlers import behaviour_of, is_probe, refusal, with_behaviour
 
 __all__ = ["CLOSE_GRACE_S", "ShutdownGate"]
 
@@ -104,12 +104,10 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
             self._idle.set()
 
     def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The same handler, its behaviour bracketed by enter / leave (also when cancelled)."""
-        if handler.response_streaming:
-            behaviour = handler.stream_stream if handler.request_streaming \
-                else handler.unary_stream
-            if not inspect.isasyncgenfunction(behaviour):  # writes with context.write
-                return self._counted_coroutine(handler, behaviour)
+        """The same handler, its behaviour bracketed by enter / leave (also when cancelled).
+        A response stream is an async generator, or a coroutine that uses context.write."""
+        behaviour = behaviour_of(handler)
+        if inspect.isasyncgenfunction(behaviour):
 
             async def streaming(request: Any, context: grpc.aio.ServicerContext,
                                 ) -> AsyncIterator[Any]:
@@ -121,17 +119,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
                 finally:
                     self._leave()
 
-            make = grpc.stream_stream_rpc_method_handler if handler.request_streaming \
-                else grpc.unary_stream_rpc_method_handler
-            return make(streaming, handler.request_deserializer, handler.response_serializer)
-
-        behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
-        return self._counted_coroutine(handler, behaviour)
-
-    def _counted_coroutine(self, handler: grpc.RpcMethodHandler,
-                           behaviour: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
-        """A handler whose behaviour is a coroutine (any unary response, or a stream written
-        with context.write), bracketed by enter / leave."""
+            return with_behaviour(handler, streaming)
 
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self._enter()
@@ -140,10 +128,4 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
             finally:
                 self._leave()
 
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return make(counted, handler.request_deserializer, handler.response_serializer)
+        return with_behaviour(handler, counted)
