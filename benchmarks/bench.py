@@ -12,7 +12,13 @@ Measures, in one run:
       the texts per batch, real / padded tokens and how busy the runtime was, to tell thin or
       padded batches from a slow pipeline;
   (c) single short text latency at low load: unary Embed one at a time vs session.run on one
-      text, p50 and p99.
+      text, p50 and p99;
+  (d) the stage budget of (b) and (c): CPU microseconds per text for each stage, serial or
+      parallel, and the ceiling each implies (stage_budget.py), beside what the tokenizer
+      alone costs on the same texts in this process.
+With --fake-device SPEC (server/fakedevice.py) nothing computes: batches sleep for the time a
+profiled GPU would take, so "raw" is the fake device's own capacity and the service's share
+of it says whether the pipeline could feed that card.
 Prints a table and writes JSON (device, CPU count, model, settings, figures) to
 benchmarks/results/. The machines are shared and noisy: compare the ratios of one run.
 """
@@ -37,8 +43,10 @@ from typing import Any
 import grpc
 import numpy as np
 import onnxruntime as ort
+import stage_budget
 from bertstream.client.news import news_text
 from bertstream.server import config as model_config
+from bertstream.server.fakedevice import FakeDevicePool, parse_spec
 from bertstream.server.runtime import Batch, Runtime, RuntimeOptions, pick_providers
 from bertstream.server.tokenization import TextTokenizer
 from bertstream.v1 import bertstream_pb2 as pb
@@ -72,14 +80,39 @@ def percentile(values: list[float], q: float) -> float:
 class Raw:
     """The model's own graph and tokenizer, run the way the server runs them, minus the server."""
 
-    def __init__(self, version_dir: Path, threads: int, device: str) -> None:
+    def __init__(self, version_dir: Path, options: RuntimeOptions) -> None:
         self.config = model_config.load(version_dir.parent)
         self.output = f"mean_layer{self.config.default_pooling_layer}"
         self.prefix = self.config.embed_prefix
         self.tokenizer = TextTokenizer(version_dir / "tokenizer.json",
                                        self.config.max_sequence_length)
-        self.runtime = Runtime(version_dir / "model.onnx",
-                               RuntimeOptions(device=device, intra_op_threads=threads))
+        self.runtime: Runtime | FakeDevicePool
+        if options.fake_device:
+            self.runtime = FakeDevicePool(version_dir / "model.onnx",
+                                          parse_spec(options.fake_device))
+        else:
+            self.runtime = Runtime(version_dir / "model.onnx", options)
+
+    @property
+    def provider(self) -> str:
+        return self.runtime.provider
+
+    def tokenizer_cpu_us(self, texts: list[str], per_message: int) -> tuple[float, float]:
+        """CPU microseconds per text of the tokenizer alone on these texts, in messages of
+        `per_message`: `encode_batch_fast` only, and with the server's conversion to ids."""
+        prefixed = [self.prefix + t for t in texts]
+        chunks = [prefixed[i:i + per_message] for i in range(0, len(prefixed), per_message)]
+        fast = self.tokenizer._truncating["right"].encode_batch_fast
+        # Process time: tokenizers may spread a batch over its own threads.
+        start = time.process_time()
+        for chunk in chunks:
+            fast(chunk)
+        alone = time.process_time() - start
+        start = time.process_time()
+        for chunk in chunks:
+            self.tokenizer.encode(chunk, truncate=True)
+        server_form = time.process_time() - start
+        return alone / len(texts) * 1e6, server_form / len(texts) * 1e6
 
     def encode(self, texts: list[str]) -> list:
         return self.tokenizer.encode([self.prefix + t for t in texts], truncate=True)
@@ -130,6 +163,7 @@ BATCH_COUNTERS = {
     ("bertstream_batch_tokens_total", "real"): "real_tokens",
     ("bertstream_batch_tokens_total", "padded"): "padded_tokens",
     ("bertstream_inference_seconds_sum", ""): "inference_s",
+    ("bertstream_device_busy_seconds", ""): "device_busy_s",
 }
 
 
@@ -143,6 +177,7 @@ def batch_figures(before: dict[str, float], after: dict[str, float], elapsed: fl
         f"{prefix}_mean_batch_texts": delta["texts"] / batches,
         f"{prefix}_padding_efficiency": delta["real_tokens"] / max(delta["padded_tokens"], 1.0),
         f"{prefix}_runtime_busy": delta["inference_s"] / elapsed,
+        f"{prefix}_device_busy": delta["device_busy_s"] / elapsed,
     }
 
 
@@ -169,10 +204,15 @@ def stream_throughput(address: str, model: str, texts: list[str], feeds: int,
                       per_message: int) -> float:
     """N EmbedStream feeds in N processes, each sending its share of the texts in messages
     of `per_message` texts; returns texts answered per second, first request to last answer."""
+    return _run_feeds(_feed, address, model, texts, feeds, per_message)
+
+
+def _run_feeds(target: Any, address: str, model: str, texts: list[str], feeds: int,
+               setting: int) -> float:
     context = multiprocessing.get_context("spawn")
     barrier, failures = context.Barrier(feeds + 1), context.Value("i", 0)
-    workers = [context.Process(target=_feed, args=(address, model, texts[i::feeds],
-                                                   per_message, barrier, failures))
+    workers = [context.Process(target=target, args=(address, model, texts[i::feeds],
+                                                    setting, barrier, failures))
                for i in range(feeds)]
     for worker in workers:
         worker.start()
@@ -183,8 +223,34 @@ def stream_throughput(address: str, model: str, texts: list[str], feeds: int,
     for worker in workers:
         worker.join()
     if failures.value or any(worker.exitcode for worker in workers):
-        sys.exit(f"bench: {failures.value} stream messages failed")
+        sys.exit(f"bench: {failures.value} stream messages failed, or a feed died")
     return len(texts) / elapsed
+
+
+def _unary_feed(address: str, model: str, share: list[str], window: int,
+                barrier: Any, failures: Any) -> None:
+    """Unary single-text Embed calls, `window` of them in flight, in their own process."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.BertServiceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=60)
+        barrier.wait()
+        in_flight: list[Any] = []
+        for text in share:
+            if len(in_flight) >= window:
+                in_flight.pop(0).result()
+            in_flight.append(stub.Embed.future(
+                pb.EmbedRequest(model=model, texts=[text], raw_values=True, truncate=True),
+                timeout=600))
+        for call in in_flight:
+            call.result()
+        barrier.wait()
+    del failures  # a failed call raises above and the process exits non-zero
+
+
+def unary_throughput(address: str, model: str, texts: list[str], feeds: int,
+                     window: int) -> float:
+    """Single-text unary calls per second from `feeds` processes, `window` in flight each."""
+    return _run_feeds(_unary_feed, address, model, texts, feeds, window)
 
 
 def unary_latency(address: str, model: str, runs: int) -> list[float]:
@@ -221,8 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feeds", type=int, default=4, help="concurrent EmbedStream feeds")
     parser.add_argument("--per-message", type=int, default=8, help="texts per stream message")
     parser.add_argument("--latency-runs", type=int, default=200)
+    parser.add_argument("--unary-texts", type=int, default=2048,
+                        help="single-text unary calls under load (from the same texts)")
+    parser.add_argument("--unary-window", type=int, default=16,
+                        help="unary calls in flight per feed")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all)")
+    parser.add_argument("--intra-op-spinning", choices=["on", "off"], default="off")
+    parser.add_argument("--fake-device", default="", metavar="SPEC",
+                        help="time batches with a fake device profile instead of computing "
+                        "(server/fakedevice.py), e.g. h100-bert-base-fp16,speed=0.25")
+    parser.add_argument("--no-stage-timing", action="store_true",
+                        help="run the server without its per-stage CPU clocks")
     parser.add_argument("--output", type=Path, help="JSON file (default: benchmarks/results/)")
     args = parser.parse_args(argv)
 
@@ -230,16 +306,26 @@ def main(argv: list[str] | None = None) -> int:
     versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
     version = args.version or versions[-1]
     version_dir = model_dir / str(version)
-    raw = Raw(version_dir, args.threads, args.device)
+    options = RuntimeOptions(device=args.device, intra_op_threads=args.threads,
+                             intra_op_spinning=args.intra_op_spinning == "on",
+                             fake_device=args.fake_device)
+    raw = Raw(version_dir, options)
     texts = news_texts(args.texts)
     encoded = raw.encode(texts)
     batch_size = raw.config.max_batch_size
     lengths = [e.length for e in encoded]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
     print(f"{args.model}/{version}: {len(texts)} news texts, tokens mean "
           f"{statistics.mean(lengths):.0f} max {max(lengths)}, batch {batch_size}, "
-          f"provider {raw.runtime.provider}", flush=True)
+          f"provider {raw.provider}{' ' + args.fake_device if args.fake_device else ''}",
+          flush=True)
 
     figures: dict[str, float] = {}
+    # First, while no onnxruntime thread has run yet: process time counts every thread.
+    alone, server_form = raw.tokenizer_cpu_us(texts, args.per_message)
+    figures["tokenizer_alone_cpu_us_per_text"] = alone
+    figures["tokenizer_with_ids_cpu_us_per_text"] = server_form
     for name, sort in (("arrival_order", False), ("sorted", True)):
         speed, efficiency = raw.throughput(encoded, batch_size, sort=sort)
         figures[f"raw_{name}_texts_per_s"] = speed
@@ -249,21 +335,43 @@ def main(argv: list[str] | None = None) -> int:
     figures["raw_single_p99_ms"] = percentile(raw_latency, 99) * 1e3
     del raw  # free the session before the server loads its own
 
-    flags = ["--default-model", args.model, "--device", args.device, "--log-level", "WARNING"]
+    flags = ["--default-model", args.model, "--device", args.device, "--log-level", "WARNING",
+             "--intra-op-spinning", args.intra_op_spinning]
     if args.threads:
         flags += ["--intra-op-threads", str(args.threads)]
+    if args.fake_device:
+        flags += ["--fake-device", args.fake_device]
+    if not args.no_stage_timing:
+        flags.append("--stage-timing")
     server = ServerProcess(args.model_repository, flags, "bench")
+    pid = server.proc.pid
     try:
         stream_throughput(server.address, args.model, texts[:64], 1, args.per_message)  # warm
-        before = batch_counters(server.metrics_url)
+        before, stages_before = batch_counters(server.metrics_url), \
+            stage_budget.snapshot(server.metrics_url, pid)
         speed = stream_throughput(server.address, args.model, texts, args.feeds,
                                   args.per_message)
+        stages_after = stage_budget.snapshot(server.metrics_url, pid)
         figures["service_stream_texts_per_s"] = speed
-        figures.update(batch_figures(before, batch_counters(server.metrics_url), len(texts) / speed,
-                                     "service_stream"))
+        figures.update(batch_figures(before, batch_counters(server.metrics_url),
+                                     len(texts) / speed, "service_stream"))
+        unary_texts = texts[:args.unary_texts]
+        speed = unary_throughput(server.address, args.model, unary_texts, args.feeds,
+                                 args.unary_window)
+        unary_after = stage_budget.snapshot(server.metrics_url, pid)
+        figures["service_unary_texts_per_s"] = speed
         service_latency = unary_latency(server.address, args.model, args.latency_runs)
     finally:
         server.stop()
+    stream_rows = stage_budget.budget(stages_before, stages_after, len(texts))
+    unary_rows = stage_budget.budget(stages_after, unary_after, len(unary_texts))
+    for prefix, rows, (first, last), count in (
+            ("stream", stream_rows, (stages_before, stages_after), len(texts)),
+            ("unary", unary_rows, (stages_after, unary_after), len(unary_texts))):
+        for name, value in stage_budget.summary(rows, first, last, count, cores).items():
+            figures[f"{prefix}_{name}"] = value
+    figures["stream_server_cpu_vs_tokenizer"] = (figures["stream_server_cpu_us_per_text"]
+                                                 / figures["tokenizer_alone_cpu_us_per_text"])
     figures["service_unary_p50_ms"] = percentile(service_latency, 50) * 1e3
     figures["service_unary_p99_ms"] = percentile(service_latency, 99) * 1e3
     figures["stream_vs_raw_arrival"] = (figures["service_stream_texts_per_s"]
@@ -275,20 +383,27 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(args.device),
+        "device": f"fake: {args.fake_device}" if args.fake_device else device_name(args.device),
         "providers": pick_providers(RuntimeOptions(device=args.device))[0],
-        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cpu_count": cores,
         "model": args.model, "version": version,
         "export": json.loads((version_dir / "export.json").read_text("utf-8")).get("source"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "batch_size": batch_size, "mean_tokens": statistics.mean(lengths),
         "onnxruntime": ort.__version__,
         "figures": {k: round(v, 3) for k, v in figures.items()},
+        "stage_budget": {"stream": stage_budget.as_json(stream_rows),
+                         "unary": stage_budget.as_json(unary_rows)},
     }
-    print(f"{'measure':<34}{'value':>12}")
+    print(f"{'measure':<44}{'value':>14}")
     for name, value in record["figures"].items():
-        print(f"{name:<34}{value:>12.3f}")
+        print(f"{name:<44}{value:>14.3f}")
+    print(f"\nstage budget, streams of {args.per_message} texts per message "
+          f"({args.feeds} feeds), per text:")
+    print(stage_budget.table(stream_rows, cores))
+    print(f"\nstage budget, unary single-text calls ({args.feeds} feeds, {args.unary_window} "
+          "in flight each), per call:")
+    print(stage_budget.table(unary_rows, cores))
     output = args.output or RESULTS / (
         f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{args.model}-v{version}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

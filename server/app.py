@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from . import repository
 from .decoding import DecodeGuard
 from .errors import BertstreamError
+from .fakedevice import parse_spec
 from .health import publish_health
 from .inference import Limits, Pipeline
 from .lifecycle import ModelManager
@@ -33,6 +34,7 @@ from .runtime import RuntimeOptions
 from .security import AuthInterceptor, TokenTable, server_credentials
 from .servicer import BertServicer
 from .shutdown import CLOSE_GRACE_S, ShutdownGate
+from .stages import CLOCK, StageTiming
 from .watcher import StabilityTracker
 
 __all__ = ["ServerOptions", "main", "serve"]
@@ -60,6 +62,7 @@ class ServerOptions:
     max_receive_mb: int = 64
     limits: Limits = field(default_factory=Limits)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    stage_timing: bool = False  # per-stage CPU clocks (stages.py), for benchmarks
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:
@@ -81,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--gpu-id", type=int, default=0)
     p.add_argument("--intra-op-threads", type=int, default=0, help="0: the cores available")
+    p.add_argument("--intra-op-spinning", choices=["on", "off"], default="off",
+                   help="let onnxruntime's threads spin-wait between batches (default off: "
+                   "spinning takes the cores that tokenize and serve gRPC)")
+    # Benchmarks only (benchmarks/bench.py): not part of the user-facing surface.
+    p.add_argument("--fake-device", default="", help=argparse.SUPPRESS)
+    p.add_argument("--stage-timing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
     p.add_argument("--max-text-chars", type=int, default=Limits.max_text_chars)
     p.add_argument("--max-request-chars", type=int, default=Limits.max_request_chars,
@@ -116,6 +125,11 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error("--load-model needs --model-control-mode explicit")
     if a.repository_poll_secs <= 0:
         p.error("--repository-poll-secs must be > 0")
+    if a.fake_device:
+        try:
+            parse_spec(a.fake_device)
+        except ValueError as exc:
+            p.error(str(exc))
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return ServerOptions(
@@ -127,7 +141,10 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         stream_window=a.stream_window,
         limits=Limits(a.max_texts_per_request, a.max_text_chars, a.max_request_chars),
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
-                               intra_op_threads=a.intra_op_threads),
+                               intra_op_threads=a.intra_op_threads,
+                               intra_op_spinning=a.intra_op_spinning == "on",
+                               fake_device=a.fake_device),
+        stage_timing=a.stage_timing,
     )
 
 
@@ -141,6 +158,9 @@ def _freeze_startup_objects() -> None:
 
 async def serve(options: ServerOptions) -> None:
     """Load the repository, serve until SIGTERM/SIGINT, then drain and return."""
+    # One tokenizer thread per core does the parallel work (TEI's rule); tokenizers' own rayon
+    # pool on top of it would oversubscribe the cores and hide its CPU from the stage budget.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     health_servicer = health.aio.HealthServicer()
     serving = False
 
@@ -158,6 +178,9 @@ async def serve(options: ServerOptions) -> None:
     interceptors: list[grpc.aio.ServerInterceptor] = [gate, DecodeGuard()]
     if options.auth:  # first: a refused call never reaches the decode guard or a servicer
         interceptors.insert(0, AuthInterceptor(options.auth))
+    if options.stage_timing:  # outermost, so it times the (de)serializers grpc really calls
+        CLOCK.enabled = True
+        interceptors.insert(0, StageTiming())
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", options.max_receive_mb * MiB),
         ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),
@@ -208,6 +231,9 @@ async def serve(options: ServerOptions) -> None:
     if options.metrics_port is not None:
         metrics_port = metrics.serve(options.host, options.metrics_port)
         print(f"bertstream metrics on {options.host}:{metrics_port}", flush=True)
+    if options.runtime.fake_device:
+        log.warning("fake device %r: no model computes, vectors and labels are made up "
+                    "(benchmarks only)", options.runtime.fake_device)
     # Tests and scripts wait for this exact line; it carries the bound port.
     print(f"bertstream serving on {options.host}:{port}", flush=True)
     poller = None

@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import ModelNotReady, Overloaded
 from .runtime import Batch
+from .stages import CLOCK
 from .tokenization import Encoded
 
 __all__ = ["Batcher", "BatcherOptions", "WorkItem"]
@@ -88,6 +89,7 @@ class Batcher:
         """Queue items; over the limit, fail fast (wait=False) or wait for room (streams)."""
         if self._closed:
             raise ModelNotReady("this model version is unloading; retry")
+        started = CLOCK.start()
         limit = self.options.max_queue_size
         if len(self._queue) + len(items) > limit:
             if not wait:
@@ -97,11 +99,13 @@ class Batcher:
                 await self._space.wait_for(
                     lambda: not self._queue or len(self._queue) + len(items) <= limit
                 )
+            started = CLOCK.start()
         now = time.perf_counter()
         for item in items:
             item.enqueued_at = now
         self._queue.extend(items)
         self._wakeup.set()
+        CLOCK.stop("batch", started)
 
     async def close(self) -> None:
         """Stop admitting, finish what is queued and running, then free the threads."""
@@ -139,7 +143,9 @@ class Batcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait_left)
                 continue
+            started = CLOCK.start()
             items = self._take()
+            CLOCK.stop("batch", started)
             if items:
                 return items
 
@@ -181,7 +187,9 @@ class Batcher:
 
     def _pad_and_run(self, encoded: list[Encoded],
                      outputs: Sequence[str]) -> tuple[Batch, dict[str, np.ndarray]]:
+        started = CLOCK.start()
         batch = Batch.pad(encoded)
+        CLOCK.stop("pad", started)
         return batch, self._run_fn(batch, outputs)
 
     def _notify_space(self) -> None:
@@ -210,6 +218,7 @@ class Batcher:
             await self._run(items[half:])
             return
         elapsed = time.perf_counter() - start
+        started = CLOCK.start()
         if self._observer is not None:
             real = sum(item.length for item in items)
             self._observer([item.queue_s for item in items], real, batch.padded_tokens, elapsed)
@@ -217,6 +226,7 @@ class Batcher:
             item.infer_s = elapsed
             if not item.future.done():
                 item.future.set_result(_rows(arrays, item, row))
+        CLOCK.stop("scatter", started)
 
 
 def _rows(arrays: dict[str, np.ndarray], item: WorkItem, row: int) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 from .batcher import WorkItem
 from .errors import InvalidInput
 from .lifecycle import ModelManager, ModelVersion
+from .stages import CLOCK
 from .tokenization import Encoded, check_texts
 
 __all__ = [
@@ -141,6 +142,7 @@ class Pipeline:
                    task: int, embed: EmbedQuery | None, top_k: int | None,
                    wait: bool) -> Result:
         start = time.perf_counter()
+        started = CLOCK.start()
         check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
                     self.limits.max_request_chars)
         with self.manager.lease(model, version) as mv:
@@ -159,17 +161,22 @@ class Pipeline:
             if top_k is not None:
                 outputs.add("probabilities")
             prefix = _prefix(config, task)
+            prefixed = [prefix + t for t in texts]
+            CLOCK.stop("validate", started)
             encoded = await loaded.tokenizer.encode_async(
-                self._pool, [prefix + t for t in texts], text.truncate, text.direction)
+                self._pool, prefixed, text.truncate, text.direction)
             result.tokenize_s = time.perf_counter() - start
+            started = CLOCK.start()
             loop = asyncio.get_running_loop()
             items = [WorkItem(e, frozenset(outputs), loop.create_future()) for e in encoded]
+            CLOCK.stop("batch", started)
             try:
                 await loaded.batcher.submit(items, wait=wait)
                 rows = await asyncio.gather(*(item.future for item in items))
             finally:
                 for item in items:
                     item.future.cancel()  # no-op when done; drops queued work otherwise
+        started = CLOCK.start()
         for enc, row in zip(encoded, rows, strict=True):
             vector = row.get(vector_name) if vector_name else None
             if vector is not None and embed is not None and embed.normalize:
@@ -179,6 +186,7 @@ class Pipeline:
         result.queue_s = max(item.queue_s for item in items)
         result.infer_s = max(item.infer_s for item in items)
         result.total_s = time.perf_counter() - start
+        CLOCK.stop("scatter", started)
         return result
 
 

@@ -29,6 +29,7 @@ from bertstream.v1.model_config_pb2 import ModelConfig, Task
 from . import repository, watcher
 from .batcher import Batcher, BatcherOptions, WorkItem
 from .errors import LoadFailed, ModelNotFound, ModelNotReady
+from .fakedevice import FakeDevicePool, parse_spec
 from .metrics import Metrics
 from .runtime import RuntimeOptions, RuntimePool
 from .tokenization import TextTokenizer
@@ -89,7 +90,7 @@ class ModelVersion:
         self.state, self.reason = new, reason
 
 
-def _check_outputs(config: ModelConfig, runtime: RuntimePool) -> None:
+def _check_outputs(config: ModelConfig, runtime: RuntimePool | FakeDevicePool) -> None:
     """The graph must offer what config.pbtxt promises, with the promised sizes."""
     dims = runtime.output_dims
     hidden = config.embedding_dimension
@@ -128,7 +129,7 @@ def _read_labels(path: Path, config: ModelConfig) -> list[str]:
 
 def _build(
     path: Path, config: ModelConfig, options: RuntimeOptions, root: Path
-) -> tuple[RuntimePool, TextTokenizer, list[str]]:
+) -> tuple[RuntimePool | FakeDevicePool, TextTokenizer, list[str]]:
     """Blocking part of a load: files, session, checks. Runs on a worker thread."""
     outside = repository.links_outside(root, path)
     if outside:
@@ -143,7 +144,11 @@ def _build(
     labels = _read_labels(path, config)
     try:
         instances = sum(group.count or 1 for group in config.instance_group)
-        runtime = RuntimePool(model_file, options, instances)
+        if options.fake_device:  # benchmarks: GPU timing without a GPU (fakedevice.py)
+            runtime: RuntimePool | FakeDevicePool = FakeDevicePool(
+                model_file, parse_spec(options.fake_device), instances, options.gpu_id)
+        else:
+            runtime = RuntimePool(model_file, options, instances)
     except Exception as exc:
         raise ValueError(f"onnxruntime cannot load model.onnx: {exc}") from None
     _check_outputs(config, runtime)
@@ -352,6 +357,7 @@ class ModelManager:
         mv.transition(State.READY)
         if self.metrics is not None:
             self.metrics.watch_queue(entry.name, version, lambda: batcher.queued)
+            self.metrics.watch_device(entry.name, version, runtime.busy_seconds)
         return mv
 
     async def _reload(self, entry: repository.ModelEntry,

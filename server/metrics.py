@@ -25,6 +25,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .errors import to_status
+from .stages import CLOCK, StageCollector, ThreadCpuCollector
 
 __all__ = ["Metrics", "RequestRecord"]
 
@@ -70,6 +71,13 @@ class Metrics:
                                "being answered", ["rpc"], registry=r)
         self.queued = Gauge("bertstream_queue_texts", "Texts waiting for a batch",
                             ["model", "version"], registry=r)
+        self.device_busy = Gauge(
+            "bertstream_device_busy_seconds", "Seconds at least one batch of this version was "
+            "running (grows like a counter; its rate is the device's busy share)",
+            ["model", "version"], registry=r)
+        # Where a text's CPU goes (stages.py): per thread always, per stage with --stage-timing.
+        r.register(ThreadCpuCollector())
+        r.register(StageCollector(CLOCK))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint on a thread; returns the bound port."""
@@ -130,7 +138,11 @@ class Metrics:
     def watch_queue(self, model: str, version: int, depth: Callable[[], float]) -> None:
         self.queued.labels(model, str(version)).set_function(depth)
 
+    def watch_device(self, model: str, version: int, busy: Callable[[], float]) -> None:
+        self.device_busy.labels(model, str(version)).set_function(busy)
+
     def forget(self, model: str, version: int) -> None:
-        """A released version's gauge goes (its counters stay: they are history)."""
-        with contextlib.suppress(KeyError):
-            self.queued.remove(model, str(version))
+        """A released version's gauges go (its counters stay: they are history)."""
+        for gauge in (self.queued, self.device_busy):
+            with contextlib.suppress(KeyError):
+                gauge.remove(model, str(version))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .stages import CLOCK
 from .tokenization import Encoded
 
-__all__ = ["Batch", "Runtime", "RuntimeOptions", "RuntimePool", "pick_providers"]
+__all__ = ["Batch", "BusyMeter", "Runtime", "RuntimeOptions", "RuntimePool", "pick_providers"]
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -30,6 +33,10 @@ class RuntimeOptions:
     device: str = "auto"  # auto | cpu | gpu
     gpu_id: int = 0
     intra_op_threads: int = 0  # 0: the cores this process may use
+    # onnxruntime's pool threads spin-wait for work between runs by default: on a machine
+    # whose cores also tokenize and serve gRPC, that spinning takes CPU they need.
+    intra_op_spinning: bool = False
+    fake_device: str = ""  # a fakedevice.py spec: benchmarks only; "" runs the real graph
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class Runtime:
     def __init__(self, model_path: Path, options: RuntimeOptions) -> None:
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads or _cores()
+        so.add_session_config_entry("session.intra_op.allow_spinning",
+                                    "1" if options.intra_op_spinning else "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
             str(model_path), sess_options=so, providers=pick_providers(options)
@@ -108,6 +117,13 @@ class Runtime:
 
     def run(self, batch: Batch, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Run one batch, asking onnxruntime only for the outputs this batch needs."""
+        started = CLOCK.start()
+        try:
+            return self._run(batch, outputs)
+        finally:
+            CLOCK.stop("device", started)
+
+    def _run(self, batch: Batch, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         feeds = {
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
@@ -149,15 +165,49 @@ class RuntimePool:
         for runtime in self.runtimes:
             for _ in range(self.slots_per_session):
                 self._free.put(runtime)
+        self._busy = BusyMeter()
 
     @property
     def concurrency(self) -> int:
         """How many batches may run at once: what the batcher should keep in flight."""
         return len(self.runtimes) * self.slots_per_session
 
+    def busy_seconds(self) -> float:
+        return self._busy.seconds()
+
     def run(self, batch: Batch, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         runtime = self._free.get()
+        self._busy.enter()
         try:
             return runtime.run(batch, outputs)
         finally:
+            self._busy.leave()
             self._free.put(runtime)
+
+
+class BusyMeter:
+    """Seconds during which at least one batch was running: how busy the device was, also
+    when several batches overlap on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._since = 0.0
+        self._total = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._running == 0:
+                self._since = time.perf_counter()
+            self._running += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                self._total += time.perf_counter() - self._since
+
+    def seconds(self) -> float:
+        with self._lock:
+            running = time.perf_counter() - self._since if self._running else 0.0
+            return self._total + running

@@ -29,6 +29,7 @@ from .inference import (
 )
 from .lifecycle import State
 from .metrics import Metrics
+from .stages import CLOCK
 from .streams import ordered_stream
 
 __all__ = ["BertServicer"]
@@ -121,15 +122,21 @@ class BertServicer(pb_grpc.BertServiceServicer):
 
     async def _embed(self, request: pb.EmbedRequest, wait: bool) -> pb.EmbedResponse:
         with self.metrics.request("EmbedStream" if wait else "Embed", request.model) as record:
+            started = CLOCK.start()
             _check_version(request.version)
-            result = await self.pipeline.embed(_embed_query(request), wait=wait)
+            query = _embed_query(request)
+            CLOCK.stop("validate", started)
+            result = await self.pipeline.embed(query, wait=wait)
             record.model, record.version, record.texts = (result.model, result.version,
                                                           len(result.texts))
-        return pb.EmbedResponse(
+        started = CLOCK.start()
+        response = pb.EmbedResponse(
             request_id=request.request_id, model=result.model, version=result.version,
             embeddings=[_embedding(t, request.raw_values) for t in result.texts],
             pooling=result.pooling, pooling_layer=result.pooling_layer, timings=_timings(result),
         )
+        CLOCK.stop("respond", started)
+        return response
 
     async def _classify(self, request: pb.ClassifyRequest, wait: bool) -> pb.ClassifyResponse:
         with self.metrics.request("ClassifyStream" if wait else "Classify",

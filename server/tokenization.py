@@ -17,6 +17,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from .errors import InputTooLong, InvalidInput
+from .stages import CLOCK
 
 __all__ = ["Encoded", "TextTokenizer", "check_texts"]
 
@@ -71,7 +72,16 @@ class TextTokenizer:
         """
         tokenizer = self._truncating[direction]
         encode_batch = tokenizer.encode_batch if keep_encoding else tokenizer.encode_batch_fast
+        started = CLOCK.start()
         encodings = encode_batch(list(texts))
+        started = CLOCK.stop("tokenize_native", started)
+        try:
+            return self._encoded(encodings, truncate, keep_encoding)
+        finally:
+            CLOCK.stop("tokenize_python", started)
+
+    def _encoded(self, encodings: list[Encoding], truncate: bool,
+                 keep_encoding: bool) -> list[Encoded]:
         cut = [sum(len(piece.ids) - sum(piece.special_tokens_mask) for piece in enc.overflowing)
                for enc in encodings]
         if not truncate:

@@ -1,0 +1,193 @@
+"""The stage budget: where a text's CPU time goes, stage by stage and thread by thread.
+
+Two views, both exported on /metrics and read by benchmarks/bench.py:
+- `bertstream_thread_cpu_seconds_total{thread}`: CPU time of every thread of the process,
+  grouped by job (the event loop, the tokenizer pool, the runtime threads, onnxruntime's own
+  pool and gRPC's core threads). Read from /proc at scrape time: free while serving.
+- `bertstream_stage_cpu_seconds_total{stage}`: CPU time inside each instrumented stage
+  (decode, validate, tokenize, batch formation, pad, device call, scatter, response building,
+  encode), from the thread's CPU clock around each piece of code. Off unless the server runs
+  with `--stage-timing` (a clock read costs ~0.4 us; a stage costs two).
+
+The clock is one object per process (`CLOCK`), like prometheus_client's default registry:
+stages live in the tokenizer, the batcher and the runtime, which share nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["CLOCK", "STAGES", "StageClock", "StageTiming", "ThreadCpuCollector"]
+
+# Each stage: (name, the thread it runs on, whether it holds the GIL while it runs).
+STAGES: dict[str, tuple[str, bool]] = {
+    "decode": ("event-loop", True),  # request bytes -> proto (gRPC's deserializer)
+    "validate": ("event-loop", True),  # limits, options, proto -> query
+    "tokenize_native": ("tokenize", False),  # `tokenizers` in Rust, GIL released
+    "tokenize_python": ("tokenize", True),  # encodings -> numpy ids, truncation counts
+    "batch": ("event-loop", True),  # queueing and batch formation
+    "pad": ("runtime", True),  # ids -> one padded batch
+    "device": ("runtime", False),  # session.run (or the fake device), GIL released
+    "scatter": ("event-loop", True),  # batch outputs -> each request's rows, futures
+    "respond": ("event-loop", True),  # result -> response protos
+    "encode": ("event-loop", True),  # response proto -> bytes (gRPC's serializer)
+}
+
+
+class StageClock:
+    """CPU nanoseconds per stage, summed over every thread that runs it.
+
+    `t = CLOCK.start(); ...; CLOCK.stop("pad", t)`: both are no-ops (a few tens of ns) while
+    the clock is off, so instrumented code stays in place in production."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._ns = dict.fromkeys(STAGES, 0)
+        self._lock = threading.Lock()  # stages run on several threads at once
+
+    def start(self) -> int:
+        return time.thread_time_ns() if self.enabled else 0
+
+    def stop(self, stage: str, started: int) -> int:
+        """Add the CPU time since `started` to `stage`; returns now (to chain stages)."""
+        if not self.enabled:
+            return 0
+        now = time.thread_time_ns()
+        with self._lock:
+            self._ns[stage] += now - started
+        return now
+
+    def seconds(self) -> dict[str, float]:
+        with self._lock:
+            return {stage: ns / 1e9 for stage, ns in self._ns.items()}
+
+
+CLOCK = StageClock()
+
+
+class StageTiming(grpc.aio.ServerInterceptor):
+    """Times gRPC's request deserializer and response serializer ("decode", "encode"): they
+    run on the event loop inside grpc's own code, where nothing else can time them."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        parse, serialize = handler.request_deserializer, handler.response_serializer
+        # grpc's handlers are named tuples: the same handler, (de)serializers timed.
+        return handler._replace(
+            request_deserializer=_timed("decode", parse) if parse else None,
+            response_serializer=_timed("encode", serialize) if serialize else None)
+
+
+def _timed(stage: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def timed(value: Any) -> Any:
+        started = CLOCK.start()
+        try:
+            return fn(value)
+        finally:
+            CLOCK.stop(stage, started)
+
+    return timed
+
+
+class ThreadCpuCollector(Collector):
+    """`bertstream_thread_cpu_seconds_total{thread}` from /proc/self/task at scrape time.
+
+    Threads are grouped by what they do: Python threads by their name (the executors name
+    theirs "tokenize_N" and "runtime_N"), the main thread is the event loop, native threads
+    by the name they gave themselves (gRPC's "grpc_*", "default-executo", ...); native
+    threads that kept the process's name are onnxruntime's intra-op pool."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("bertstream_thread_cpu_seconds",
+                                     "CPU time of the server's threads, by job", labels=["thread"])
+        for group, seconds in sorted(thread_cpu_seconds().items()):
+            family.add_metric([group], seconds)
+        yield family
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds per thread group; empty where /proc is not there (not Linux)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return {}
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    main_id = threading.main_thread().native_id
+    process_name = _comm(Path("/proc/self"))
+    totals: dict[str, float] = {}
+    for task in tasks.iterdir():
+        try:
+            tid = int(task.name)
+            seconds = _cpu_seconds(task)
+            comm = _comm(task)
+        except (OSError, ValueError):
+            continue  # the thread ended while we read it
+        group = _group(tid, main_id, python_names.get(tid), comm, process_name)
+        totals[group] = totals.get(group, 0.0) + seconds
+    return totals
+
+
+def _group(tid: int, main_id: int | None, python_name: str | None, comm: str,
+           process_name: str) -> str:
+    if tid == main_id:
+        return "event-loop"
+    if python_name is not None:
+        for prefix in ("tokenize", "runtime", "fake-device"):
+            if python_name.startswith(prefix):
+                return prefix
+        return "python-other"
+    if comm.startswith(("grpc", "default-executo", "resolver-execu", "event_engine",
+                        "timer_manager", "global-timer")):
+        return "grpc"
+    if comm == process_name:
+        return "onnxruntime-pool"
+    return "native-other"
+
+
+def _comm(task: Path) -> str:
+    return (task / "comm").read_text().strip()
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(task: Path) -> float:
+    """Time on a CPU: schedstat's nanoseconds where the kernel keeps them, else stat's
+    user + system ticks (10 ms resolution)."""
+    try:
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def stage_families(clock: StageClock) -> Iterable[CounterMetricFamily]:
+    family = CounterMetricFamily("bertstream_stage_cpu_seconds",
+                                 "CPU time inside each pipeline stage (--stage-timing)",
+                                 labels=["stage"])
+    for stage, seconds in clock.seconds().items():
+        family.add_metric([stage], seconds)
+    yield family
+
+
+class StageCollector(Collector):
+    def __init__(self, clock: StageClock) -> None:
+        self.clock = clock
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if self.clock.enabled:
+            yield from stage_families(self.clock)
