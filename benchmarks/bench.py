@@ -48,7 +48,7 @@ from bertstream.client.news import news_text
 from bertstream.server import config as model_config
 from bertstream.server.fakedevice import FakeDevicePool, parse_spec
 from bertstream.server.runtime import Batch, Runtime, RuntimeOptions, pick_providers
-from bertstream.server.tokenization import TextTokenizer
+from bertstream.server.tokenization import Encoded, TextTokenizer
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -114,31 +114,29 @@ class Raw:
         server_form = time.process_time() - start
         return alone / len(texts) * 1e6, server_form / len(texts) * 1e6
 
-    def encode(self, texts: list[str]) -> list:
+    def encode(self, texts: list[str]) -> Encoded:
         return self.tokenizer.encode([self.prefix + t for t in texts], truncate=True)
 
-    def throughput(self, encoded: list, batch_size: int, sort: bool) -> tuple[float, float]:
+    def throughput(self, encoded: Encoded, batch_size: int, sort: bool) -> tuple[float, float]:
         """Texts per second, and real / padded tokens, over batches of `batch_size`."""
-        order = sorted(range(len(encoded)), key=lambda i: encoded[i].length) if sort \
+        order = sorted(range(len(encoded)), key=encoded.lengths.__getitem__) if sort \
             else list(range(len(encoded)))
-        self.runtime.run(Batch.pad([encoded[i] for i in order[:batch_size]]), [self.output])
+        self.runtime.run(Batch.of(encoded, order[:batch_size]), [self.output])
         padded = 0
         start = time.perf_counter()
         for begin in range(0, len(order), batch_size):
-            batch = Batch.pad([encoded[order[i]] for i in range(begin,
-                                                                 min(begin + batch_size,
-                                                                     len(order)))])
+            batch = Batch.of(encoded, order[begin:begin + batch_size])
             padded += batch.padded_tokens
             self.runtime.run(batch, [self.output])
         elapsed = time.perf_counter() - start
-        return len(encoded) / elapsed, sum(e.length for e in encoded) / padded
+        return len(encoded) / elapsed, sum(encoded.lengths) / padded
 
     def latency(self, runs: int) -> list[float]:
         encoded = self.encode([SHORT_TEXT])
         times = []
         for _ in range(runs + 5):
             start = time.perf_counter()
-            self.runtime.run(Batch.pad(encoded), [self.output])
+            self.runtime.run(Batch.of(encoded), [self.output])
             times.append(time.perf_counter() - start)
         return times[5:]
 
@@ -313,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = news_texts(args.texts)
     encoded = raw.encode(texts)
     batch_size = raw.config.max_batch_size
-    lengths = [e.length for e in encoded]
+    lengths = encoded.lengths
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else os.cpu_count() or 1
     print(f"{args.model}/{version}: {len(texts)} news texts, tokens mean "

@@ -11,7 +11,9 @@
 # Then, in quick succession (the machine goes back after 30 idle seconds), four calls that each
 # carry one part and run `mkdir -p /tmp/w && cp .whl/ort-gpu.partNN /tmp/w/`, and a last call
 # carrying .whl/ort-gpu.part04 .whl/ort-gpu.sha256 .whl/deps .gpu/inews and running this script.
-# It exports BERT-base shape (fp16 variant, 128 tokens, batch 256) and runs bench.py on it.
+# It exports the BERT-base and e5-small shapes (fp16, 128 tokens, batch 256), checks the fake
+# device's profiles against the card (calibrate.py) and runs bench.py on each, on the real
+# card and on the fake device. About 6 minutes of device time; results land in $OUT.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/w; mkdir -p $W
@@ -26,11 +28,30 @@ cp -r server /tmp/pkg/bertstream/server; cp -r client /tmp/pkg/bertstream/client
 cp -r export /tmp/pkg/bertstream/export
 export PYTHONPATH=/tmp/site:/tmp/pkg:$PWD/.gpu/inews PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
 REPO=/tmp/repo; rm -rf $REPO
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "card: $CARD"
+# Two shapes at up to 128 tokens, batch 256, fp16 with fused attention: BERT-base (12 x 768,
+# the BERT-wwm family) and multilingual-e5-small's (12 x 384; news-zh's encoder).
 python3 -m bertstream.export.cli --source random --model-repository $REPO --model bert-base-fp16 \
-  --max-sequence-length 128 --max-batch-size 256 --variant fp16 2>&1 | tail -2
-# Fused attention is what the raw >= 12,000/s target rests on: expect 12 here.
-python3 -c "import json; print('fused_attention_layers', json.load(open('$REPO/bert-base-fp16/1/export.json'))['fused_attention_layers'])"
-python3 benchmarks/bench.py --model-repository $REPO --model bert-base-fp16 --texts 32768 \
-  --feeds 8 --per-message 32 --latency-runs 200 --device gpu \
-  --output "$OUT/bench-bert-base-fp16.json" 2>&1 | tail -20
-nvidia-smi --query-gpu=name --format=csv,noheader
+  --max-sequence-length 128 --max-batch-size 256 --variant fp16 2>&1 | tail -1
+python3 -m bertstream.export.cli --source random --model-repository $REPO --model e5-small-fp16 \
+  --num-layers 12 --hidden-size 384 --num-heads 12 --intermediate-size 1536 \
+  --max-sequence-length 128 --max-batch-size 256 --variant fp16 2>&1 | tail -1
+for m in bert-base-fp16 e5-small-fp16; do  # fused attention is what raw speed rests on: 12
+  python3 -c "import json; print('$m fused_attention_layers', json.load(open('$REPO/$m/1/export.json'))['fused_attention_layers'])"
+done
+# 1. The fake device's profiles against this card: raw onnxruntime per batch shape.
+python3 benchmarks/calibrate.py --model-repository $REPO --model bert-base-fp16 --device gpu \
+  --profile h100-bert-base-fp16 --output "$OUT/calibrate-bert-base-fp16.json"
+python3 benchmarks/calibrate.py --model-repository $REPO --model e5-small-fp16 --device gpu \
+  --profile h100-e5-small-fp16 --output "$OUT/calibrate-e5-small-fp16.json"
+# 2. Raw onnxruntime, the service (streams of 32 texts, unary single texts) and its stage budget.
+for m in bert-base-fp16 e5-small-fp16; do
+  python3 benchmarks/bench.py --model-repository $REPO --model $m --texts 16384 --feeds 8 \
+    --per-message 32 --unary-texts 4096 --unary-window 16 --latency-runs 200 --device gpu \
+    --output "$OUT/bench-$m.json" 2>&1 | tail -45
+done
+# 3. The same service on the fake device on this machine: does the profile predict the card?
+python3 benchmarks/bench.py --model-repository $REPO --model bert-base-fp16 --texts 16384 \
+  --feeds 8 --per-message 32 --unary-texts 4096 --latency-runs 50 \
+  --fake-device h100-bert-base-fp16 --output "$OUT/bench-bert-base-fp16-fake.json" 2>&1 | tail -45
+echo "card: $CARD"

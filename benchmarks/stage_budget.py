@@ -24,7 +24,8 @@ STAGES = {
     "batch": ("batch formation: work items, queue, pick", "event-loop", True),
     "pad": ("padding a batch", "runtime", True),
     "device": ("device: session.run / fake device", "runtime", False),
-    "scatter": ("scatter: batch rows -> requests", "event-loop", True),
+    "scatter": ("scatter: batch rows -> requests' arrays", "runtime", True),
+    "resolve": ("futures, results, normalisation", "event-loop", True),
     "respond": ("response protos", "event-loop", True),
     "encode": ("send: response proto -> bytes", "event-loop", True),
 }

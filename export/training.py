@@ -76,13 +76,13 @@ class EncoderFeatures:
         """[len(texts), hidden] float32; texts over the model's limit keep their start."""
         output = f"{pooling}_layer{self.layer}"
         encoded = self.tokenizer.encode([self.prefix + t for t in texts], truncate=True)
-        self.truncated += sum(1 for e in encoded if e.truncated_tokens)
-        order = sorted(range(len(encoded)), key=lambda i: encoded[i].length)  # less padding
+        self.truncated += sum(1 for n in encoded.truncated_tokens if n)
+        order = sorted(range(len(encoded)), key=encoded.lengths.__getitem__)  # less padding
         features = np.zeros((len(texts), self.hidden_size), dtype=np.float32)
         with _progress(len(texts), description) as bar:
             for start in range(0, len(order), _FEATURE_BATCH):
                 rows = order[start : start + _FEATURE_BATCH]
-                batch = Batch.pad([encoded[i] for i in rows])
+                batch = Batch.of(encoded, rows)
                 features[rows] = self.runtime.run(batch, [output])[output]
                 bar.update(len(rows))
         return features

@@ -1,15 +1,19 @@
 """Dynamic batching per model version: every caller's texts share the same batches.
 
 Contract:
-- Each text is one `WorkItem`; the caller owns its future and may cancel it at any time (an
-  expired deadline or a dropped stream). Cancelled items are dropped before compute.
-- A batch starts with the oldest item and fills with the waiting items closest to it in
-  length (within a look-ahead window) that keep it under its token budget (longest sequence
-  x count) and `max_batch_size`; the rest keep their places. The first item of a batch waits
-  at most `max_queue_delay` for others to join.
+- A request (one unary call, or one stream message) is one `WorkItem` carrying all its texts
+  and one future; the caller owns the future and may cancel it at any time (an expired
+  deadline or a dropped stream). The texts of a cancelled request are dropped before compute.
+- The queue holds texts, not requests: a batch starts with the oldest text and fills with
+  the waiting texts closest to it in length (within a look-ahead window) that keep it under
+  its token budget (longest sequence x count) and `max_batch_size`; the rest keep their
+  places. The first text of a batch waits at most `max_queue_delay` for others to join.
 - Up to `instances` batches run at once on worker threads; while they run, the loop already
-  forms the next batch. Results are set on futures from the event loop thread only.
-- A batch that raises is split in halves until the failing item is alone: only it fails.
+  forms the next batch. The worker that ran a batch also pads it and copies its output rows
+  into each request's arrays (one per output per request), so the event loop's share of a
+  request is one future, whatever its number of texts. Futures are set on the loop only.
+- A batch that raises is split in halves until the failing text is alone: only its request
+  fails.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +39,7 @@ from .tokenization import Encoded
 __all__ = ["Batcher", "BatcherOptions", "WorkItem"]
 
 RunFn = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
-# After each batch: the items' queue times, real tokens, padded tokens, inference seconds.
+# After each batch: the texts' queue times, real tokens, padded tokens, inference seconds.
 BatchObserver = Callable[[Sequence[float], int, int, float], None]
 TOKEN_OUTPUT_PREFIX = "tokens_"
 
@@ -43,25 +49,31 @@ class BatcherOptions:
     max_batch_size: int = 32
     max_batch_tokens: int = 32 * 512
     max_queue_delay_s: float = 0.002
-    max_queue_size: int = 2048
+    max_queue_size: int = 2048  # texts
     instances: int = 1
-    lookahead: int = 256  # waiting items the batcher may pick from to group similar lengths
+    lookahead: int = 256  # waiting texts the batcher may pick from to group similar lengths
 
 
 @dataclass(eq=False)
 class WorkItem:
-    """One text on its way to the runtime; the future receives its rows of each output."""
+    """One request's texts on their way to the runtime. Its future receives, per output, an
+    array with one row per text (token outputs: a list of [tokens, dim] arrays)."""
 
     encoded: Encoded
     outputs: frozenset[str]
-    future: asyncio.Future[dict[str, np.ndarray]]
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    queue_s: float = 0.0
-    infer_s: float = 0.0
+    future: asyncio.Future[dict[str, Any]]
+    enqueued_at: float = 0.0
+    queue_s: float = 0.0  # the longest wait of its texts
+    infer_s: float = 0.0  # the longest batch its texts ran in
+    left: int = field(init=False)  # texts not answered yet (worker threads, under a lock)
+    results: dict[str, Any] = field(init=False, default_factory=dict)
 
-    @property
-    def length(self) -> int:
-        return self.encoded.length
+    def __post_init__(self) -> None:
+        self.left = len(self.encoded)
+
+
+# One waiting text: (its length, its request, its index in the request).
+_Text = tuple[int, WorkItem, int]
 
 
 class Batcher:
@@ -72,12 +84,14 @@ class Batcher:
         self._run_fn = run
         self.options = options
         self._observer = observer
-        self._queue: deque[WorkItem] = deque()
+        self._queue: deque[_Text] = deque()
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
         self._slots = asyncio.Semaphore(options.instances)
         self._executor = ThreadPoolExecutor(options.instances, thread_name_prefix="runtime")
+        self._results_lock = threading.Lock()  # requests' rows may land from several workers
         self._running: set[asyncio.Task[None]] = set()
+        self._waiting = 0  # submitters waiting for room in the queue
         self._closed = False
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -91,19 +105,25 @@ class Batcher:
             raise ModelNotReady("this model version is unloading; retry")
         started = CLOCK.start()
         limit = self.options.max_queue_size
-        if len(self._queue) + len(items) > limit:
+        count = sum(len(item.encoded) for item in items)
+        if len(self._queue) + count > limit:
             if not wait:
                 raise Overloaded(f"queue full ({len(self._queue)} texts waiting); retry later")
-            async with self._space:
-                # An empty queue admits any request, however large: it never waits forever.
-                await self._space.wait_for(
-                    lambda: not self._queue or len(self._queue) + len(items) <= limit
-                )
+            self._waiting += 1
+            try:
+                async with self._space:
+                    # An empty queue admits any request, however large: never waits forever.
+                    await self._space.wait_for(
+                        lambda: not self._queue or len(self._queue) + count <= limit
+                    )
+            finally:
+                self._waiting -= 1
             started = CLOCK.start()
         now = time.perf_counter()
         for item in items:
             item.enqueued_at = now
-        self._queue.extend(items)
+            self._queue.extend(zip(item.encoded.lengths, itertools.repeat(item),
+                                   range(len(item.encoded))))
         self._wakeup.set()
         CLOCK.stop("batch", started)
 
@@ -119,8 +139,8 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             await self._slots.acquire()
-            items = await self._next_batch()
-            task = asyncio.create_task(self._run(items))
+            texts = await self._next_batch()
+            task = asyncio.create_task(self._run(texts))
             self._running.add(task)
             task.add_done_callback(self._finished)
 
@@ -128,15 +148,15 @@ class Batcher:
         self._running.discard(task)
         self._slots.release()
 
-    async def _next_batch(self) -> list[WorkItem]:
+    async def _next_batch(self) -> list[_Text]:
         while True:
-            while self._queue and self._queue[0].future.done():
+            while self._queue and self._queue[0][1].future.done():
                 self._queue.popleft()  # cancelled while waiting
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            wait_left = self._queue[0].enqueued_at + self.options.max_queue_delay_s
+            wait_left = self._queue[0][1].enqueued_at + self.options.max_queue_delay_s
             wait_left -= time.perf_counter()
             if wait_left > 0 and not self._full():
                 self._wakeup.clear()
@@ -144,100 +164,133 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), wait_left)
                 continue
             started = CLOCK.start()
-            items = self._take()
+            texts = self._take()
             CLOCK.stop("batch", started)
-            if items:
-                return items
+            if texts:
+                return texts
 
     def _full(self) -> bool:
         if len(self._queue) >= self.options.max_batch_size:
             return True
-        longest = max(item.length for item in self._queue)  # fewer than max_batch_size items
+        longest = max(text[0] for text in self._queue)  # fewer than max_batch_size texts
         return longest * (len(self._queue) + 1) > self.options.max_batch_tokens
 
-    def _take(self) -> list[WorkItem]:
-        """The oldest item and, from the next `lookahead` waiting, those closest to it in
-        length that fit the budget: similar lengths cut padding, and the oldest item always
+    def _take(self) -> list[_Text]:
+        """The oldest text and, from the next `lookahead` waiting, those closest to it in
+        length that fit the budget: similar lengths cut padding, and the oldest text always
         goes, so nothing waits behind a stream of better-fitting texts. Only the head window
         is touched, so a long queue costs nothing per batch."""
-        while self._queue and self._queue[0].future.done():
+        while self._queue and self._queue[0][1].future.done():
             self._queue.popleft()  # cancelled while waiting
         if not self._queue:
             return []
         window = list(itertools.islice(self._queue, 0, 1 + self.options.lookahead))
         head = window[0]
-        candidates = [item for item in window[1:] if not item.future.done()]
-        by_fit = sorted(candidates, key=lambda item: abs(item.length - head.length))
-        chosen, longest = [head], head.length
-        for item in by_fit:
-            if len(chosen) >= self.options.max_batch_size:
+        size, budget = self.options.max_batch_size, self.options.max_batch_tokens
+        live = [text for text in window[1:] if not text[1].future.done()]
+        target = head[0]
+        live.sort(key=lambda text: abs(text[0] - target))
+        chosen, longest = {id(head)}, target
+        for text in live:
+            if len(chosen) >= size:
                 break
-            cost = max(longest, item.length) * (len(chosen) + 1)
-            if cost <= self.options.max_batch_tokens:
-                chosen.append(item)
-                longest = max(longest, item.length)
-        taken = {id(item) for item in chosen}
-        kept = [item for item in window if id(item) not in taken and not item.future.done()]
+            new_longest = text[0] if text[0] > longest else longest
+            if new_longest * (len(chosen) + 1) <= budget:
+                chosen.add(id(text))
+                longest = new_longest
+        taken = [text for text in window if id(text) in chosen]  # in queue order
+        kept = [text for text in window
+                if id(text) not in chosen and not text[1].future.done()]
         for _ in window:
             self._queue.popleft()
         self._queue.extendleft(reversed(kept))
-        chosen.sort(key=lambda item: item.enqueued_at)
         self._notify_space()
-        return chosen
-
-    def _pad_and_run(self, encoded: list[Encoded],
-                     outputs: Sequence[str]) -> tuple[Batch, dict[str, np.ndarray]]:
-        started = CLOCK.start()
-        batch = Batch.pad(encoded)
-        CLOCK.stop("pad", started)
-        return batch, self._run_fn(batch, outputs)
+        return taken
 
     def _notify_space(self) -> None:
+        if not self._waiting:  # nobody waits for room: no task to schedule
+            return
+
         async def notify() -> None:
             async with self._space:
                 self._space.notify_all()
 
         asyncio.get_running_loop().create_task(notify())
 
-    async def _run(self, items: list[WorkItem]) -> None:
+    async def _run(self, texts: list[_Text]) -> None:
         start = time.perf_counter()
-        for item in items:
-            item.queue_s = start - item.enqueued_at
-        outputs = sorted(set().union(*(item.outputs for item in items)))
         loop = asyncio.get_running_loop()
-        encoded = [item.encoded for item in items]
-        try:  # padding runs on the worker thread too: the event loop only routes results
-            batch, arrays = await loop.run_in_executor(self._executor, self._pad_and_run,
-                                                       encoded, outputs)
+        try:  # padding, compute and scatter run on the worker: the loop sets futures only
+            answered = await loop.run_in_executor(self._executor, self._compute, texts, start)
         except Exception as exc:
-            if len(items) == 1:
-                _fail(items, exc)
+            if len(texts) == 1:
+                _fail(texts[0][1], exc)
                 return
-            half = len(items) // 2
-            await self._run(items[:half])
-            await self._run(items[half:])
+            half = len(texts) // 2
+            await self._run(texts[:half])
+            await self._run(texts[half:])
             return
+        started = CLOCK.start()
+        for item in answered:
+            if not item.future.done():
+                item.future.set_result(item.results)
+        CLOCK.stop("resolve", started)
+
+    def _compute(self, texts: list[_Text], start: float) -> list[WorkItem]:
+        """On a worker thread: pad, run, copy each request's rows into its arrays; returns
+        the requests whose last text this batch answered."""
+        started = CLOCK.start()
+        batch = Batch.pad([(item.encoded, index) for _, item, index in texts])
+        # Rows of this batch per request: (rows in the batch, indices in the request).
+        groups: dict[WorkItem, tuple[list[int], list[int]]] = {}
+        for row, (_, item, index) in enumerate(texts):
+            rows = groups.get(item)
+            if rows is None:
+                rows = groups[item] = ([], [])
+            rows[0].append(row)
+            rows[1].append(index)
+        outputs = sorted(set().union(*(item.outputs for item in groups)))
+        CLOCK.stop("pad", started)
+        arrays = self._run_fn(batch, outputs)
         elapsed = time.perf_counter() - start
         started = CLOCK.start()
+        answered = []
+        with self._results_lock:
+            for item, (rows, indices) in groups.items():
+                if item.future.done():  # cancelled, or failed in another batch
+                    continue
+                _scatter(item, arrays, rows, indices)
+                item.queue_s = max(item.queue_s, start - item.enqueued_at)
+                item.infer_s = max(item.infer_s, elapsed)
+                item.left -= len(indices)
+                if item.left == 0:
+                    answered.append(item)
         if self._observer is not None:
-            real = sum(item.length for item in items)
-            self._observer([item.queue_s for item in items], real, batch.padded_tokens, elapsed)
-        for row, item in enumerate(items):
-            item.infer_s = elapsed
-            if not item.future.done():
-                item.future.set_result(_rows(arrays, item, row))
+            queue_s = [start - item.enqueued_at for _, item, _ in texts]
+            real = sum(length for length, _, _ in texts)
+            self._observer(queue_s, real, batch.padded_tokens, elapsed)
         CLOCK.stop("scatter", started)
+        return answered
 
 
-def _rows(arrays: dict[str, np.ndarray], item: WorkItem, row: int) -> dict[str, np.ndarray]:
-    return {
-        name: arrays[name][row, : item.length] if name.startswith(TOKEN_OUTPUT_PREFIX)
-        else arrays[name][row]
-        for name in item.outputs
-    }
+def _scatter(item: WorkItem, arrays: dict[str, np.ndarray], rows: list[int],
+             indices: list[int]) -> None:
+    """Copy this batch's rows of `item` into its per-request arrays."""
+    for name in item.outputs:
+        array = arrays[name]
+        if name.startswith(TOKEN_OUTPUT_PREFIX):  # one [tokens, dim] array per text
+            vectors = item.results.setdefault(name, [None] * len(item.encoded))
+            lengths = item.encoded.lengths
+            for row, index in zip(rows, indices, strict=True):
+                vectors[index] = array[row, :lengths[index]]
+            continue
+        target = item.results.get(name)
+        if target is None:
+            target = item.results[name] = np.empty((len(item.encoded), *array.shape[1:]),
+                                                   dtype=array.dtype)
+        target[indices] = array[rows]
 
 
-def _fail(items: Iterable[WorkItem], exc: BaseException) -> None:
-    for item in items:
-        if not item.future.done():
-            item.future.set_exception(exc)
+def _fail(item: WorkItem, exc: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(exc)

@@ -32,6 +32,9 @@ def _type_name(deserializer: Callable[[bytes], Any] | None) -> str:
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._guarded: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -41,21 +44,30 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming or handler.response_streaming \
                 or handler.request_deserializer is None:
             return handler
-        parse = handler.request_deserializer
-        behaviour = handler.unary_unary
-        message = (f"the request does not parse as {_type_name(parse)}: it is not a "
-                   "protobuf message of that type")
+        guarded = self._guarded.get(handler)
+        if guarded is None:  # one guarded handler per method handler, made once
+            guarded = self._guarded[handler] = _guard(handler)
+        return guarded
 
-        def deserialize(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except DecodeError:
-                return _MALFORMED
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if request is _MALFORMED:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-            return await behaviour(request, context)
+def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with a deserializer that does not raise and an INVALID_ARGUMENT answer for
+    bytes that do not parse."""
+    parse = handler.request_deserializer
+    behaviour = handler.unary_unary
+    message = (f"the request does not parse as {_type_name(parse)}: it is not a "
+               "protobuf message of that type")
 
-        return grpc.unary_unary_rpc_method_handler(guarded, deserialize,
-                                                   handler.response_serializer)
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return _MALFORMED
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request is _MALFORMED:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        return await behaviour(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(guarded, deserialize,
+                                               handler.response_serializer)

@@ -21,9 +21,7 @@ from .lifecycle import ModelManager, ModelVersion
 from .stages import CLOCK
 from .tokenization import Encoded, check_texts
 
-__all__ = [
-    "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result", "TextOptions", "TextResult",
-]
+__all__ = ["ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result", "TextOptions"]
 
 OUTPUT_PREFIX = {
     Pooling.POOLING_MEAN: "mean",
@@ -69,18 +67,15 @@ class ClassifyQuery:
 
 
 @dataclass
-class TextResult:
-    token_count: int
-    truncated_tokens: int
-    vector: np.ndarray | None = None  # [dim] or [tokens, dim]
-    probabilities: np.ndarray | None = None  # [num_labels]
-
-
-@dataclass
 class Result:
+    """What a request's texts came to, as arrays with one row per text."""
+
     model: str
     version: int
-    texts: list[TextResult]
+    token_counts: list[int]
+    truncated_tokens: list[int]
+    vectors: np.ndarray | list[np.ndarray] | None = None  # [texts, dim]; tokens: per text
+    probabilities: np.ndarray | None = None  # [texts, labels]
     pooling: int = Pooling.POOLING_UNSPECIFIED
     pooling_layer: int = 0
     labels: Sequence[str] = ()
@@ -88,6 +83,9 @@ class Result:
     queue_s: float = 0.0
     infer_s: float = 0.0
     total_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.token_counts)
 
 
 def resolve_pooling(config: ModelConfig, pooling: int, layer: int | None) -> tuple[int, int, str]:
@@ -151,42 +149,32 @@ class Pipeline:
             config = loaded.config
             if task == Task.TASK_CLASSIFY and config.task != Task.TASK_CLASSIFY:
                 raise InvalidInput(f"model {mv.model!r} has no classification head; use Embed")
-            result = Result(mv.model, mv.version, [], labels=loaded.labels)
-            outputs: set[str] = set()
-            vector_name = ""
-            if embed is not None:
-                result.pooling, result.pooling_layer, vector_name = resolve_pooling(
-                    config, embed.pooling, embed.pooling_layer)
-                outputs.add(vector_name)
-            if top_k is not None:
-                outputs.add("probabilities")
+            pooling, layer, vector_name = (0, 0, "") if embed is None else resolve_pooling(
+                config, embed.pooling, embed.pooling_layer)
+            outputs = frozenset(name for name in (vector_name, "probabilities" if top_k is not
+                                                  None else "") if name)
             prefix = _prefix(config, task)
-            prefixed = [prefix + t for t in texts]
+            prefixed = [prefix + t for t in texts] if prefix else list(texts)
             CLOCK.stop("validate", started)
             encoded = await loaded.tokenizer.encode_async(
                 self._pool, prefixed, text.truncate, text.direction)
-            result.tokenize_s = time.perf_counter() - start
+            tokenize_s = time.perf_counter() - start
             started = CLOCK.start()
-            loop = asyncio.get_running_loop()
-            items = [WorkItem(e, frozenset(outputs), loop.create_future()) for e in encoded]
+            item = WorkItem(encoded, outputs, asyncio.get_running_loop().create_future())
             CLOCK.stop("batch", started)
             try:
-                await loaded.batcher.submit(items, wait=wait)
-                rows = await asyncio.gather(*(item.future for item in items))
+                await loaded.batcher.submit([item], wait=wait)
+                rows = await item.future
             finally:
-                for item in items:
-                    item.future.cancel()  # no-op when done; drops queued work otherwise
+                item.future.cancel()  # no-op when done; drops queued texts otherwise
         started = CLOCK.start()
-        for enc, row in zip(encoded, rows, strict=True):
-            vector = row.get(vector_name) if vector_name else None
-            if vector is not None and embed is not None and embed.normalize:
-                vector = _l2_normalize(vector)
-            result.texts.append(TextResult(enc.length, enc.truncated_tokens, vector,
-                                           row.get("probabilities")))
-        result.queue_s = max(item.queue_s for item in items)
-        result.infer_s = max(item.infer_s for item in items)
-        result.total_s = time.perf_counter() - start
-        CLOCK.stop("scatter", started)
+        vectors = rows.get(vector_name) if vector_name else None
+        if vectors is not None and embed is not None and embed.normalize:
+            vectors = _l2_normalize(vectors)
+        result = Result(mv.model, mv.version, encoded.lengths, encoded.truncated_tokens,
+                        vectors, rows.get("probabilities"), pooling, layer, loaded.labels,
+                        tokenize_s, item.queue_s, item.infer_s, time.perf_counter() - start)
+        CLOCK.stop("resolve", started)
         return result
 
 
@@ -194,6 +182,10 @@ def _prefix(config: ModelConfig, task: int) -> str:
     return config.classify_prefix if task == Task.TASK_CLASSIFY else config.embed_prefix
 
 
-def _l2_normalize(v: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(v, axis=-1, keepdims=True)
-    return v / np.maximum(norm, 1e-12)
+def _l2_normalize(vectors: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """Unit length along the last axis: one call for a request's pooled vectors, one per
+    text for token vectors."""
+    if isinstance(vectors, list):
+        return [_l2_normalize(v) for v in vectors]  # type: ignore[misc]
+    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norm, 1e-12)

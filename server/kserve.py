@@ -181,18 +181,18 @@ def _requested(request: pb.ModelInferRequest, offered: list[Tensor], model: str)
 
 def _output_data(tensor: Tensor, result: Result) -> tuple[list[int], bytes]:
     if tensor.name == LABEL:
-        labels = [result.labels[int(np.argmax(t.probabilities))] for t in result.texts]
+        assert result.probabilities is not None
+        labels = [result.labels[i] for i in np.argmax(result.probabilities, axis=1).tolist()]
         return [len(labels)], pack_bytes(label.encode() for label in labels)
-    rows: list[np.ndarray] = []
-    for text in result.texts:
-        row = text.probabilities if tensor.name == PROBABILITIES else text.vector
-        if row is None:
-            raise RuntimeError(f"the pipeline returned no {tensor.name}")
-        rows.append(row)
-    if len({row.shape for row in rows}) > 1:  # token pooling: one vector per token
-        raise InvalidInput("token vectors differ in length between texts: send one text per "
-                           "request, or use bertstream.v1 Embed for token pooling")
-    array = np.stack(rows).astype("<f4", copy=False)
+    rows = result.probabilities if tensor.name == PROBABILITIES else result.vectors
+    if rows is None:
+        raise RuntimeError(f"the pipeline returned no {tensor.name}")
+    if isinstance(rows, list):  # token pooling: one vector per token
+        if len({row.shape for row in rows}) > 1:
+            raise InvalidInput("token vectors differ in length between texts: send one text "
+                               "per request, or use bertstream.v1 Embed for token pooling")
+        rows = np.stack(rows)
+    array = rows.astype("<f4", copy=False)
     return list(array.shape), array.tobytes()
 
 

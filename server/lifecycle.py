@@ -32,7 +32,7 @@ from .errors import LoadFailed, ModelNotFound, ModelNotReady
 from .fakedevice import FakeDevicePool, parse_spec
 from .metrics import Metrics
 from .runtime import RuntimeOptions, RuntimePool
-from .tokenization import TextTokenizer
+from .tokenization import Encoded, TextTokenizer
 
 __all__ = ["Loaded", "ModelManager", "ModelVersion", "State"]
 
@@ -541,12 +541,12 @@ async def _warm_up(loaded: Loaded) -> None:
     texts = ["预热：今天股市大涨，沪指收复三千点。", "warm-up"]
     encoded = loaded.tokenizer.encode(texts, truncate=True)
     loop = asyncio.get_running_loop()
-    items = [WorkItem(e, frozenset(outputs), loop.create_future()) for e in encoded]
-    await loaded.batcher.submit(items, wait=True)
-    await asyncio.gather(*(item.future for item in items))
-    first, longest = encoded[0], config.max_sequence_length
-    full = dataclasses.replace(first, ids=np.resize(first.ids, longest),
-                               type_ids=np.resize(first.type_ids, longest))
+    item = WorkItem(encoded, frozenset(outputs), loop.create_future())
+    await loaded.batcher.submit([item], wait=True)
+    await item.future
+    longest = config.max_sequence_length
+    ids = np.resize(encoded.text_ids(0), longest)
+    full = Encoded(ids, [longest], [0], [0])
     item = WorkItem(full, frozenset(outputs), loop.create_future())
     await loaded.batcher.submit([item], wait=True)
     try:

@@ -20,6 +20,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -48,6 +49,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._model_labels: set[str] = set()
+        self._children: dict[tuple[object, ...], Any] = {}
         r = self.registry
         self.requests = Counter("bertstream_requests", "Unary calls and stream messages",
                                 ["model", "version", "rpc", "code"], registry=r)
@@ -88,7 +90,7 @@ class Metrics:
     def request(self, rpc: str, model_hint: str) -> Iterator[RequestRecord]:
         """Count one call or stream message with its status code and time."""
         record = RequestRecord(model=model_hint)
-        gauge = self.in_flight.labels(rpc)
+        gauge = self._child(self.in_flight, rpc)
         gauge.inc()
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -100,10 +102,20 @@ class Metrics:
         finally:
             gauge.dec()
             model, version = self._model_label(record.model), str(record.version or "")
-            self.requests.labels(model, version, rpc, code.name).inc()
-            self.request_seconds.labels(model, rpc).observe(time.perf_counter() - start)
+            self._child(self.requests, model, version, rpc, code.name).inc()
+            self._child(self.request_seconds, model, rpc).observe(time.perf_counter() - start)
             if code is grpc.StatusCode.OK and record.texts:
-                self.texts.labels(model, version, rpc).inc(record.texts)
+                self._child(self.texts, model, version, rpc).inc(record.texts)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: prometheus_client checks and locks on every
+        `labels` call, four times per stream message. Bounded like the label values are
+        (model names past MAX_MODEL_LABELS count as "other")."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _model_label(self, name: str) -> str:
         """The model label of a call: the name a caller sent until it resolves, so a caller

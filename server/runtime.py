@@ -48,19 +48,24 @@ class Batch:
     token_type_ids: np.ndarray
 
     @classmethod
-    def pad(cls, encodings: Sequence[Encoded], pad_id: int = 0) -> Batch:
-        """Right-pad token ids into one batch; the attention mask marks real tokens."""
-        longest = max(encoded.length for encoded in encodings)
-        shape = (len(encodings), longest)
-        ids = np.full(shape, pad_id, dtype=np.int64)
-        mask = np.zeros(shape, dtype=np.int64)
-        types = np.zeros(shape, dtype=np.int64)
-        for row, encoded in enumerate(encodings):
-            n = encoded.length
-            ids[row, :n] = encoded.ids
-            mask[row, :n] = 1
-            types[row, :n] = encoded.type_ids
-        return cls(ids, mask, types)
+    def pad(cls, rows: Sequence[tuple[Encoded, int]], pad_id: int = 0) -> Batch:
+        """Right-pad texts (request, index of the text in it) into one batch; the attention
+        mask marks real tokens. The real tokens go in with one boolean-mask assignment."""
+        lengths = np.array([encoded.lengths[i] for encoded, i in rows], dtype=np.int64)
+        longest = int(lengths.max())
+        real = np.arange(longest) < lengths[:, None]
+        ids = np.full(real.shape, pad_id, dtype=np.int64)
+        ids[real] = np.concatenate([encoded.text_ids(i) for encoded, i in rows])
+        types = np.zeros(real.shape, dtype=np.int64)
+        if any(encoded.type_ids is not None for encoded, _ in rows):
+            types[real] = np.concatenate([_type_ids(encoded, i) for encoded, i in rows])
+        return cls(ids, real.astype(np.int64), types)
+
+    @classmethod
+    def of(cls, encoded: Encoded, indices: Sequence[int] | None = None) -> Batch:
+        """The texts of one request (all, or those at `indices`) as a batch."""
+        chosen = range(len(encoded)) if indices is None else indices
+        return cls.pad([(encoded, i) for i in chosen])
 
     @property
     def size(self) -> int:
@@ -69,6 +74,12 @@ class Batch:
     @property
     def padded_tokens(self) -> int:
         return int(self.input_ids.size)
+
+
+def _type_ids(encoded: Encoded, i: int) -> np.ndarray:
+    if encoded.type_ids is None:
+        return np.zeros(encoded.lengths[i], dtype=np.int64)
+    return encoded.type_ids[encoded.starts[i]:encoded.starts[i] + encoded.lengths[i]]
 
 
 def pick_providers(options: RuntimeOptions) -> list[str | tuple[str, dict[str, object]]]:

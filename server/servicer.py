@@ -8,11 +8,12 @@ per-message error responses (see streams.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from bertstream.v1.model_config_pb2 import Pooling, Task
@@ -25,7 +26,6 @@ from .inference import (
     Pipeline,
     Result,
     TextOptions,
-    TextResult,
 )
 from .lifecycle import State
 from .metrics import Metrics
@@ -83,30 +83,45 @@ def _timings(result: Result) -> pb.Timings:
     )
 
 
-def _usage(text: TextResult) -> pb.TextUsage:
-    return pb.TextUsage(token_count=text.token_count, truncated=text.truncated_tokens > 0,
-                        truncated_tokens=text.truncated_tokens)
+def _usages(result: Result) -> list[pb.TextUsage]:
+    return [pb.TextUsage(token_count=count, truncated=cut > 0, truncated_tokens=cut)
+            for count, cut in zip(result.token_counts, result.truncated_tokens, strict=True)]
 
 
-def _embedding(text: TextResult, raw: bool) -> pb.Embedding:
+def _embeddings(result: Result, raw: bool) -> list[pb.Embedding]:
     """Floats as a repeated field, or (raw) as little-endian float32 bytes: one copy instead
-    of a Python float per value, which was a third of the event loop's time on a GPU."""
-    vector = text.vector
-    assert vector is not None
+    of a Python float per value, which was a third of the event loop's time on a GPU. A
+    request's pooled vectors are one array: one conversion for all its texts."""
+    vectors, usages = result.vectors, _usages(result)
+    assert vectors is not None
+    if isinstance(vectors, list):  # token vectors: [tokens, dim] per text
+        return [_embedding(v, raw, usage) for v, usage in zip(vectors, usages, strict=True)]
+    shape = list(vectors.shape[1:])
+    if raw:
+        blob = vectors.astype("<f4", copy=False).tobytes()
+        step = len(blob) // len(usages)
+        return [pb.Embedding(raw=blob[i * step:(i + 1) * step], shape=shape, usage=usage)
+                for i, usage in enumerate(usages)]
+    return [pb.Embedding(values=values, shape=shape, usage=usage)
+            for values, usage in zip(vectors.tolist(), usages, strict=True)]
+
+
+def _embedding(vector: np.ndarray, raw: bool, usage: pb.TextUsage) -> pb.Embedding:
     if raw:
         return pb.Embedding(raw=vector.astype("<f4", copy=False).tobytes(),
-                            shape=list(vector.shape), usage=_usage(text))
-    return pb.Embedding(values=vector.ravel().tolist(), shape=list(vector.shape),
-                        usage=_usage(text))
+                            shape=list(vector.shape), usage=usage)
+    return pb.Embedding(values=vector.ravel().tolist(), shape=list(vector.shape), usage=usage)
 
 
-def _labels(text: TextResult, labels: list[str], top_k: int) -> list[pb.LabelScore]:
-    assert text.probabilities is not None
-    order = text.probabilities.argsort()[::-1]
+def _labels(probabilities: np.ndarray, labels: Sequence[str],
+            top_k: int) -> list[list[pb.LabelScore]]:
+    """Per text, its labels by falling probability (the top_k first; 0: all)."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")
     if top_k:
-        order = order[:top_k]
-    return [pb.LabelScore(label=labels[i], index=int(i), probability=float(text.probabilities[i]))
-            for i in order]
+        order = order[:, :top_k]
+    return [[pb.LabelScore(label=labels[i], index=i, probability=p)
+             for i, p in zip(indices, row[indices].tolist(), strict=True)]
+            for indices, row in zip(order.tolist(), probabilities, strict=True)]
 
 
 class BertServicer(pb_grpc.BertServiceServicer):
@@ -128,11 +143,11 @@ class BertServicer(pb_grpc.BertServiceServicer):
             CLOCK.stop("validate", started)
             result = await self.pipeline.embed(query, wait=wait)
             record.model, record.version, record.texts = (result.model, result.version,
-                                                          len(result.texts))
+                                                          len(result))
         started = CLOCK.start()
         response = pb.EmbedResponse(
             request_id=request.request_id, model=result.model, version=result.version,
-            embeddings=[_embedding(t, request.raw_values) for t in result.texts],
+            embeddings=_embeddings(result, request.raw_values),
             pooling=result.pooling, pooling_layer=result.pooling_layer, timings=_timings(result),
         )
         CLOCK.stop("respond", started)
@@ -149,14 +164,18 @@ class BertServicer(pb_grpc.BertServiceServicer):
             )
             result = await self.pipeline.classify(query, wait=wait)
             record.model, record.version, record.texts = (result.model, result.version,
-                                                          len(result.texts))
+                                                          len(result))
+        started = CLOCK.start()
+        assert result.probabilities is not None
+        embeddings: Sequence[pb.Embedding | None] = _embeddings(result, request.raw_values) \
+            if result.vectors is not None else [None] * len(result)
         results = [
-            pb.Classification(
-                labels=_labels(t, list(result.labels), request.top_k), usage=_usage(t),
-                embedding=_embedding(t, request.raw_values) if t.vector is not None else None,
-            )
-            for t in result.texts
+            pb.Classification(labels=labels, usage=usage, embedding=embedding)
+            for labels, usage, embedding in zip(
+                _labels(result.probabilities, result.labels, request.top_k), _usages(result),
+                embeddings, strict=True)
         ]
+        CLOCK.stop("respond", started)
         return pb.ClassifyResponse(request_id=request.request_id, model=result.model,
                                    version=result.version, results=results,
                                    timings=_timings(result))
@@ -197,17 +216,16 @@ class BertServicer(pb_grpc.BertServiceServicer):
             raise InvalidInput(f"unknown task {request.task}")
         mv, encoded = await self.pipeline.tokenize(
             request.model, request.version, request.texts, _text_options(request), task)
-        encodings = [e.encoding for e in encoded if e.encoding is not None]
-        assert len(encodings) == len(encoded), "Pipeline.tokenize keeps the encodings"
+        assert encoded.encodings is not None, "Pipeline.tokenize keeps the encodings"
         results = [
             pb.TokenizedText(
                 tokens=enc.tokens, ids=enc.ids,
                 offset_starts=[s for s, _ in enc.offsets],
                 offset_ends=[t for _, t in enc.offsets],
-                usage=pb.TextUsage(token_count=e.length, truncated=e.truncated_tokens > 0,
-                                   truncated_tokens=e.truncated_tokens),
+                usage=pb.TextUsage(token_count=length, truncated=cut > 0, truncated_tokens=cut),
             )
-            for e, enc in zip(encoded, encodings, strict=True)
+            for enc, length, cut in zip(encoded.encodings, encoded.lengths,
+                                        encoded.truncated_tokens, strict=True)
         ]
         assert mv.loaded is not None
         return pb.TokenizeResponse(model=mv.model, version=mv.version, results=results,

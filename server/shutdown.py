@@ -50,6 +50,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_call = 0.0  # monotonic time the last non-probe call came in
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
 
     @property
     def running(self) -> int:
@@ -68,7 +69,10 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
         if self.draining.is_set():
             error = ShuttingDown("server is shutting down; send this call to another replica")
             return refusal(handler, error.code, str(error))
-        return self._counted(handler)
+        counted = self._wrapped.get(handler)
+        if counted is None:  # one wrapper per method handler, made once, not per call
+            counted = self._wrapped[handler] = self._counted(handler)
+        return counted
 
     async def drain(self, grace_s: float, linger_s: float = LINGER_S) -> float:
         """Refuse new calls and wait for the running ones (at most `grace_s`), then linger.

@@ -37,7 +37,8 @@ STAGES: dict[str, tuple[str, bool]] = {
     "batch": ("event-loop", True),  # queueing and batch formation
     "pad": ("runtime", True),  # ids -> one padded batch
     "device": ("runtime", False),  # session.run (or the fake device), GIL released
-    "scatter": ("event-loop", True),  # batch outputs -> each request's rows, futures
+    "scatter": ("runtime", True),  # batch outputs -> each request's arrays
+    "resolve": ("event-loop", True),  # requests' futures, results, normalisation
     "respond": ("event-loop", True),  # result -> response protos
     "encode": ("event-loop", True),  # response proto -> bytes (gRPC's serializer)
 }
@@ -78,6 +79,9 @@ class StageTiming(grpc.aio.ServerInterceptor):
     """Times gRPC's request deserializer and response serializer ("decode", "encode"): they
     run on the event loop inside grpc's own code, where nothing else can time them."""
 
+    def __init__(self) -> None:
+        self._timed: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -86,11 +90,13 @@ class StageTiming(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        parse, serialize = handler.request_deserializer, handler.response_serializer
-        # grpc's handlers are named tuples: the same handler, (de)serializers timed.
-        return handler._replace(
-            request_deserializer=_timed("decode", parse) if parse else None,
-            response_serializer=_timed("encode", serialize) if serialize else None)
+        timed = self._timed.get(handler)
+        if timed is None:  # grpc's handlers are named tuples: the same, (de)serializers timed
+            parse, serialize = handler.request_deserializer, handler.response_serializer
+            timed = self._timed[handler] = handler._replace(
+                request_deserializer=_timed("decode", parse) if parse else None,
+                response_serializer=_timed("encode", serialize) if serialize else None)
+        return timed
 
 
 def _timed(stage: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:

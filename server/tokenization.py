@@ -8,6 +8,7 @@ runs batched on a worker thread (`tokenizers` releases the GIL), never on the ev
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -24,16 +25,21 @@ __all__ = ["Encoded", "TextTokenizer", "check_texts"]
 
 @dataclass(frozen=True)
 class Encoded:
-    """One text as the model will see it."""
+    """The texts of one request as the model will see them: every text's token ids back to
+    back in one array, so a request costs one numpy array, not one per text."""
 
-    ids: np.ndarray  # int64 [tokens]
-    type_ids: np.ndarray  # int64 [tokens]
-    truncated_tokens: int
-    encoding: Encoding | None = None  # tokens and offsets, kept only for the Tokenize rpc
+    ids: np.ndarray  # int64 [total tokens]
+    lengths: list[int]  # tokens of each text
+    starts: list[int]  # where each text begins in `ids`
+    truncated_tokens: list[int]  # tokens cut from each text (0: none)
+    type_ids: np.ndarray | None = None  # like ids; None: every token has type 0
+    encodings: list[Encoding] | None = None  # tokens and offsets, kept only for Tokenize
 
-    @property
-    def length(self) -> int:
-        return int(self.ids.shape[0])
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def text_ids(self, i: int) -> np.ndarray:
+        return self.ids[self.starts[i]:self.starts[i] + self.lengths[i]]
 
 
 class TextTokenizer:
@@ -46,6 +52,14 @@ class TextTokenizer:
             tok = self._load(path)
             tok.enable_truncation(max_length, direction=side)
             self._truncating[side] = tok
+        tok = self._truncating["right"]
+        # Special tokens the template adds to each piece ([CLS] x [SEP]: 2); overflowing
+        # pieces get them too, so they are not part of what truncation cut.
+        self._specials = tok.num_special_tokens_to_add(is_pair=False)
+        # Single texts get one type id per template piece; BERT's, RoBERTa's and XLM-R's are
+        # all 0, and then no type ids need converting at all.
+        probe = tok.encode_batch_fast(["a", "今天 b"])
+        self._zero_types = all(t == 0 for enc in probe for t in enc.type_ids)
 
     @staticmethod
     def _load(path: Path) -> Tokenizer:
@@ -60,7 +74,7 @@ class TextTokenizer:
     def encode(
         self, texts: Sequence[str], truncate: bool, direction: str = "right",
         keep_encoding: bool = False,
-    ) -> list[Encoded]:
+    ) -> Encoded:
         """Encode a batch in one pass; raise InputTooLong naming the first text over the limit.
 
         The truncating tokenizer keeps what it cut in `overflowing` (each piece with its own
@@ -81,30 +95,32 @@ class TextTokenizer:
             CLOCK.stop("tokenize_python", started)
 
     def _encoded(self, encodings: list[Encoding], truncate: bool,
-                 keep_encoding: bool) -> list[Encoded]:
-        cut = [sum(len(piece.ids) - sum(piece.special_tokens_mask) for piece in enc.overflowing)
-               for enc in encodings]
+                 keep_encoding: bool) -> Encoded:
+        specials = self._specials
+        cut = [sum(len(piece) for piece in enc.overflowing) - specials * len(enc.overflowing)
+               if enc.overflowing else 0 for enc in encodings]
         if not truncate:
             over = next((i for i, n in enumerate(cut) if n), None)
             if over is not None:
                 raise InputTooLong(
-                    f"texts[{over}] is {len(encodings[over].ids) + cut[over]} tokens, over this "
+                    f"texts[{over}] is {len(encodings[over]) + cut[over]} tokens, over this "
                     f"model's limit of {self.max_length}; shorten it or set truncate"
                 )
-        return [
-            Encoded(
-                ids=np.asarray(enc.ids, dtype=np.int64),
-                type_ids=np.asarray(enc.type_ids, dtype=np.int64),
-                truncated_tokens=n,
-                encoding=enc if keep_encoding else None,
-            )
-            for enc, n in zip(encodings, cut, strict=True)
-        ]
+        lengths = [len(enc) for enc in encodings]
+        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+        # One list, one array: a numpy conversion per text cost more than the ids themselves.
+        ids = np.array(list(itertools.chain.from_iterable(enc.ids for enc in encodings)),
+                       dtype=np.int64)
+        type_ids = None if self._zero_types else np.array(
+            list(itertools.chain.from_iterable(enc.type_ids for enc in encodings)),
+            dtype=np.int64)
+        return Encoded(ids, lengths, starts, cut, type_ids,
+                       encodings if keep_encoding else None)
 
     async def encode_async(
         self, executor: Executor, texts: Sequence[str], truncate: bool, direction: str = "right",
         keep_encoding: bool = False,
-    ) -> list[Encoded]:
+    ) -> Encoded:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor, self.encode, texts, truncate, direction,
                                           keep_encoding)

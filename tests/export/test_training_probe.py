@@ -41,7 +41,7 @@ def _graph_confusion(version: Path, test_file: Path, labels: tuple[str, ...], le
     the way the server feeds it (prefix, server tokenizer, padding)."""
     rows = [json.loads(line) for line in test_file.read_text(encoding="utf-8").splitlines()]
     tokenizer = TextTokenizer(version / "tokenizer.json", length)
-    batch = Batch.pad(tokenizer.encode([PREFIX + row["text"] for row in rows], truncate=True))
+    batch = Batch.of(tokenizer.encode([PREFIX + row["text"] for row in rows], truncate=True))
     session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
              "token_type_ids": batch.token_type_ids}

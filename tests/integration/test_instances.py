@@ -24,7 +24,7 @@ def test_pool_runs_count_sessions_concurrently(model_repository: Path) -> None:
     pool = RuntimePool(version / "model.onnx", RuntimeOptions(device="cpu", intra_op_threads=1),
                        count=2)
     assert len({id(r.session) for r in pool.runtimes}) == 2 and pool.concurrency == 2
-    batch = Batch.pad(TextTokenizer(version / "tokenizer.json", 64).encode(TEXTS, truncate=True))
+    batch = Batch.of(TextTokenizer(version / "tokenizer.json", 64).encode(TEXTS, truncate=True))
     with ThreadPoolExecutor(4) as executor:
         results = list(executor.map(lambda _: pool.run(batch, ["mean_layer2"])["mean_layer2"],
                                     range(16)))

@@ -33,14 +33,26 @@ class FakeRuntime:
         self.batches.append([int(row[0]) for row in batch.input_ids])
         ids = batch.input_ids * batch.attention_mask
         vec = np.stack([ids.sum(1), batch.attention_mask.sum(1)], axis=1).astype(np.float32)
-        return {name: vec for name in outputs}
+        tokens = np.repeat(vec[:, None, :], batch.input_ids.shape[1], axis=1)
+        return {name: tokens if name.startswith("tokens_") else vec for name in outputs}
+
+
+def request(*texts: tuple[int, int], outputs: frozenset[str] = frozenset({"mean_layer1"})
+            ) -> WorkItem:
+    """A request of texts given as (first id, length); the other ids are 1."""
+    rows = []
+    for first_id, length in texts:
+        ids = np.full(length, 1, dtype=np.int64)
+        ids[0] = first_id
+        rows.append(ids)
+    lengths = [len(r) for r in rows]
+    starts = [sum(lengths[:i]) for i in range(len(rows))]
+    enc = Encoded(np.concatenate(rows), lengths, starts, [0] * len(rows))
+    return WorkItem(enc, outputs, asyncio.get_running_loop().create_future())
 
 
 def item(first_id: int, length: int) -> WorkItem:
-    ids = np.full(length, 1, dtype=np.int64)
-    ids[0] = first_id
-    enc = Encoded(ids, np.zeros(length, np.int64), 0, None)  # type: ignore[arg-type]
-    return WorkItem(enc, frozenset({"mean_layer1"}), asyncio.get_running_loop().create_future())
+    return request((first_id, length))
 
 
 async def blocked_first_batch(fake: FakeRuntime, batcher: Batcher) -> WorkItem:
@@ -77,7 +89,7 @@ def test_callers_share_a_batch_and_get_their_own_rows() -> None:
         await first.future
         for c, items in enumerate(callers):
             for i, it in enumerate(items):
-                row = (await it.future)["mean_layer1"]
+                row = (await it.future)["mean_layer1"][0]
                 assert row.tolist() == [10 + c * 10 + i + 2 + c, 3 + c]
         assert fake.batches[1] == [10, 11, 20, 21, 30, 31]
 
@@ -119,7 +131,7 @@ def test_a_failing_item_fails_alone() -> None:
         fake.gate.set()
         await first.future
         for it in items:
-            assert (await it.future)["mean_layer1"][1] == 3
+            assert (await it.future)["mean_layer1"][0, 1] == 3
         with pytest.raises(RuntimeError, match="poisoned"):
             await bad.future
 
@@ -167,7 +179,64 @@ def test_a_text_over_the_token_budget_still_runs_alone() -> None:
     async def body(fake: FakeRuntime, batcher: Batcher) -> None:
         big = item(30, 50)
         await batcher.submit([big], wait=False)
-        assert (await big.future)["mean_layer1"][1] == 50
+        assert (await big.future)["mean_layer1"][0, 1] == 50
 
     fake = run(body, max_batch_tokens=16)
     assert fake.batches == [[30]]
+
+
+def test_a_request_split_over_batches_gets_its_rows_back_in_its_order() -> None:
+    """Texts of one request spread over several batches (3 per batch, similar lengths first)
+    come back as one array in the request's own order; a second request shares the batches."""
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        texts = [(40, 9), (41, 30), (42, 10), (43, 31), (44, 11)]
+        mine, other = request(*texts), request((50, 30), (51, 10))
+        await batcher.submit([mine, other], wait=False)
+        fake.gate.set()
+        await first.future
+        rows = (await mine.future)["mean_layer1"]
+        assert rows.tolist() == [[first_id + n - 1, n] for first_id, n in texts]
+        assert (await other.future)["mean_layer1"].tolist() == [[50 + 29, 30], [51 + 9, 10]]
+        assert len(fake.batches) >= 3  # the request really was split
+
+    run(body, max_batch_size=3)
+
+
+def test_one_bad_text_fails_its_request_and_no_other() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        bad = request((60, 3), (POISON, 3), (61, 3))
+        good = request((62, 3), (63, 3))
+        await batcher.submit([bad, good], wait=False)
+        fake.gate.set()
+        await first.future
+        with pytest.raises(RuntimeError, match="poisoned"):
+            await bad.future
+        assert (await good.future)["mean_layer1"][:, 1].tolist() == [3, 3]
+
+    run(body)
+
+
+def test_token_outputs_come_back_per_text_at_their_own_length() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        it = request((70, 2), (71, 5), outputs=frozenset({"tokens_layer1", "mean_layer1"}))
+        await batcher.submit([it], wait=False)
+        got = await it.future
+        assert [v.shape[0] for v in got["tokens_layer1"]] == [2, 5]
+        assert got["mean_layer1"].shape == (2, 2)
+
+    run(body)
+
+
+def test_the_queue_limit_counts_texts_not_requests() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        await batcher.submit([request((80, 2), (81, 2))], wait=False)
+        assert batcher.queued == 2
+        with pytest.raises(Overloaded, match="2 texts waiting"):
+            await batcher.submit([request((82, 2))], wait=False)
+        fake.gate.set()
+        await first.future
+
+    run(body, max_queue_size=2, max_batch_size=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from bertstream.server.errors import InputTooLong
 from bertstream.server.tokenization import TextTokenizer
@@ -34,17 +35,23 @@ def test_one_pass_matches_full_then_truncated(tokenizer_path: Path, texts: list[
     reference = Tokenizer.from_file(str(tokenizer_path))
     reference.enable_truncation(max_length, direction=direction)
     encoded = TextTokenizer(tokenizer_path, max_length).encode(texts, True, direction, keep)
-    for text, got in zip(texts, encoded, strict=True):
+    assert len(encoded) == len(texts)
+    assert encoded.ids.dtype == np.int64 and len(encoded.ids) == sum(encoded.lengths)
+    if keep:  # the Tokenize rpc's tokens and offsets
+        assert encoded.encodings is not None
+    else:
+        assert encoded.encodings is None
+    for i, text in enumerate(texts):
         full = len(plain.encode(text).ids)
         expected = reference.encode(text)
-        assert got.ids.tolist() == expected.ids
-        assert got.type_ids.tolist() == expected.type_ids
-        if keep:  # the Tokenize rpc's tokens and offsets
-            assert got.encoding is not None and got.encoding.offsets == expected.offsets
-        else:
-            assert got.encoding is None
-        assert got.length == min(full, max_length)
-        assert got.truncated_tokens == max(0, full - max_length)
+        assert encoded.text_ids(i).tolist() == expected.ids
+        types = [0] * encoded.lengths[i] if encoded.type_ids is None else \
+            encoded.type_ids[encoded.starts[i]:encoded.starts[i] + encoded.lengths[i]].tolist()
+        assert types == expected.type_ids
+        if encoded.encodings is not None:
+            assert encoded.encodings[i].offsets == expected.offsets
+        assert encoded.lengths[i] == min(full, max_length)
+        assert encoded.truncated_tokens[i] == max(0, full - max_length)
 
 
 def test_too_long_without_truncate_names_the_full_length(tokenizer_path: Path) -> None:
@@ -55,4 +62,4 @@ def test_too_long_without_truncate_names_the_full_length(tokenizer_path: Path) -
     tokenizer = TextTokenizer(tokenizer_path, 16)
     with pytest.raises(InputTooLong, match=rf"texts\[1\] is {full} tokens, over .* of 16"):
         tokenizer.encode(["短文本", text], False)
-    assert [e.truncated_tokens for e in tokenizer.encode(["短文本", text], True)] == [0, full - 16]
+    assert tokenizer.encode(["短文本", text], True).truncated_tokens == [0, full - 16]
