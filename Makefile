@@ -82,3 +82,25 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# bertstream beside infinity (infinity-emb), the popular Python embedding server, on the same
+# encoder, texts and concurrency at equal precision (benchmarks/peers.py; a few minutes on 2
+# cores, so not part of `make test`). infinity lives in its own venv, torch pinned to the CPU
+# build first. The pins are the newest set that installs and imports with torch 2.13: optimum
+# 1.x (which infinity's ONNX fusion step was written for) no longer imports with it.
+PEERS_VENV ?= .venv-peers
+PEERS_PINS := 'infinity-emb[server,torch,optimum]==0.0.78' optimum==2.1.0 optimum-onnx==0.1.0 \
+    transformers==4.57.6 sentence-transformers==3.4.1 tokenizers==0.22.2 onnxruntime==1.32.0 \
+    numpy==1.26.4
+PEERS_ARGS ?=
+.PHONY: bench-peers
+
+$(PEERS_VENV)/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install -q $(PEERS_PINS)
+	touch $@
+
+bench-peers: install $(PEERS_VENV)/.installed
+	$(PY) benchmarks/peers.py --peers-python $(PEERS_VENV)/bin/python $(PEERS_ARGS)
