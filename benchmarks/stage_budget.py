@@ -34,7 +34,9 @@ RESTS = {
     "event-loop": ("gRPC receive/send, asyncio, metrics (rest of the loop)", True),
     "tokenize": ("tokenizer pool: executor hand-off", True),
     "runtime": ("runtime threads: hand-off, outputs", True),
-    "onnxruntime-pool": ("onnxruntime intra-op pool threads", False),
+    # Unnamed native threads: onnxruntime's intra-op pool, and tokenizers' rayon pool when
+    # TOKENIZERS_PARALLELISM is on (the server turns it off).
+    "onnxruntime-pool": ("onnxruntime's (or tokenizers' rayon) pool threads", False),
     "grpc": ("gRPC core threads (C, no GIL)", False),
     "python-other": ("other Python threads", True),
     "native-other": ("other native threads", False),

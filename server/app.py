@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +29,13 @@ from .health import publish_health
 from .inference import Limits, Pipeline
 from .lifecycle import ModelManager
 from .metrics import Metrics
-from .runtime import RuntimeOptions
+from .runtime import RuntimeOptions, usable_cores
 from .security import AuthInterceptor, TokenTable, server_credentials
 from .servicer import BertServicer
 from .shutdown import CLOSE_GRACE_S, ShutdownGate
 from .stages import CLOCK, StageTiming
 from .watcher import StabilityTracker
+from .workers import Workers
 
 __all__ = ["ServerOptions", "main", "serve"]
 
@@ -171,7 +171,8 @@ async def serve(options: ServerOptions) -> None:
     manager = ModelManager(options.model_repository, options.runtime, options.default_model,
                            on_change=on_change, metrics=metrics)
     await _initial_load(manager, options)
-    tokenize_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="tokenize")
+    # One tokenizer thread per core this process may use (its affinity, not the machine's).
+    tokenize_pool = Workers(max(2, usable_cores()), "tokenize")
     pipeline = Pipeline(manager, options.limits, tokenize_pool)
 
     gate = ShutdownGate()  # counts running calls; refuses new ones once draining
@@ -260,7 +261,7 @@ async def serve(options: ServerOptions) -> None:
     finally:
         await server.stop(min(grace_left, CLOSE_GRACE_S))
         await manager.close()
-        tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        tokenize_pool.close()
 
 
 async def _initial_load(manager: ModelManager, options: ServerOptions) -> None:

@@ -25,7 +25,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ from .errors import ModelNotReady, Overloaded
 from .runtime import Batch
 from .stages import CLOCK
 from .tokenization import Encoded
+from .workers import Workers
 
 __all__ = ["Batcher", "BatcherOptions", "WorkItem"]
 
@@ -88,7 +88,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
         self._slots = asyncio.Semaphore(options.instances)
-        self._executor = ThreadPoolExecutor(options.instances, thread_name_prefix="runtime")
+        self._workers = Workers(options.instances, "runtime")
         self._results_lock = threading.Lock()  # requests' rows may land from several workers
         self._running: set[asyncio.Task[None]] = set()
         self._waiting = 0  # submitters waiting for room in the queue
@@ -134,7 +134,7 @@ class Batcher:
             self._wakeup.set()
             await asyncio.sleep(0.005)
         self._loop_task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._workers.close()
 
     async def _loop(self) -> None:
         while True:
@@ -219,9 +219,8 @@ class Batcher:
 
     async def _run(self, texts: list[_Text]) -> None:
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:  # padding, compute and scatter run on the worker: the loop sets futures only
-            answered = await loop.run_in_executor(self._executor, self._compute, texts, start)
+            answered = await self._workers.run(self._compute, texts, start)
         except Exception as exc:
             if len(texts) == 1:
                 _fail(texts[0][1], exc)

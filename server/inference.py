@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ from .errors import InvalidInput
 from .lifecycle import ModelManager, ModelVersion
 from .stages import CLOCK
 from .tokenization import Encoded, check_texts
+from .workers import Workers
 
 __all__ = ["ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result", "TextOptions"]
 
@@ -107,7 +107,7 @@ def resolve_pooling(config: ModelConfig, pooling: int, layer: int | None) -> tup
 class Pipeline:
     """Runs queries against the manager's READY versions."""
 
-    def __init__(self, manager: ModelManager, limits: Limits, tokenize_pool: Executor) -> None:
+    def __init__(self, manager: ModelManager, limits: Limits, tokenize_pool: Workers) -> None:
         self.manager = manager
         self.limits = limits
         self._pool = tokenize_pool

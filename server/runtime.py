@@ -21,7 +21,8 @@ import onnxruntime as ort
 from .stages import CLOCK
 from .tokenization import Encoded
 
-__all__ = ["Batch", "BusyMeter", "Runtime", "RuntimeOptions", "RuntimePool", "pick_providers"]
+__all__ = ["Batch", "BusyMeter", "Runtime", "RuntimeOptions", "RuntimePool", "pick_providers",
+           "usable_cores"]
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -92,7 +93,7 @@ def pick_providers(options: RuntimeOptions) -> list[str | tuple[str, dict[str, o
     return ["CPUExecutionProvider"]
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -104,7 +105,7 @@ class Runtime:
 
     def __init__(self, model_path: Path, options: RuntimeOptions) -> None:
         so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads or _cores()
+        so.intra_op_num_threads = options.intra_op_threads or usable_cores()
         so.add_session_config_entry("session.intra_op.allow_spinning",
                                     "1" if options.intra_op_spinning else "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -165,7 +166,7 @@ class RuntimePool:
 
     def __init__(self, model_path: Path, options: RuntimeOptions, count: int = 1) -> None:
         count = max(1, count)
-        threads = options.intra_op_threads or max(1, _cores() // count)
+        threads = options.intra_op_threads or max(1, usable_cores() // count)
         self.runtimes = [Runtime(model_path, dataclasses.replace(options,
                                                                  intra_op_threads=threads))
                          for _ in range(count)]

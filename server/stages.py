@@ -116,7 +116,8 @@ class ThreadCpuCollector(Collector):
     Threads are grouped by what they do: Python threads by their name (the executors name
     theirs "tokenize_N" and "runtime_N"), the main thread is the event loop, native threads
     by the name they gave themselves (gRPC's "grpc_*", "default-executo", ...); native
-    threads that kept the process's name are onnxruntime's intra-op pool."""
+    threads that kept the process's name are onnxruntime's intra-op pool (and tokenizers'
+    rayon pool, if TOKENIZERS_PARALLELISM was turned back on)."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("bertstream_thread_cpu_seconds",

@@ -7,10 +7,8 @@ runs batched on a worker thread (`tokenizers` releases the GIL), never on the ev
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from tokenizers import Encoding, Tokenizer
 
 from .errors import InputTooLong, InvalidInput
 from .stages import CLOCK
+from .workers import Workers
 
 __all__ = ["Encoded", "TextTokenizer", "check_texts"]
 
@@ -118,12 +117,10 @@ class TextTokenizer:
                        encodings if keep_encoding else None)
 
     async def encode_async(
-        self, executor: Executor, texts: Sequence[str], truncate: bool, direction: str = "right",
+        self, workers: Workers, texts: Sequence[str], truncate: bool, direction: str = "right",
         keep_encoding: bool = False,
     ) -> Encoded:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self.encode, texts, truncate, direction,
-                                          keep_encoding)
+        return await workers.run(self.encode, texts, truncate, direction, keep_encoding)
 
 
 def check_texts(texts: Sequence[str], max_texts: int, max_chars: int,
@@ -142,7 +139,7 @@ def check_texts(texts: Sequence[str], max_texts: int, max_chars: int,
             raise InvalidInput(
                 f"texts[{i}] has {len(text)} characters, over the limit of {max_chars}"
             )
-        if not text.strip():
+        if not text or text.isspace():  # what strip() would empty, without a copy
             raise InvalidInput(f"texts[{i}] is empty or only whitespace")
     total = sum(len(text) for text in texts)
     if max_total_chars is not None and total > max_total_chars:
