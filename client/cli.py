@@ -160,8 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(json.dumps({"error": {"code": "INTERRUPTED",
                                         "message": "stopped; rerun to resume"}}), file=sys.stderr)
             sys.exit(130)
-        json.dump(result, sys.stdout, ensure_ascii=False)
-        sys.stdout.write("\n")
+        _print_json(result)
         return
     try:
         tls = _tls(args)
@@ -177,5 +176,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps({"error": {"code": err.code.name, "message": err.message}},
                          ensure_ascii=False), file=sys.stderr)
         sys.exit(1)
-    json.dump(result, sys.stdout, ensure_ascii=False)
-    sys.stdout.write("\n")
+    _print_json(result)
+
+
+def _print_json(result: Any) -> None:
+    """The answer on stdout. A reader that stops early (`| head`) is not an error: Python's
+    advice (the signal module's note on SIGPIPE) is to point stdout at devnull, so the flush
+    at exit does not fail again, and to leave quietly."""
+    try:
+        json.dump(result, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())

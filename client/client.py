@@ -10,7 +10,7 @@ Every call carries a deadline. gRPC failures are raised as `ClientError` with `.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -33,6 +33,7 @@ from .messages import (
     parse_tokenize,
     tokenize_request,
 )
+from .windowed import BlockingStreams, WindowedStream
 
 __all__ = ["AsyncBertClient", "BertClient"]
 
@@ -45,9 +46,12 @@ def _stream_result(index: int, response: Any, parse: Any) -> StreamResult:
     return StreamResult(index, response.request_id, parse(response), version=response.version)
 
 
-def _stream_items(items: Iterable[str | Sequence[str]]) -> Iterator[tuple[int, list[str]]]:
+def _requests(items: Iterable[str | Sequence[str]], build: Callable[..., Any],
+              kw: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+    """(index, request) for each item (a text, or a list of texts), built as it is sent."""
     for index, item in enumerate(items):
-        yield index, [item] if isinstance(item, str) else list(item)
+        texts = [item] if isinstance(item, str) else list(item)
+        yield index, build(texts, request_id=str(index), **kw)
 
 
 class BertClient:
@@ -69,6 +73,10 @@ class BertClient:
         self._metadata = call_metadata(token)
         self._channel = open_channel(server, credentials, server_name)
         self._stub = pb_grpc.BertServiceStub(self._channel)
+        # Streams run on windowed.py's event loop, over a grpc.aio channel opened at the first.
+        self._open_streams = lambda: open_aio_channel(server, credentials, server_name)
+        self._streams: BlockingStreams | None = None
+        self._streams_lock = threading.Lock()
 
     def __enter__(self) -> BertClient:
         return self
@@ -78,6 +86,10 @@ class BertClient:
 
     def close(self) -> None:
         self._channel.close()
+        with self._streams_lock:
+            if self._streams is not None:
+                self._streams.close()
+                self._streams = None
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
@@ -122,36 +134,28 @@ class BertClient:
         """Stream items (a text, or a list of texts) through EmbedStream; yield one result per
         item, in order, with at most `window` items in flight."""
         kw.setdefault("model", self.model)
-        return self._stream(self._stub.EmbedStream, embed_request, parse_embed, items, window, kw)
+        return self._stream("EmbedStream", embed_request, parse_embed, items, window, kw)
 
     def classify_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
                         **kw: Any) -> Iterator[StreamResult]:
         kw.setdefault("model", self.model)
-        return self._stream(self._stub.ClassifyStream, classify_request, parse_classify, items,
-                            window, kw)
+        return self._stream("ClassifyStream", classify_request, parse_classify, items, window,
+                            kw)
 
-    def _stream(self, method: Any, build: Any, parse: Any, items: Iterable[str | Sequence[str]],
-                window: int, kw: dict[str, Any]) -> Iterator[StreamResult]:
-        slots = threading.Semaphore(window)
-        done = threading.Event()
+    def _stream(self, method: str, build: Callable[..., Any], parse: Callable[[Any], Any],
+                items: Iterable[str | Sequence[str]], window: int,
+                kw: dict[str, Any]) -> Iterator[StreamResult]:
+        with self._streams_lock:
+            if self._streams is None:
+                self._streams = BlockingStreams(self._open_streams)
+            streams = self._streams
 
-        def requests() -> Iterator[Any]:
-            for index, texts in _stream_items(items):
-                while not slots.acquire(timeout=0.1):
-                    if done.is_set():
-                        return
-                yield build(texts, request_id=str(index), **kw)
+        def start(channel: grpc.aio.Channel) -> Any:
+            call = getattr(pb_grpc.BertServiceStub(channel), method)
+            return call(timeout=self.stream_timeout, metadata=self._metadata)
 
-        call = method(requests(), timeout=self.stream_timeout, metadata=self._metadata)
-        try:
-            for index, response in enumerate(call):
-                slots.release()
-                yield _stream_result(index, response, parse)
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc(err) from None
-        finally:
-            done.set()
-            call.cancel()
+        for index, response in streams.stream(start, _requests(items, build, kw), window):
+            yield _stream_result(index, response, parse)
 
 
 class AsyncBertClient:
@@ -213,27 +217,6 @@ class AsyncBertClient:
         """As BertClient.encode_stream; the window bounds what the server holds for us."""
         kw.setdefault("model", self.model)
         call = self._stub.EmbedStream(timeout=self.stream_timeout, metadata=self._metadata)
-        source = _stream_items(items)
-        sent = received = 0
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and sent - received < window:
-                    item = next(source, None)
-                    if item is None:
-                        exhausted = True
-                        await call.done_writing()
-                    else:
-                        await call.write(embed_request(item[1], request_id=str(sent), **kw))
-                        sent += 1
-                if exhausted and received == sent:
-                    return
-                response = await call.read()
-                if response is grpc.aio.EOF:
-                    raise ClientError(grpc.StatusCode.UNAVAILABLE, "stream ended early")
-                yield _stream_result(received, response, parse_embed)
-                received += 1
-        except grpc.RpcError as err:
-            raise ClientError.from_rpc(err) from None
-        finally:
-            call.cancel()
+        async with WindowedStream(call, _requests(items, embed_request, kw), window) as stream:
+            async for index, response in stream:
+                yield _stream_result(index, response, parse_embed)

@@ -23,438 +23,173 @@ With several servers (or a DNS name with several records) the feed opens `stream
 one round_robin channel (client/channels.py), so each stream lands on another replica; a stream
 is also closed and reopened every `rotate_after` messages, so a replica that comes back gets
 its share again.
+
+This module is the run loop: `streams` workers, each running one WindowedStream (windowed.py)
+at a time until the work queue (feed_work.py) is empty, and a watchdog. The input and resume
+are feed_input.py's, the lines feed_output.py's, and what a failure turns into retry.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
-import sys
 import time
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
+from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 
-from .channels import TlsFiles, call_metadata, open_aio_channel, split_servers
-from .messages import ClientError, classify_request, embed_request, parse_classify, parse_embed
-from .news import record_text
+from .channels import call_metadata, open_aio_channel, split_servers
+from .feed_input import Item, check_input, read_items, resume
+from .feed_options import DEFAULT_STREAMS, FeedError, FeedOptions, FeedReport
+from .feed_output import Output, progress_bar
+from .feed_work import Work
+from .messages import ClientError, classify_request, embed_request
+from .retry import RETRYABLE, Failure, RetryPolicy, Step, Verdict, decide, item_step
+from .windowed import WindowedStream
 
 __all__ = ["FeedError", "FeedOptions", "FeedReport", "run_feed"]
 
-# A stream or message that failed with one of these is sent again (to another replica, when
-# there is one): the server did not look at the texts, or could not finish.
-RETRYABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
-})
-# Server faults that one text may cause: a message failing so is split before it is retried.
-SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
-# Failures that belong to one text: a message that fails this way is split into single texts,
-# and a single text that fails this way gets an error line.
-ITEM_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
-# Anything else (NOT_FOUND model, UNAUTHENTICATED, PERMISSION_DENIED, ...) stops the feed:
-# every other message would fail the same way. What was written stays; a rerun resumes.
-MAX_ITEM_ATTEMPTS = 8
-DEFAULT_STREAMS = 4
 
-
-class FeedError(Exception):
-    """The feed cannot go on (bad input file, fatal server answer, no progress)."""
-
-
-@dataclass(frozen=True)
-class FeedOptions:
-    input: Path
-    output: Path
-    task: str = "embed"  # embed | classify
-    servers: tuple[str, ...] = ("localhost:8001",)
-    model: str = ""
-    version: int = 0
-    request: dict[str, Any] = field(default_factory=dict)  # pooling, normalize, top_k, ...
-    batch_size: int = 32  # texts per stream message
-    window: int = 4  # messages in flight per stream
-    streams: int = 0  # 0: one per server address, at least DEFAULT_STREAMS
-    rotate_after: int = 64  # messages per stream before it is reopened (rebalancing)
-    id_field: str = "id"
-    text_field: str = "text"
-    give_up_s: float = 300.0  # no answer at all for this long: stop (a rerun resumes)
-    progress: bool = True
-    tls: TlsFiles | None = None  # None: plaintext
-    server_name: str | None = None  # the name in the server's certificate, when not dialled
-    token: str | None = None  # bearer token (server/security.py)
-
-    def __post_init__(self) -> None:
-        if self.task not in ("embed", "classify"):
-            raise ValueError(f"task must be embed or classify, not {self.task!r}")
-        for name in ("batch_size", "window", "rotate_after"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.streams < 0:
-            raise ValueError("streams must be >= 0 (0: the default)")
-        if self.give_up_s <= 0:
-            raise ValueError("give_up_s must be > 0")
-
-
-@dataclass
-class FeedReport:
-    items: int = 0  # ids in the input
-    already_done: int = 0  # skipped: answered by an earlier run
-    answered: int = 0  # lines written by this run
-    errors: int = 0  # of which error lines
-    stream_retries: int = 0  # streams reopened after a failure
-    duplicates_dropped: int = 0  # answers that arrived for an id already written
-    seconds: float = 0.0
-
-    @property
-    def items_per_s(self) -> float:
-        return self.answered / self.seconds if self.seconds else 0.0
-
-
-@dataclass
-class _Item:
-    key: str  # the id as canonical JSON: what exactly-once is about
-    id: Any
-    text: str
-    attempts: int = 0
-    solo: bool = False  # send alone: it was in a message that failed for one of its texts
-
-
-def _id_key(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def _records(options: FeedOptions) -> Iterator[_Item]:
-    """The input's items, in file order; FeedError names the line of any bad one."""
-    with options.input.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FeedError(f"{options.input}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise FeedError(f"{options.input}:{number}: not a JSON object")
-            item_id = record.get(options.id_field, number)
-            if isinstance(item_id, (dict, list)) or item_id is None:
-                raise FeedError(f"{options.input}:{number}: id must be a string or a number")
-            text = record_text(record, (options.text_field,))
-            if text is None:
-                raise FeedError(f"{options.input}:{number}: no {options.text_field!r} string "
-                                "(nor a title, with an optional body)")
-            yield _Item(_id_key(item_id), item_id, text)
-
-
-def _check_input(options: FeedOptions, done: set[str]) -> tuple[int, int]:
-    """Read the whole input once before sending: every line valid, every id unique.
-    Returns (items, items not yet answered)."""
-    seen: dict[str, int] = {}
-    for count, item in enumerate(_records(options), 1):
-        if item.key in seen:
-            raise FeedError(f"{options.input}: id {item.key} appears twice "
-                            f"(items {seen[item.key]} and {count})")
-        seen[item.key] = count
-    return len(seen), len(seen.keys() - done)
-
-
-def _resume(path: Path) -> set[str]:
-    """Ids already answered in `path`. A last line cut off mid-write (no newline) is truncated
-    away; blank lines are skipped; any other line that is not an answer stops the feed, so a
-    damaged output is never silently half-redone."""
-    done: set[str] = set()
-    if not path.exists():
-        return done
-    end = 0
-    with path.open("rb+") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                f.truncate(end)
-                break
-            end += len(raw)
-            if not raw.strip():
-                continue
-            try:
-                done.add(_id_key(json.loads(raw)["id"]))
-            except (ValueError, KeyError, TypeError):
-                raise FeedError(f"{path}:{number}: not an answer line; fix or delete it, then "
-                                "rerun") from None
-    return done
-
-
-class _Work:
-    """What is left to send: items sent back for a retry first, then the input, read lazily.
-
-    Every sender awaits `take`; the feed is over when the input is exhausted and nothing is
-    waiting for a retry or in flight."""
-
-    def __init__(self, items: Iterator[_Item], batch_size: int) -> None:
-        self._items = items
-        self._batch_size = batch_size
-        self._exhausted = False
-        self._retry: deque[_Item] = deque()
-        self._in_flight = 0
-        self._changed = asyncio.Condition()
-
-    async def take(self) -> list[_Item] | None:
-        async with self._changed:
-            while True:
-                batch = self._take_now()
-                if batch:
-                    self._in_flight += len(batch)
-                    return batch
-                if self._exhausted and not self._retry and self._in_flight == 0:
-                    return None
-                await self._changed.wait()
-
-    def _take_now(self) -> list[_Item]:
-        if self._retry:
-            batch = [self._retry.popleft()]
-            while (not batch[0].solo and self._retry and not self._retry[0].solo
-                   and len(batch) < self._batch_size):
-                batch.append(self._retry.popleft())
-            return batch
-        batch = []
-        while not self._exhausted and len(batch) < self._batch_size:
-            item = next(self._items, None)
-            if item is None:
-                self._exhausted = True
-            else:
-                batch.append(item)
-        return batch
-
-    async def settle(self, items: list[_Item], retry: bool = False) -> None:
-        """`items` left flight: answered, or (retry) to be sent again."""
-        async with self._changed:
-            self._in_flight -= len(items)
-            if retry:
-                self._retry.extend(items)
-            self._changed.notify_all()
-
-
-class _Backoff:
-    """Exponential backoff with full jitter, reset by any answer."""
-
-    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
-        self.first, self.cap, self.failures = first, cap, 0
-
-    def reset(self) -> None:
-        self.failures = 0
-
-    def next(self) -> float:
-        self.failures += 1
-        return random.uniform(0, min(self.cap, self.first * 2 ** self.failures))
-
-
-class _OneStream:
-    """One opened stream: its call, its messages in flight, and the window that bounds them."""
-
-    def __init__(self, call: Any, window: int) -> None:
-        self.call = call
-        self._slots = asyncio.Semaphore(window)
-        self._in_flight: dict[str, list[_Item]] = {}
-
-    async def send(self, work: _Work, build: Any, limit: int) -> bool:
-        """Write up to `limit` messages, then half-close; True when the work is all done."""
-        for sent in range(limit):
-            await self._slots.acquire()
-            batch = await work.take()
-            if batch is None:
-                await self.call.done_writing()
-                return True
-            self._in_flight[str(sent)] = batch
-            await self.call.write(build(batch, str(sent)))
-        await self.call.done_writing()
-        return False
-
-    def answered(self, request_id: str) -> list[_Item] | None:
-        items = self._in_flight.pop(request_id, None)
-        if items is not None:
-            self._slots.release()
-        return items
-
-    def unanswered(self) -> list[list[_Item]]:
-        items = list(self._in_flight.values())
-        self._in_flight.clear()
-        return items
+def _stalled(idle_s: float) -> str:
+    return (f"no answer for {idle_s:.0f} s (servers down?); what was answered is saved: "
+            "rerun to resume")
 
 
 class _Feed:
-    def __init__(self, options: FeedOptions, out: TextIO, done: set[str],
-                 report: FeedReport, bar: Any) -> None:
+    """What every stream of one feed shares: the queue, the output and the retry policy."""
+
+    def __init__(self, options: FeedOptions, output: Output, work: Work,
+                 report: FeedReport) -> None:
         self.options = options
-        self.out = out
-        self.done = done
+        self.output = output
+        self.work = work
         self.report = report
-        self.bar = bar
-        self.last_progress = time.monotonic()
+        self.policy = RetryPolicy(give_up_s=options.give_up_s)
         self.embed = options.task == "embed"
         self.kw = {"model": options.model, "version": options.version, **options.request}
 
-    def _request(self, items: list[_Item], request_id: str) -> Any:
-        texts = [item.text for item in items]
-        if self.embed:
-            return embed_request(texts, request_id=request_id, **self.kw)
-        return classify_request(texts, request_id=request_id, **self.kw)
-
-    def _write(self, item: _Item, line: dict[str, Any]) -> None:
-        if item.key in self.done:  # answered before (an earlier stream or run): drop it
-            self.report.duplicates_dropped += 1
-            return
-        self.done.add(item.key)
-        self.out.write(json.dumps({"id": item.id, **line}, ensure_ascii=False) + "\n")
-        self.report.answered += 1
-        self.report.errors += "error" in line
-        self.last_progress = time.monotonic()
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def _answer(self, items: list[_Item], response: Any) -> None:
-        if self.embed:
-            vectors = parse_embed(response)
-            for item, vector in zip(items, vectors, strict=True):
-                self._write(item, {"embedding": vector.tolist(), "version": response.version})
-        else:
-            for item, labels in zip(items, parse_classify(response), strict=True):
-                self._write(item, {"labels": [{"label": x.label, "index": x.index,
-                                               "probability": x.probability} for x in labels],
-                                   "version": response.version})
-        self.out.flush()
-
-    async def _lost(self, work: _Work, items: list[_Item]) -> None:
-        """Items of a stream that failed before answering them: sent again, alone after two
-        such failures (a text that brings a replica down must not take its neighbours with
-        it), and given an error line when their attempts run out."""
-        for item in items:
-            item.attempts += 1
-            item.solo = item.solo or item.attempts >= 2
-        spent = [item for item in items if item.attempts >= MAX_ITEM_ATTEMPTS]
-        for item in spent:
-            self._write(item, {"error": {"code": "UNAVAILABLE", "message": (
-                f"no answer after {item.attempts} streams failed while it was in flight")}})
-        self.out.flush()
-        await work.settle([item for item in items if item.attempts < MAX_ITEM_ATTEMPTS],
-                          retry=True)
-        await work.settle(spent)
-
-    async def _failed(self, work: _Work, items: list[_Item], error: ClientError) -> bool:
-        """One message came back with an error: retry (True: after a backoff), split, record,
-        or stop the feed."""
-        if error.code in SERVER_FAULTS and len(items) > 1:  # maybe one text's fault: split
-            for item in items:
-                item.solo = True
-            await work.settle(items, retry=True)
-            return True
-        if error.code in RETRYABLE:
-            for item in items:
-                item.attempts += 1
-            again = [item for item in items if item.attempts < MAX_ITEM_ATTEMPTS]
-            spent = [item for item in items if item.attempts >= MAX_ITEM_ATTEMPTS]
-            for item in spent:
-                self._write(item, {"error": {"code": error.code.name, "message": error.message}})
-            self.out.flush()
-            await work.settle(again, retry=True)
-            await work.settle(spent)
-            return True
-        if error.code in ITEM_ERRORS and len(items) > 1:
-            for item in items:
-                item.solo = True
-            await work.settle(items, retry=True)
-        elif error.code in ITEM_ERRORS:
-            self._write(items[0], {"error": {"code": error.code.name, "message": error.message}})
-            self.out.flush()
-            await work.settle(items)
-        else:
-            raise FeedError(f"server refused the feed: {error}; rerun to resume")
-        return False
-
-    async def stream(self, stub: pb_grpc.BertServiceStub, work: _Work) -> None:
+    async def stream(self, stub: pb_grpc.BertServiceStub) -> None:
         """One stream at a time, reopened until the work is done."""
         method = stub.EmbedStream if self.embed else stub.ClassifyStream
-        backoff = _Backoff()
+        failed = 0  # streams in a row that failed before answering anything
         # The first stream is short: round_robin puts the first calls on whichever replica
         # connected first, and the next streams spread once they all have.
         limit = min(self.options.rotate_after, 2 * self.options.window)
         while True:
+            ran_out = asyncio.Event()
             call = method(wait_for_ready=True, metadata=call_metadata(self.options.token))
-            one = _OneStream(call, self.options.window)
-            sender = asyncio.create_task(one.send(work, self._request, limit))
+            stream = WindowedStream(call, self._requests(limit, ran_out), self.options.window)
             limit = self.options.rotate_after
-            code = None
+            established = False
             try:
-                while (response := await one.call.read()) is not grpc.aio.EOF:
-                    items = one.answered(response.request_id)
-                    if items is None:
-                        continue  # not ours (cannot happen with a bertstream server)
-                    backoff.reset()
-                    if not response.HasField("error"):
-                        self._answer(items, response)
-                        await work.settle(items)
-                    elif await self._failed(work, items, ClientError.from_proto(response.error)):
-                        await asyncio.sleep(backoff.next())
-                if not sender.done():  # the server ended the stream before we half-closed
-                    raise asyncio.InvalidStateError
-                finished = sender.result()
-            except asyncio.InvalidStateError:  # written to a call that had just ended
-                code = grpc.StatusCode.UNAVAILABLE
-            except grpc.aio.AioRpcError as err:
-                code = err.code()
-                if code not in RETRYABLE:
-                    raise FeedError(f"server refused the feed: {code.name}: {err.details()}; "
-                                    "rerun to resume") from None
-            finally:
-                if not sender.done():
-                    sender.cancel()
-                    await asyncio.gather(sender, return_exceptions=True)
-                one.call.cancel()
-            unanswered = one.unanswered()
-            for items in unanswered:  # the stream ended before answering them: send again
-                await self._lost(work, items)
-            if code is None and not unanswered:
-                if finished:
-                    return
-                continue  # rotated: open the next stream at once
-            self.report.stream_retries += 1
-            await asyncio.sleep(backoff.next())
+                async with stream:
+                    async for items, response in stream:
+                        established = True
+                        await self._answered(items, response)
+            except ClientError as error:
+                failed = 0 if established else failed + 1
+                failure = Failure(error.code, established, failed, self.output.idle_s())
+                await self._broken(stream.unanswered(), error, failure)
+                continue
+            if ran_out.is_set():
+                return
+            # Rotated after `limit` messages: open the next stream at once.
+
+    async def _requests(self, limit: int,
+                        ran_out: asyncio.Event) -> AsyncIterator[tuple[list[Item], Any]]:
+        """Up to `limit` messages for one stream, taken as its window allows."""
+        build = embed_request if self.embed else classify_request
+        for sent in range(limit):
+            items = await self.work.take()
+            if items is None:
+                ran_out.set()
+                return
+            yield items, build([item.text for item in items], request_id=str(sent), **self.kw)
+
+    async def _answered(self, items: list[Item], response: Any) -> None:
+        if not response.HasField("error"):
+            self.output.answers(items, response)
+            await self.work.settle(items)
+            return
+        error = ClientError.from_proto(response.error)
+        if await self._failed(items, error):
+            await asyncio.sleep(self._backoff(
+                Failure(error.code, True, 0, self.output.idle_s()), error))
+
+    async def _failed(self, items: list[Item], error: ClientError) -> bool:
+        """One message came back with an error: its texts are retried, split or answered, or
+        the feed stops (retry.item_step). True when a backoff should follow."""
+        await self._settle_failed(items, error, lost=False)
+        return error.code in RETRYABLE
+
+    async def _broken(self, lost: list[list[Item]], error: ClientError,
+                      failure: Failure) -> None:
+        """The stream failed: the messages it had not answered go back to the queue, and the
+        next stream opens after a backoff (or the feed stops: retry.decide)."""
+        delay = self._backoff(failure, error)
+        for items in lost:
+            await self._settle_failed(items, error, lost=True)
+        self.report.stream_retries += 1
+        await asyncio.sleep(delay)
+
+    def _backoff(self, failure: Failure, error: ClientError) -> float:
+        decision = decide(failure, self.policy, random.random())
+        if decision.verdict is Verdict.REFUSED:
+            raise FeedError(f"server refused the feed: {error}; rerun to resume")
+        if decision.verdict is Verdict.STALLED:
+            raise FeedError(_stalled(failure.idle_s))
+        return decision.delay_s
+
+    async def _settle_failed(self, items: list[Item], error: ClientError, lost: bool) -> None:
+        """The one place failed texts are counted: each goes back to the queue (alone, when
+        it may be the text at fault) or, its attempts spent, gets an error line."""
+        steps = [item_step(error.code, lost=lost, texts=len(items), attempts=item.attempts,
+                           policy=self.policy) for item in items]
+        if any(step.step is Step.STOP for step in steps):
+            raise FeedError(f"server refused the feed: {error}; rerun to resume")
+        again: list[Item] = []
+        spent: list[Item] = []
+        for item, step in zip(items, steps, strict=True):
+            item.attempts = step.attempts
+            if step.step is Step.ANSWER:
+                spent.append(item)
+                if lost:
+                    self.output.error(item, "UNAVAILABLE", f"no answer after {item.attempts} "
+                                      "streams failed while it was in flight")
+                else:
+                    self.output.error(item, error.code.name, error.message)
+            else:
+                item.solo = item.solo or step.step is Step.ALONE
+                again.append(item)
+        self.output.flush()
+        await self.work.settle(again, retry=True)
+        await self.work.settle(spent)
 
     async def watchdog(self) -> None:
+        """Stops a feed that waits without failing: wait_for_ready on servers that never
+        come, or streams that hang."""
         while True:
             await asyncio.sleep(min(1.0, self.options.give_up_s / 4))
-            idle = time.monotonic() - self.last_progress
+            idle = self.output.idle_s()
             if idle > self.options.give_up_s:
-                raise FeedError(f"no answer for {idle:.0f} s (servers down?); what was "
-                                "answered is saved: rerun to resume")
-
-
-def _progress_bar(options: FeedOptions, total: int, initial: int) -> Any:
-    if not options.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="item", desc=options.task,
-                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+                raise FeedError(_stalled(idle))
 
 
 async def _run(options: FeedOptions, report: FeedReport, done: set[str]) -> None:
-    items = (item for item in _records(options) if item.key not in done)
+    items = (item for item in read_items(options) if item.key not in done)
     # A DNS name may stand for many replicas: streams are what spreads a feed over them.
     streams = options.streams or max(len(split_servers(options.servers)), DEFAULT_STREAMS)
-    bar = _progress_bar(options, report.items, report.already_done)
+    bar = progress_bar(options, report.items, report.already_done)
     credentials = options.tls.credentials() if options.tls else None
     channel = open_aio_channel(options.servers, credentials, options.server_name)
     try:
         with options.output.open("a", encoding="utf-8") as out:
-            feed = _Feed(options, out, done, report, bar)
-            work = _Work(items, options.batch_size)
+            output = Output(out, options.task == "embed", done, report, bar)
+            feed = _Feed(options, output, Work(items, options.batch_size), report)
             stub = pb_grpc.BertServiceStub(channel)
-            workers = [asyncio.create_task(feed.stream(stub, work)) for _ in range(streams)]
+            workers = [asyncio.create_task(feed.stream(stub)) for _ in range(streams)]
             watchdog = asyncio.create_task(feed.watchdog())
             try:
                 pending = set(workers)
@@ -480,8 +215,8 @@ def run_feed(options: FeedOptions) -> FeedReport:
     """Run the feed to the end; FeedError when it cannot finish (a rerun resumes)."""
     if not options.input.is_file():
         raise FeedError(f"input {options.input} is not a file")
-    done = _resume(options.output)
-    items, remaining = _check_input(options, done)
+    done = resume(options.output)
+    items, remaining = check_input(options, done)
     report = FeedReport(items=items, already_done=items - remaining)
     start = time.perf_counter()
     try:

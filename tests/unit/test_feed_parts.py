@@ -1,5 +1,5 @@
-"""client/feed.py's parts without a server: resuming an output file, the work queue, and what
-a failed message turns into."""
+"""The feed's parts without a server: resuming an output file (feed_input.py), the work queue
+(feed_work.py), and what a failed message turns into (feed.py with retry.py)."""
 
 from __future__ import annotations
 
@@ -10,44 +10,39 @@ from pathlib import Path
 
 import grpc
 import pytest
-from bertstream.client.feed import (
-    MAX_ITEM_ATTEMPTS,
-    FeedError,
-    FeedOptions,
-    FeedReport,
-    _Feed,
-    _Item,
-    _resume,
-    _Work,
-)
+from bertstream.client.feed import FeedError, FeedOptions, FeedReport, _Feed
+from bertstream.client.feed_input import Item, resume
+from bertstream.client.feed_output import Output
+from bertstream.client.feed_work import Work
 from bertstream.client.messages import ClientError
+from bertstream.client.retry import MAX_ITEM_ATTEMPTS
 
 
-def _items(n: int) -> list[_Item]:
-    return [_Item(json.dumps(i), i, f"text {i}") for i in range(n)]
+def _items(n: int) -> list[Item]:
+    return [Item(json.dumps(i), i, f"text {i}") for i in range(n)]
 
 
 def test_resume_keeps_whole_lines_and_cuts_a_partial_one(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     good = "".join(json.dumps({"id": i, "embedding": [0.5]}) + "\n" for i in (1, "b", 3))
     out.write_text(good + '{"id": 4, "embe', encoding="utf-8")
-    assert _resume(out) == {"1", '"b"', "3"}
+    assert resume(out) == {"1", '"b"', "3"}
     assert out.read_text(encoding="utf-8") == good
-    assert _resume(tmp_path / "missing.jsonl") == set()
+    assert resume(tmp_path / "missing.jsonl") == set()
 
 
 def test_resume_refuses_a_damaged_line_and_skips_blank_ones(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": 1}\n\n{"id": 2}\n', encoding="utf-8")
-    assert _resume(out) == {"1", "2"}
+    assert resume(out) == {"1", "2"}
     out.write_text('{"id": 1}\nnot json\n{"id": 2}\n', encoding="utf-8")
     with pytest.raises(FeedError, match=r"out\.jsonl:2: not an answer line"):
-        _resume(out)
+        resume(out)
 
 
 def test_work_sends_retries_first_and_split_items_alone() -> None:
     async def run() -> None:
-        work = _Work(iter(_items(5)), batch_size=2)
+        work = Work(iter(_items(5)), batch_size=2)
         first = await work.take()
         assert [i.id for i in first] == [0, 1]
         for item in first:
@@ -62,7 +57,7 @@ def test_work_sends_retries_first_and_split_items_alone() -> None:
         last = await work.take()
         assert [i.id for i in last] == [4]
 
-        async def settle_later(batches: list[list[_Item]]) -> None:
+        async def settle_later(batches: list[list[Item]]) -> None:
             await asyncio.sleep(0.05)
             for batch in batches:
                 await work.settle(batch)
@@ -71,28 +66,28 @@ def test_work_sends_retries_first_and_split_items_alone() -> None:
         waiter = asyncio.create_task(work.take())
         await asyncio.sleep(0.01)
         assert not waiter.done()
-        await settle_later([[_Item("x", 0, "")]] * 5)
+        await settle_later([[Item("x", 0, "")]] * 5)
         assert await waiter is None
 
     asyncio.run(run())
 
 
-def _feed(tmp_path: Path) -> tuple[_Feed, io.StringIO, FeedReport]:
+def _feed(tmp_path: Path, work: Work) -> tuple[_Feed, io.StringIO, FeedReport]:
     out = io.StringIO()
     report = FeedReport()
     options = FeedOptions(input=tmp_path / "in", output=tmp_path / "out")
-    return _Feed(options, out, set(), report, None), out, report
+    return _Feed(options, Output(out, True, set(), report), work, report), out, report
 
 
 def test_a_retryable_message_error_is_retried_until_attempts_run_out(tmp_path: Path) -> None:
     async def run() -> None:
-        feed, out, report = _feed(tmp_path)
-        work = _Work(iter(_items(2)), batch_size=2)
+        work = Work(iter(_items(2)), batch_size=2)
+        feed, out, report = _feed(tmp_path, work)
         error = ClientError(grpc.StatusCode.UNAVAILABLE, "try again")
         for attempt in range(1, MAX_ITEM_ATTEMPTS + 1):
             batch = await work.take()
             assert batch is not None and len(batch) == 2
-            assert await feed._failed(work, batch, error) is True
+            assert await feed._failed(batch, error) is True
             if attempt < MAX_ITEM_ATTEMPTS:
                 assert out.getvalue() == ""
         lines = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -104,20 +99,20 @@ def test_a_retryable_message_error_is_retried_until_attempts_run_out(tmp_path: P
 
 def test_an_item_error_splits_the_message_then_answers_the_bad_text(tmp_path: Path) -> None:
     async def run() -> None:
-        feed, out, _ = _feed(tmp_path)
-        work = _Work(iter(_items(3)), batch_size=3)
+        work = Work(iter(_items(3)), batch_size=3)
+        feed, out, _ = _feed(tmp_path, work)
         bad = ClientError(grpc.StatusCode.INVALID_ARGUMENT, "texts[0] is too long")
         batch = await work.take()
-        assert await feed._failed(work, batch, bad) is False
+        assert await feed._failed(batch, bad) is False
         assert out.getvalue() == "" and all(i.solo for i in batch)
         single = await work.take()
         assert len(single) == 1
-        await feed._failed(work, single, bad)
+        await feed._failed(single, bad)
         line = json.loads(out.getvalue())
         assert line == {"id": 0, "error": {"code": "INVALID_ARGUMENT",
                                            "message": "texts[0] is too long"}}
         with pytest.raises(FeedError, match="NOT_FOUND"):
-            await feed._failed(work, await work.take(),
+            await feed._failed(await work.take(),
                                ClientError(grpc.StatusCode.NOT_FOUND, "no model x"))
 
     asyncio.run(run())
