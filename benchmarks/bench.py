@@ -49,6 +49,13 @@ from bertstream.server import config as model_config
 from bertstream.server.fakedevice import FakeDevicePool, parse_spec
 from bertstream.server.runtime import Batch, Runtime, RuntimeOptions, pick_providers
 from bertstream.server.tokenization import Encoded, TextTokenizer
+from bertstream.server.version_format import (
+    EXPORT_RECORD,
+    MODEL_FILE,
+    RECORD_SOURCE,
+    TOKENIZER_FILE,
+    output_name,
+)
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -82,16 +89,16 @@ class Raw:
 
     def __init__(self, version_dir: Path, options: RuntimeOptions) -> None:
         self.config = model_config.load(version_dir.parent)
-        self.output = f"mean_layer{self.config.default_pooling_layer}"
+        self.output = output_name("mean", self.config.default_pooling_layer)
         self.prefix = self.config.embed_prefix
-        self.tokenizer = TextTokenizer(version_dir / "tokenizer.json",
+        self.tokenizer = TextTokenizer(version_dir / TOKENIZER_FILE,
                                        self.config.max_sequence_length)
         self.runtime: Runtime | FakeDevicePool
         if options.fake_device:
-            self.runtime = FakeDevicePool(version_dir / "model.onnx",
+            self.runtime = FakeDevicePool(version_dir / MODEL_FILE,
                                           parse_spec(options.fake_device))
         else:
-            self.runtime = Runtime(version_dir / "model.onnx", options)
+            self.runtime = Runtime(version_dir / MODEL_FILE, options)
 
     @property
     def provider(self) -> str:
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "providers": pick_providers(RuntimeOptions(device=args.device))[0],
         "cpu_count": cores,
         "model": args.model, "version": version,
-        "export": json.loads((version_dir / "export.json").read_text("utf-8")).get("source"),
+        "export": json.loads((version_dir / EXPORT_RECORD).read_text("utf-8")).get(RECORD_SOURCE),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "batch_size": batch_size, "mean_tokens": statistics.mean(lengths),
         "onnxruntime": ort.__version__,

@@ -25,6 +25,7 @@ from bench import device_name
 from bertstream.server import config as model_config
 from bertstream.server.fakedevice import PROFILES, Point, fit
 from bertstream.server.runtime import Batch, Runtime, RuntimeOptions
+from bertstream.server.version_format import MODEL_FILE, TOKENIZER_FILE, output_name
 from tokenizers import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_repository / args.model
     version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
     config = model_config.load(model_dir)
-    runtime = Runtime(model_dir / str(version) / "model.onnx", RuntimeOptions(device=args.device))
-    output = [f"mean_layer{config.default_pooling_layer}"]
-    vocab = Tokenizer.from_file(str(model_dir / str(version) / "tokenizer.json")).get_vocab_size()
+    runtime = Runtime(model_dir / str(version) / MODEL_FILE, RuntimeOptions(device=args.device))
+    output = [output_name("mean", config.default_pooling_layer)]
+    vocab = Tokenizer.from_file(str(model_dir / str(version) / TOKENIZER_FILE)).get_vocab_size()
     rng = np.random.default_rng(0)
     points = []
     for shape in args.shapes.split(","):

@@ -22,18 +22,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from bertstream.server.version_format import (
+    INPUT_NAMES,
+    LOGITS,
+    POOLINGS,
+    PROBABILITIES,
+    layer_outputs,
+)
 from transformers import BertModel
 
 from .head import ClassificationHead
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-POOLED_OUTPUTS = ("mean", "max", "cls", "mean_max", "tokens")
-LOGITS, PROBABILITIES = "logits", "probabilities"
-
-
-def layer_output_names(layer: int) -> list[str]:
-    """The five outputs of one exported layer, in graph order."""
-    return [f"{pooling}_layer{layer}" for pooling in POOLED_OUTPUTS]
+# The names are the model-version format's (bertstream.server.version_format), re-exported.
+POOLED_OUTPUTS = POOLINGS
+layer_output_names = layer_outputs
 
 
 def resolve_pooling_layers(layers: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:

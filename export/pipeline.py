@@ -13,6 +13,17 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from bertstream.server.version_format import (
+    EXPORT_RECORD,
+    LABELS_FILE,
+    MODEL_FILE,
+    RECORD_FUSED_ATTENTION,
+    RECORD_HEAD,
+    RECORD_SOURCE,
+    RECORD_SOURCE_KIND,
+    TOKENIZER_FILE,
+)
+
 from .graph import PoolingGraph, export_onnx, resolve_pooling_layers
 from .head import ClassificationHead, HeadError, load_head, random_head
 from .model_config import ConfigFields, build_model_config
@@ -21,12 +32,7 @@ from .sources import Checkpoint, RandomShape, load_checkpoint
 from .variants import VARIANTS, make_variant, verify_variant
 from .verify import DEFAULT_TOLERANCE, ParityReport, verify_export
 
-ONNX_FILE, TOKENIZER_FILE, LABELS_FILE, EXPORT_FILE = (
-    "model.onnx",
-    "tokenizer.json",
-    "labels.txt",
-    "export.json",
-)
+ONNX_FILE, EXPORT_FILE = MODEL_FILE, EXPORT_RECORD
 _VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
 
@@ -118,8 +124,8 @@ def _provenance(
 ) -> dict[str, object]:
     checkpoint, config = prepared.checkpoint, prepared.checkpoint.config
     return {
-        "source": checkpoint.source,
-        "source_kind": checkpoint.kind,
+        RECORD_SOURCE: checkpoint.source,
+        RECORD_SOURCE_KIND: checkpoint.kind,
         "random_shape": vars(options.random_shape) if checkpoint.kind == "random" else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {name: metadata.version(name) for name in _VERSIONED_PACKAGES},
@@ -133,7 +139,7 @@ def _provenance(
         "max_sequence_length": prepared.max_sequence_length,
         "pooling_layers": list(prepared.layers),
         "outputs": graph.output_names(),
-        "head": prepared.head.describe() if prepared.head else None,
+        RECORD_HEAD: prepared.head.describe() if prepared.head else None,
         "parity": report.to_dict(),
     }
 
@@ -165,7 +171,7 @@ def _builder(
                 f"{', fp16' if options.variant == 'fp16' else ', int8 weights'})")
             fused = make_variant(folder, options.variant, int(config.num_attention_heads),
                                  prepared.checkpoint.hidden_size)
-            provenance["fused_attention_layers"] = fused
+            provenance[RECORD_FUSED_ATTENTION] = fused
             if fused != int(config.num_hidden_layers):
                 log(f"warning: attention fused in {fused} of {config.num_hidden_layers} layers; "
                     "the graph is right but slower than it could be")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertstream.server import repository
+from bertstream.server import repository, version_format
 from bertstream.server.errors import InvalidInput
 from bertstream.v1 import model_config_pb2 as pb
 
@@ -50,7 +50,7 @@ def existing_versions(model_dir: Path) -> list[int]:
     return sorted(
         version
         for entry in model_dir.iterdir()
-        if entry.is_dir() and (version := repository.parse_version(entry.name)) is not None
+        if entry.is_dir() and (version := version_format.parse_version(entry.name)) is not None
     )
 
 

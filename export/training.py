@@ -24,6 +24,7 @@ import torch
 from bertstream.server import config as model_config
 from bertstream.server.runtime import Batch, Runtime, RuntimeOptions
 from bertstream.server.tokenization import TextTokenizer
+from bertstream.server.version_format import MODEL_FILE, TOKENIZER_FILE, output_name
 
 from .datasets import LabelledData
 from .head import ClassificationHead, save_head
@@ -66,15 +67,15 @@ class EncoderFeatures:
             prefix if prefix is not None
             else self.config.classify_prefix or self.config.embed_prefix
         )
-        self.tokenizer = TextTokenizer(version_dir / "tokenizer.json",
+        self.tokenizer = TextTokenizer(version_dir / TOKENIZER_FILE,
                                        self.config.max_sequence_length)
-        self.runtime = Runtime(version_dir / "model.onnx", RuntimeOptions(intra_op_threads=threads))
+        self.runtime = Runtime(version_dir / MODEL_FILE, RuntimeOptions(intra_op_threads=threads))
         self.hidden_size = self.config.embedding_dimension
         self.truncated = 0
 
     def __call__(self, texts: Sequence[str], pooling: str, description: str = "") -> np.ndarray:
         """[len(texts), hidden] float32; texts over the model's limit keep their start."""
-        output = f"{pooling}_layer{self.layer}"
+        output = output_name(pooling, self.layer)
         encoded = self.tokenizer.encode([self.prefix + t for t in texts], truncate=True)
         self.truncated += sum(1 for n in encoded.truncated_tokens if n)
         order = sorted(range(len(encoded)), key=encoded.lengths.__getitem__)  # less padding

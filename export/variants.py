@@ -4,8 +4,9 @@ Both start from the fp32 graph that already passed parity, and use onnxruntime's
 `onnxruntime.transformers.optimizer.optimize_model` fuses attention, layer norm and GELU;
 `convert_float_to_float16(keep_io_types=True)` makes the fp16 graph (inputs and outputs stay
 int64 / float32, so the server does not change); `quantize_dynamic` makes int8 weights
-(on a fused graph it needs DefaultTensorType FLOAT, see FACTS.md; per-channel weight scales
-keep multilingual-e5-small at cosine >= 0.99, per-tensor ones did not). Reduced precision cannot
+(on a fused graph it needs DefaultTensorType FLOAT, or it cannot type the fused nodes' outputs;
+per-channel weight scales keep multilingual-e5-small at cosine >= 0.99, per-tensor ones did
+not). Reduced precision cannot
 match PyTorch to 1e-4, so a variant is checked by cosine similarity of every pooled vector to
 PyTorch's fp32 ones, per text, at both parity lengths, and by the largest difference in
 class probabilities.
@@ -22,6 +23,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import tokenizers
+from bertstream.server.version_format import (
+    LOGITS,
+    MODEL_DATA_FILE,
+    MODEL_FILE,
+    PROBABILITIES,
+    TOKEN_OUTPUT_PREFIX,
+)
 from onnx import numpy_helper
 
 from .graph import PoolingGraph
@@ -141,7 +149,7 @@ def make_variant(folder: Path, variant: str, num_heads: int, hidden_size: int) -
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    source = folder / "model.onnx"
+    source = folder / MODEL_FILE
     fused = optimize_model(prepare_attention_fusion(onnx.load(source)), model_type="bert",
                            num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
     fused_layers = fused_attention_count(fused.model)  # int8 turns each into a QAttention
@@ -156,7 +164,7 @@ def make_variant(folder: Path, variant: str, num_heads: int, hidden_size: int) -
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         os.replace(quantized, staged)
     os.replace(staged, source)
-    data = folder / "model.onnx.data"
+    data = folder / MODEL_DATA_FILE
     if data.exists():
         data.unlink()  # the variant holds its weights inline (well under 2 GB)
     return fused_layers
@@ -193,9 +201,10 @@ def verify_variant(
         raise ExportVerificationError(
             f"onnxruntime cannot run the {variant} graph here ({exc}); fp16 graphs need a GPU "
             "build of onnxruntime to verify") from None
-    names = [n for n in graph.output_names() if not n.startswith("tokens_") and n != "logits"]
-    worst = dict.fromkeys([n for n in names if n != "probabilities"], 1.0)
-    probability_diff = 0.0 if "probabilities" in names else None
+    names = [n for n in graph.output_names()
+             if not n.startswith(TOKEN_OUTPUT_PREFIX) and n != LOGITS]
+    worst = dict.fromkeys([n for n in names if n != PROBABILITIES], 1.0)
+    probability_diff = 0.0 if PROBABILITIES in names else None
     for batch_texts, length, pad in _batches(texts, parity_lengths(max_sequence_length)):
         arrays = encode(tokenizer, batch_texts, length, pad)
         expected = run_torch(graph, arrays)
@@ -203,7 +212,7 @@ def verify_variant(
         for name in worst:
             worst[name] = min(worst[name], float(_cosines(expected[name], actual[name]).min()))
         if probability_diff is not None:
-            diff = float(np.max(np.abs(expected["probabilities"] - actual["probabilities"])))
+            diff = float(np.max(np.abs(expected[PROBABILITIES] - actual[PROBABILITIES])))
             probability_diff = max(probability_diff, diff)
     report = VariantReport(variant, session.get_providers()[0], worst, probability_diff)
     low = {n: c for n, c in worst.items() if not c >= MIN_COSINE[variant]}

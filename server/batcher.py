@@ -34,6 +34,7 @@ from .errors import ModelNotReady, Overloaded
 from .runtime import Batch
 from .stages import CLOCK
 from .tokenization import Encoded
+from .version_format import TOKEN_OUTPUT_PREFIX
 from .workers import Workers
 
 __all__ = ["Batcher", "BatcherOptions", "WorkItem"]
@@ -41,7 +42,6 @@ __all__ = ["Batcher", "BatcherOptions", "WorkItem"]
 RunFn = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
 # After each batch: the texts' queue times, real tokens, padded tokens, inference seconds.
 BatchObserver = Callable[[Sequence[float], int, int, float], None]
-TOKEN_OUTPUT_PREFIX = "tokens_"
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from pathlib import Path
 from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 from google.protobuf import text_format
 
+from .version_format import CONFIG_FILE
+
 __all__ = ["CONFIG_FILE", "ConfigError", "load", "load_with_digest", "normalize", "validate"]
 
-CONFIG_FILE = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"
 # Upper bounds on values that cost the server at load time or while serving: sessions are built
 # one per instance, the warm-up runs a text of max_sequence_length tokens, and a batch's first

@@ -23,6 +23,7 @@ __all__ = [
     "Unauthenticated",
     "Unsupported",
     "WrongControlMode",
+    "check_explicit",
     "to_status",
 ]
 
@@ -61,6 +62,14 @@ class WrongControlMode(BertstreamError):
     """LoadModel / UnloadModel on a server not started with --model-control-mode explicit."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def check_explicit(control_mode: str, rpc: str) -> None:
+    """Model control rpcs (BertService's and KServe's) need explicit mode."""
+    if control_mode != "explicit":
+        raise WrongControlMode(
+            f"{rpc} needs a server started with --model-control-mode explicit (this one "
+            f"runs in mode {control_mode!r})")
 
 
 class Overloaded(BertstreamError):

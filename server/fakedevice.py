@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from .runtime import Batch
 from .stages import CLOCK
+from .version_format import PROBABILITIES
 
 __all__ = ["PROFILES", "FakeDevicePool", "Profile", "fit", "parse_spec"]
 
@@ -83,7 +84,7 @@ class Profile:
         return batch / self.seconds(batch * tokens)
 
 
-# FACTS.md, "Reference speeds": one H100, onnxruntime-gpu 1.31.1, fused fp16 graph, IO binding
+# The project's H100 reference run (2026-11-25): onnxruntime-gpu 1.31.1, fused fp16, IO binding
 # (batch x 128 tokens at 10,919 and 11,034 /s; x 64 at 24,486; x 32 at 51,595), and plain
 # session.run on one 32-token text (394 /s).
 _H100_BERT_BASE = (Point(128, 128, 10_919), Point(256, 128, 11_034), Point(256, 64, 24_486),
@@ -99,9 +100,9 @@ _H200_BERT_BASE_UNFUSED = (Point(256, 128, 11_105), Point(1, 16, 1 / 0.0024))
 
 PROFILES: dict[str, Profile] = {
     p.name: p for p in (
-        Profile.fitted("h100-bert-base-fp16", "FACTS.md H100 fused fp16, IO binding",
+        Profile.fitted("h100-bert-base-fp16", "H100 reference run, fused fp16, IO binding",
                        _H100_BERT_BASE),
-        Profile.fitted("h100-e5-small-fp16", "FACTS.md H100 e5-small shape fp16",
+        Profile.fitted("h100-e5-small-fp16", "H100 reference run, e5-small shape fp16",
                        _H100_E5_SMALL),
         Profile.fitted("h200-bert-base-fp16-unfused",
                        "benchmarks/results/20261126-h200-bert-base-fp16*.json",
@@ -187,7 +188,7 @@ class FakeDevicePool:
             self.output_dims[output.name] = dims
             width = dims[-1] if dims and dims[-1] is not None else 1
             table = rng.standard_normal((_TABLE_ROWS, width)).astype(np.float32)
-            if output.name == "probabilities":
+            if output.name == PROBABILITIES:
                 table = np.exp(table) / np.exp(table).sum(axis=1, keepdims=True)
             self._tables[output.name] = table.astype(_DTYPES.get(output.type, np.float32))
         del session

@@ -19,17 +19,10 @@ from .errors import InvalidInput
 from .lifecycle import ModelManager, ModelVersion
 from .stages import CLOCK
 from .tokenization import Encoded, check_texts
+from .version_format import POOLING_NAMES, PROBABILITIES, output_name, text_prefix
 from .workers import Workers
 
 __all__ = ["ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result", "TextOptions"]
-
-OUTPUT_PREFIX = {
-    Pooling.POOLING_MEAN: "mean",
-    Pooling.POOLING_MAX: "max",
-    Pooling.POOLING_CLS: "cls",
-    Pooling.POOLING_MEAN_MAX: "mean_max",
-    Pooling.POOLING_TOKENS: "tokens",
-}
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,7 @@ class Result:
 def resolve_pooling(config: ModelConfig, pooling: int, layer: int | None) -> tuple[int, int, str]:
     """(pooling, absolute layer, output name) for a request, or InvalidInput saying why not."""
     pooling = pooling or config.default_pooling
-    if pooling not in OUTPUT_PREFIX:
+    if pooling not in POOLING_NAMES:
         raise InvalidInput(f"unknown pooling {pooling}")
     absolute = config.default_pooling_layer if layer is None else layer
     if absolute < 0:
@@ -101,7 +94,7 @@ def resolve_pooling(config: ModelConfig, pooling: int, layer: int | None) -> tup
             f"pooling_layer {layer} is not exported by this model; it exports layers "
             f"{sorted(config.pooling_layers)} of {config.num_layers} (or -1 for the last)"
         )
-    return pooling, absolute, f"{OUTPUT_PREFIX[pooling]}_layer{absolute}"
+    return pooling, absolute, output_name(POOLING_NAMES[pooling], absolute)
 
 
 class Pipeline:
@@ -118,7 +111,7 @@ class Pipeline:
                     self.limits.max_request_chars)
         with self.manager.lease(model, version) as mv:
             assert mv.loaded is not None
-            prefix = _prefix(mv.loaded.config, task)
+            prefix = text_prefix(mv.loaded.config, task)
             encoded = await mv.loaded.tokenizer.encode_async(
                 self._pool, [prefix + t for t in texts], text.truncate, text.direction,
                 keep_encoding=True,
@@ -151,9 +144,9 @@ class Pipeline:
                 raise InvalidInput(f"model {mv.model!r} has no classification head; use Embed")
             pooling, layer, vector_name = (0, 0, "") if embed is None else resolve_pooling(
                 config, embed.pooling, embed.pooling_layer)
-            outputs = frozenset(name for name in (vector_name, "probabilities" if top_k is not
+            outputs = frozenset(name for name in (vector_name, PROBABILITIES if top_k is not
                                                   None else "") if name)
-            prefix = _prefix(config, task)
+            prefix = text_prefix(config, task)
             prefixed = [prefix + t for t in texts] if prefix else list(texts)
             CLOCK.stop("validate", started)
             encoded = await loaded.tokenizer.encode_async(
@@ -172,14 +165,10 @@ class Pipeline:
         if vectors is not None and embed is not None and embed.normalize:
             vectors = _l2_normalize(vectors)
         result = Result(mv.model, mv.version, encoded.lengths, encoded.truncated_tokens,
-                        vectors, rows.get("probabilities"), pooling, layer, loaded.labels,
+                        vectors, rows.get(PROBABILITIES), pooling, layer, loaded.labels,
                         tokenize_s, item.queue_s, item.infer_s, time.perf_counter() - start)
         CLOCK.stop("resolve", started)
         return result
-
-
-def _prefix(config: ModelConfig, task: int) -> str:
-    return config.classify_prefix if task == Task.TASK_CLASSIFY else config.embed_prefix
 
 
 def _l2_normalize(vectors: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:

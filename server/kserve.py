@@ -32,10 +32,9 @@ from .errors import (
     ModelNotFound,
     ModelNotReady,
     Unsupported,
-    WrongControlMode,
+    check_explicit,
 )
 from .inference import (
-    OUTPUT_PREFIX,
     ClassifyQuery,
     EmbedQuery,
     Pipeline,
@@ -46,14 +45,15 @@ from .lifecycle import ModelVersion, State
 from .metrics import Metrics
 from .servicer import unary
 from .streams import ordered_stream
+from .version_format import POOLING_NAMES, PROBABILITIES
 
 __all__ = ["TEXT_INPUT", "KServeServicer", "add_to_server"]
 
 TEXT_INPUT = "TEXT"
-EMBEDDING, PROBABILITIES, LABEL = "embedding", "probabilities", "label"
+EMBEDDING, LABEL = "embedding", "label"  # and PROBABILITIES: the graph's own output name
 # "parameters": the request parameters below; "model_repository": index, load, unload.
 EXTENSIONS = ("model_repository", "parameters")
-_POOLINGS = {name: value for value, name in OUTPUT_PREFIX.items()}
+_POOLINGS = {name: value for value, name in POOLING_NAMES.items()}
 _LENGTH = struct.Struct("<I")
 
 
@@ -81,8 +81,10 @@ def model_outputs(config: ModelConfig, labels: Sequence[str]) -> list[Tensor]:
             embedding]
 
 
-def parse_version(version: str) -> int:
-    """KServe versions are strings; "" is the policy's default (bertstream's 0)."""
+def request_version(version: str) -> int:
+    """A KServe request's version string as bertstream's number: "" is the policy's default
+    (0); anything else must be a positive integer. (Folder names follow a stricter rule:
+    version_format.parse_version.)"""
     if not version:
         return 0
     if not version.isdigit() or int(version) <= 0:
@@ -162,7 +164,7 @@ def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...]) -> EmbedQ
                                f"got {pooling_name!r}")
         pooling = _POOLINGS[pooling_name]
     return EmbedQuery(
-        model=request.model_name, version=parse_version(request.model_version), texts=texts,
+        model=request.model_name, version=request_version(request.model_version), texts=texts,
         pooling=pooling, pooling_layer=_param(p, "pooling_layer", "int64"),
         normalize=bool(_param(p, "normalize", "bool")),
         text=TextOptions(truncate=bool(_param(p, "truncate", "bool")), direction=direction),
@@ -196,13 +198,6 @@ def _output_data(tensor: Tensor, result: Result) -> tuple[list[int], bytes]:
     return list(array.shape), array.tobytes()
 
 
-def _check_explicit(control_mode: str, rpc: str) -> None:
-    if control_mode != "explicit":
-        raise WrongControlMode(
-            f"{rpc} needs a server started with --model-control-mode explicit (this one "
-            f"runs in mode {control_mode!r})")
-
-
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, pipeline: Pipeline, stream_window: int = 32,
                  control_mode: str = "none", metrics: Metrics | None = None,
@@ -215,7 +210,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.draining = draining  # set on SIGTERM (see streams.py)
 
     def _resolve(self, name: str, version: str) -> ModelVersion:
-        mv = self.manager.resolve(name, parse_version(version))
+        mv = self.manager.resolve(name, request_version(version))
         assert mv.loaded is not None
         return mv
 
@@ -340,7 +335,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Any) -> pb.RepositoryModelLoadResponse:
-        _check_explicit(self.control_mode, "RepositoryModelLoad")
+        check_explicit(self.control_mode, "RepositoryModelLoad")
         if request.parameters:
             raise Unsupported("loading with a config override or files is not supported "
                               f"(parameters {sorted(request.parameters)}); put the model in "
@@ -353,7 +348,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                                     context: Any) -> pb.RepositoryModelUnloadResponse:
         """`unload_dependents` (which tritonclient always sends) means nothing here: no
         ensembles."""
-        _check_explicit(self.control_mode, "RepositoryModelUnload")
+        check_explicit(self.control_mode, "RepositoryModelUnload")
         await self.manager.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

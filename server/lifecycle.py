@@ -33,6 +33,21 @@ from .fakedevice import FakeDevicePool, parse_spec
 from .metrics import Metrics
 from .runtime import RuntimeOptions, RuntimePool
 from .tokenization import Encoded, TextTokenizer
+from .version_format import (
+    CONFIG_FILE,
+    EXPORT_RECORD,
+    LABELS_FILE,
+    MODEL_FILE,
+    POOLINGS,
+    PROBABILITIES,
+    RECORD_HEAD,
+    RECORD_HEAD_ORIGIN,
+    RECORD_SOURCE_KIND,
+    TOKENIZER_FILE,
+    layer_outputs,
+    output_name,
+    output_width,
+)
 
 __all__ = ["Loaded", "ModelManager", "ModelVersion", "State"]
 
@@ -54,8 +69,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.UNLOADING: frozenset({State.UNAVAILABLE}),
     State.UNAVAILABLE: frozenset({State.LOADING}),
 }
-
-POOLED_OUTPUTS = ("mean", "max", "cls", "mean_max", "tokens")
 
 
 @dataclass
@@ -95,21 +108,22 @@ def _check_outputs(config: ModelConfig, runtime: RuntimePool | FakeDevicePool) -
     dims = runtime.output_dims
     hidden = config.embedding_dimension
     for layer in config.pooling_layers:
-        for pooling in POOLED_OUTPUTS:
-            name = f"{pooling}_layer{layer}"
+        for pooling in POOLINGS:
+            name = output_name(pooling, layer)
             if name not in dims:
-                raise ValueError(f"model.onnx has no output {name!r} that config.pbtxt implies")
-            want = 2 * hidden if pooling == "mean_max" else hidden
+                raise ValueError(f"{MODEL_FILE} has no output {name!r} that {CONFIG_FILE} "
+                                 "implies")
+            want = output_width(pooling, hidden)
             if dims[name][-1] not in (None, want):
                 raise ValueError(
-                    f"output {name!r} has size {dims[name][-1]}, config.pbtxt says {want}"
+                    f"output {name!r} has size {dims[name][-1]}, {CONFIG_FILE} says {want}"
                 )
     if config.task == Task.TASK_CLASSIFY:
-        if "probabilities" not in dims:
-            raise ValueError("a TASK_CLASSIFY model.onnx needs a 'probabilities' output")
-        if dims["probabilities"][-1] not in (None, config.num_labels):
+        if PROBABILITIES not in dims:
+            raise ValueError(f"a TASK_CLASSIFY {MODEL_FILE} needs a {PROBABILITIES!r} output")
+        if dims[PROBABILITIES][-1] not in (None, config.num_labels):
             raise ValueError(
-                f"the head has {dims['probabilities'][-1]} classes, config.pbtxt says "
+                f"the head has {dims[PROBABILITIES][-1]} classes, {CONFIG_FILE} says "
                 f"{config.num_labels}"
             )
 
@@ -117,12 +131,12 @@ def _check_outputs(config: ModelConfig, runtime: RuntimePool | FakeDevicePool) -
 def _read_labels(path: Path, config: ModelConfig) -> list[str]:
     if config.task != Task.TASK_CLASSIFY:
         return []
-    labels_file = path / "labels.txt"
+    labels_file = path / LABELS_FILE
     if not labels_file.is_file():
-        raise ValueError("labels.txt is missing")
+        raise ValueError(f"{LABELS_FILE} is missing")
     labels = [line.strip() for line in labels_file.read_text("utf-8").splitlines() if line.strip()]
     if len(labels) != config.num_labels:
-        raise ValueError(f"labels.txt has {len(labels)} labels, config.pbtxt says "
+        raise ValueError(f"{LABELS_FILE} has {len(labels)} labels, {CONFIG_FILE} says "
                          f"{config.num_labels}")
     return labels
 
@@ -135,12 +149,11 @@ def _build(
     if outside:
         raise ValueError(f"refused: {', '.join(outside)} links outside the model repository "
                          "(symlinks must stay inside it)")
-    model_file = path / "model.onnx"
-    if not model_file.is_file():
-        raise ValueError("model.onnx is missing")
-    if not (path / "tokenizer.json").is_file():
-        raise ValueError("tokenizer.json is missing")
-    tokenizer = TextTokenizer(path / "tokenizer.json", config.max_sequence_length)
+    model_file = path / MODEL_FILE
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        if not (path / name).is_file():
+            raise ValueError(f"{name} is missing")
+    tokenizer = TextTokenizer(path / TOKENIZER_FILE, config.max_sequence_length)
     labels = _read_labels(path, config)
     try:
         instances = sum(group.count or 1 for group in config.instance_group)
@@ -150,7 +163,7 @@ def _build(
         else:
             runtime = RuntimePool(model_file, options, instances)
     except Exception as exc:
-        raise ValueError(f"onnxruntime cannot load model.onnx: {exc}") from None
+        raise ValueError(f"onnxruntime cannot load {MODEL_FILE}: {exc}") from None
     _check_outputs(config, runtime)
     _warn_if_untrained(path)
     return runtime, tokenizer, labels
@@ -159,14 +172,14 @@ def _build(
 def _warn_if_untrained(path: Path) -> None:
     """Say loudly when a version's weights are random-init (test and placeholder models)."""
     try:
-        record = json.loads((path / "export.json").read_text("utf-8"))
+        record = json.loads((path / EXPORT_RECORD).read_text("utf-8"))
     except (OSError, ValueError):
         return
-    head = record.get("head") or {}
-    if record.get("source_kind") == "random":
+    head = record.get(RECORD_HEAD) or {}
+    if record.get(RECORD_SOURCE_KIND) == "random":
         log.warning("%s: random-init encoder weights (export source 'random'): its vectors and "
                     "labels carry no meaning; export a real checkpoint for real use", path)
-    elif str(head.get("origin", "")).startswith("random"):
+    elif str(head.get(RECORD_HEAD_ORIGIN, "")).startswith("random"):
         log.warning("%s: the classification head is random-init: its labels carry no meaning",
                     path)
 
@@ -393,12 +406,12 @@ class ModelManager:
                                  (broken or fresh).items())
             self._failed_reloads[name] = attempt
             self.model_errors[name] = (
-                "config.pbtxt changed but the served versions do not all load with it "
+                f"{CONFIG_FILE} changed but the served versions do not all load with it "
                 f"({failures or 'no complete version'}); still serving the previous config")
             return
         versions.update(fresh)  # the switch: one dict update on the event loop
         for mv in old_ready.values():
-            self._retire(mv, "config.pbtxt changed")
+            self._retire(mv, f"{CONFIG_FILE} changed")
         self._digests[name] = digest
         self._failed_reloads.pop(name, None)
         self.model_errors.pop(name, None)
@@ -535,9 +548,9 @@ async def _warm_up(loaded: Loaded) -> None:
     takes (its position table, say) fails here with a reason, not later on a caller's text.
     """
     config = loaded.config
-    outputs = {f"{p}_layer{n}" for p in POOLED_OUTPUTS for n in config.pooling_layers}
+    outputs = {name for n in config.pooling_layers for name in layer_outputs(n)}
     if config.task == Task.TASK_CLASSIFY:
-        outputs.add("probabilities")
+        outputs.add(PROBABILITIES)
     texts = ["预热：今天股市大涨，沪指收复三千点。", "warm-up"]
     encoded = loaded.tokenizer.encode(texts, truncate=True)
     loop = asyncio.get_running_loop()
@@ -553,4 +566,4 @@ async def _warm_up(loaded: Loaded) -> None:
         await item.future
     except Exception as exc:
         raise ValueError(f"the model cannot run a text of max_sequence_length {longest} tokens "
-                         f"(config.pbtxt promises it): {exc}") from None
+                         f"({CONFIG_FILE} promises it): {exc}") from None

@@ -16,6 +16,7 @@ from bertstream.v1.model_config_pb2 import ModelConfig, ModelVersionPolicy
 
 from . import config as config_mod
 from .errors import InvalidInput
+from .version_format import parse_version
 
 __all__ = ["ModelEntry", "check_name", "links_outside", "parse_version", "read_model", "scan",
            "scan_model", "select_versions"]
@@ -35,13 +36,6 @@ def check_name(name: str) -> str:
             "not starting with '.', no '..'"
         )
     return name
-
-
-def parse_version(folder: str) -> int | None:
-    """A version folder is a positive integer written without leading zeros (`1`, `12`)."""
-    if folder.isascii() and folder.isdigit() and not folder.startswith("0"):
-        return int(folder)
-    return None
 
 
 def select_versions(policy: ModelVersionPolicy, available: Iterable[int]) -> list[int]:

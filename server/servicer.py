@@ -16,11 +16,10 @@ import grpc
 import numpy as np
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
-from bertstream.v1.model_config_pb2 import Pooling, Task
+from bertstream.v1.model_config_pb2 import Task
 
-from .errors import InvalidInput, WrongControlMode, to_status
+from .errors import InvalidInput, check_explicit, to_status
 from .inference import (
-    OUTPUT_PREFIX,
     ClassifyQuery,
     EmbedQuery,
     Pipeline,
@@ -31,6 +30,7 @@ from .lifecycle import State
 from .metrics import Metrics
 from .stages import CLOCK
 from .streams import ordered_stream
+from .version_format import POOLING_NAMES
 
 __all__ = ["BertServicer"]
 
@@ -292,7 +292,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
             default_version=ready[-1] if ready else 0, task=config.task,
             embedding_dimension=config.embedding_dimension, labels=mv.loaded.labels,
             max_sequence_length=config.max_sequence_length,
-            poolings=[p for p in OUTPUT_PREFIX if p != Pooling.POOLING_UNSPECIFIED],
+            poolings=list(POOLING_NAMES),
             default_pooling=config.default_pooling, pooling_layers=config.pooling_layers,
             default_pooling_layer=config.default_pooling_layer,
             max_texts_per_request=limits.max_texts_per_request,
@@ -302,19 +302,13 @@ class BertServicer(pb_grpc.BertServiceServicer):
 
     @unary
     async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.LoadModelResponse:
-        self._check_explicit("LoadModel")
+        check_explicit(self.control_mode, "LoadModel")
         await self.manager.load_model(request.model)
         return pb.LoadModelResponse(versions=self._statuses(request.model))
 
     @unary
     async def UnloadModel(self, request: pb.UnloadModelRequest,
                           context: Any) -> pb.UnloadModelResponse:
-        self._check_explicit("UnloadModel")
+        check_explicit(self.control_mode, "UnloadModel")
         await self.manager.unload_model(request.model)
         return pb.UnloadModelResponse()
-
-    def _check_explicit(self, rpc: str) -> None:
-        if self.control_mode != "explicit":
-            raise WrongControlMode(
-                f"{rpc} needs a server started with --model-control-mode explicit (this one "
-                f"runs in mode {self.control_mode!r})")

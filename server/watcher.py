@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertstream.v1.model_config_pb2 import ModelConfig, Task
+from bertstream.v1.model_config_pb2 import ModelConfig
+
+from .version_format import required_files
 
 __all__ = ["Fingerprint", "StabilityTracker", "fingerprint", "missing_files"]
 
@@ -41,10 +43,7 @@ def fingerprint(folder: Path) -> Fingerprint:
 
 def missing_files(folder: Path, config: ModelConfig) -> list[str]:
     """Files a version of this model cannot load without."""
-    required = ["model.onnx", "tokenizer.json"]
-    if config.task == Task.TASK_CLASSIFY:
-        required.append("labels.txt")
-    return [name for name in required if not (folder / name).is_file()]
+    return [name for name in required_files(config) if not (folder / name).is_file()]
 
 
 @dataclass
