@@ -72,6 +72,14 @@ node-client:
 test: install node-client
 	$(VENV)/bin/pytest -q
 
+# The edit loop's tier, under a minute on 2 cores: `pytest -m fast`, i.e. every test under
+# tests/unit/ (new files there join by their folder) and the in-process export modules listed
+# in tests/conftest.py (FAST_MODULES); no server process, no export beyond the session's two
+# tiny models. `make test` stays the full suite that CI runs.
+.PHONY: test-fast
+test-fast: install
+	$(VENV)/bin/pytest -q -m fast
+
 # 200,000 mixed requests against one server: memory, threads, open files and p99 must stay
 # flat (benchmarks/soak.py; tens of minutes on 2 cores, so not part of `make test`).
 soak: install

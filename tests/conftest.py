@@ -148,3 +148,34 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
     for proc in started:
         if proc.proc.poll() is None:
             proc.stop()
+
+
+# `make test-fast` (`pytest -m fast`): the edit loop's tier, under a minute on 2 cores. It holds
+# every test under tests/unit/ (a new file there is picked up by its folder) and the in-process
+# modules listed here: none starts a server process or exports a model beyond the session
+# fixture above. A module elsewhere may also opt in with `pytestmark = pytest.mark.fast`.
+# `make test` still runs everything.
+TESTS = Path(__file__).parent
+FAST_FOLDERS = ("unit",)
+FAST_MODULES = (
+    "export/test_export_publish.py",
+    "export/test_export_repository.py",
+    "export/test_export_tokenizer.py",
+    "export/test_training_data.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fast: in-process, no server process, no export of its own (make test-fast)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            relative = item.path.relative_to(TESTS)
+        except ValueError:
+            continue
+        if relative.parts[0] in FAST_FOLDERS or relative.as_posix() in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
