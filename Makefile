@@ -78,7 +78,7 @@ test: install node-client
 # tiny models. `make test` stays the full suite that CI runs.
 .PHONY: test-fast
 test-fast: install
-	$(VENV)/bin/pytest -q -m fast
+	$(VENV)/bin/pytest -q -m fast --timeout 120
 
 # 200,000 mixed requests against one server: memory, threads, open files and p99 must stay
 # flat (benchmarks/soak.py; tens of minutes on 2 cores, so not part of `make test`).

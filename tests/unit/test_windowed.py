@@ -20,6 +20,9 @@ class Message:
     request_id: str
 
 
+_WAKE = object()  # what done_writing puts in the answer queue
+
+
 class FakeCall:
     """An echo server: each written request is answered in order, or as `answer` says
     (None: held back). `end_after`: the stream ends (EOF) once that many are answered;
@@ -37,7 +40,7 @@ class FakeCall:
         self.most_in_flight = 0
         self.half_closed = False
         self.cancelled = False
-        self._answers: asyncio.Queue[Message] = asyncio.Queue()
+        self._answers: asyncio.Queue[Any] = asyncio.Queue()
 
     async def write(self, request: Message) -> None:
         if self.cancelled:
@@ -50,17 +53,21 @@ class FakeCall:
 
     async def done_writing(self) -> None:
         self.half_closed = True
+        self._answers.put_nowait(_WAKE)  # a read already waiting must see the half-close
 
     async def read(self) -> Any:
-        if self.fail_after is not None and self.read_count == self.fail_after:
-            raise grpc.aio.AioRpcError(self.failure, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details="replica went away")
-        if self.read_count == self.end_after or (
-                self.half_closed and self.read_count == len(self.written)):
-            return grpc.aio.EOF
-        response = await self._answers.get()
-        self.read_count += 1
-        return response
+        while True:
+            if self.fail_after is not None and self.read_count == self.fail_after:
+                raise grpc.aio.AioRpcError(self.failure, grpc.aio.Metadata(),
+                                           grpc.aio.Metadata(), details="replica went away")
+            if self.read_count == self.end_after or (
+                    self.half_closed and self.read_count == len(self.written)):
+                return grpc.aio.EOF
+            response = await self._answers.get()
+            if response is _WAKE:
+                continue  # re-check: half-closed, or answers still to come
+            self.read_count += 1
+            return response
 
     def cancel(self) -> bool:
         self.cancelled = True
