@@ -28,6 +28,7 @@ from .fakedevice import parse_spec
 from .health import publish_health
 from .inference import Limits, Pipeline
 from .lifecycle import ModelManager
+from .loader import OnnxLoader
 from .metrics import Metrics
 from .runtime import RuntimeOptions, usable_cores
 from .security import AuthInterceptor, TokenTable, server_credentials
@@ -165,10 +166,11 @@ async def serve(options: ServerOptions) -> None:
     serving = False
 
     async def on_change() -> None:
-        await publish_health(health_servicer, manager, serving=serving)
+        await publish_health(health_servicer, manager.snapshot, serving=serving)
 
     metrics = Metrics()
-    manager = ModelManager(options.model_repository, options.runtime, options.default_model,
+    loader = OnnxLoader(options.runtime, options.model_repository, metrics)
+    manager = ModelManager(options.model_repository, loader, options.default_model,
                            on_change=on_change, metrics=metrics)
     await _initial_load(manager, options)
     # One tokenizer thread per core this process may use (its affinity, not the machine's).
@@ -223,12 +225,13 @@ async def serve(options: ServerOptions) -> None:
     await server.start()
     _freeze_startup_objects()
     serving = True
-    await publish_health(health_servicer, manager, serving=True)
-    for name, versions in sorted(manager.versions.items()):
-        for version, mv in sorted(versions.items()):
-            log.info("model %s version %d: %s %s", name, version, mv.state.name, mv.reason)
-        if name in manager.model_errors:
-            log.error("model %s: %s", name, manager.model_errors[name])
+    await publish_health(health_servicer, manager.snapshot, serving=True)
+    for model in manager.snapshot.models:
+        for row in model.versions:
+            log.info("model %s version %d: %s %s", model.name, row.version, row.state.name,
+                     row.reason)
+        if model.error:
+            log.error("model %s: %s", model.name, model.error)
     if options.metrics_port is not None:
         metrics_port = metrics.serve(options.host, options.metrics_port)
         print(f"bertstream metrics on {options.host}:{metrics_port}", flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health, health_pb2
 
-from .lifecycle import ModelManager, State
+from .snapshot import RepositorySnapshot
 
 __all__ = ["publish_health"]
 
@@ -15,14 +15,13 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def publish_health(servicer: health.aio.HealthServicer, manager: ModelManager,
+async def publish_health(servicer: health.aio.HealthServicer, snapshot: RepositorySnapshot,
                          serving: bool) -> None:
     """Set the overall status and one status per model: SERVING when any version is READY
     (a model whose folder was removed answers NOT_SERVING)."""
-    for name in list(manager.removed):
+    for name in snapshot.removed:
         await servicer.set(name, NOT_SERVING)
-    for name, versions in list(manager.versions.items()):
-        ready = any(mv.state is State.READY for mv in list(versions.values()))
-        await servicer.set(name, SERVING if serving and ready else NOT_SERVING)
+    for model in snapshot.models:
+        await servicer.set(model.name, SERVING if serving and model.ready else NOT_SERVING)
     for service in SERVICES:
         await servicer.set(service, SERVING if serving else NOT_SERVING)

@@ -41,11 +41,13 @@ from .inference import (
     Result,
     TextOptions,
 )
-from .lifecycle import ModelVersion, State
+from .lifecycle import ModelVersion
 from .metrics import Metrics
 from .servicer import unary
+from .snapshot import wire_state
 from .streams import ordered_stream
 from .version_format import POOLING_NAMES, PROBABILITIES
+from .versions import State
 
 __all__ = ["TEXT_INPUT", "KServeServicer", "add_to_server"]
 
@@ -55,6 +57,7 @@ EMBEDDING, LABEL = "embedding", "label"  # and PROBABILITIES: the graph's own ou
 EXTENSIONS = ("model_repository", "parameters")
 _POOLINGS = {name: value for value, name in POOLING_NAMES.items()}
 _LENGTH = struct.Struct("<I")
+_UNAVAILABLE = wire_state(State.UNAVAILABLE)[1]  # a model-level row
 
 
 @dataclass(frozen=True)
@@ -252,8 +255,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         mv = self._resolve(request.name, request.version)
         assert mv.loaded is not None
         config = mv.loaded.config
-        ready = [str(v) for v, m in sorted(self.manager.versions[mv.model].items())
-                 if m.state is State.READY]
+        ready = [str(v) for v in self.manager.snapshot.ready_versions(mv.model)]
         return pb.ModelMetadataResponse(
             name=mv.model, versions=ready, platform=config.platform or "onnxruntime_onnx",
             inputs=[Tensor(TEXT_INPUT, "BYTES", (-1,)).metadata()],
@@ -321,15 +323,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         on_disk: set[str] = set()
         if not request.ready:
             on_disk = set(await asyncio.to_thread(repository.scan, self.manager.root))
-        for name in sorted(set(self.manager.versions) | on_disk):
-            versions = self.manager.versions.get(name, {})
-            error = self.manager.model_errors.get(name)
+        snapshot = self.manager.snapshot
+        for name in sorted({m.name for m in snapshot.models} | on_disk):
+            model = snapshot.model(name)
+            error = model.error if model is not None else ""
+            versions = model.versions if model is not None else ()
             if not request.ready and (error or not versions):
-                rows.append(Index(name=name, state=State.UNAVAILABLE.name,
-                                  reason=error or "not loaded"))
-            rows += [Index(name=name, version=str(v), state=mv.state.name, reason=mv.reason)
-                     for v, mv in sorted(versions.items())
-                     if not request.ready or mv.state is State.READY]
+                rows.append(Index(name=name, state=_UNAVAILABLE, reason=error or "not loaded"))
+            rows += [Index(name=name, version=str(v.version), state=wire_state(v.state)[1],
+                           reason=v.reason)
+                     for v in versions if not request.ready or v.state is State.READY]
         return pb.RepositoryIndexResponse(models=rows)
 
     @unary

@@ -26,8 +26,8 @@ from .inference import (
     Result,
     TextOptions,
 )
-from .lifecycle import State
 from .metrics import Metrics
+from .snapshot import ModelRow, wire_state
 from .stages import CLOCK
 from .streams import ordered_stream
 from .version_format import POOLING_NAMES
@@ -256,27 +256,15 @@ class BertServicer(pb_grpc.BertServiceServicer):
     @unary
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: Any) -> pb.ListModelsResponse:
+        snapshot = self.manager.snapshot
         statuses = []
-        for name in sorted(self.manager.versions):
+        for row in snapshot.models:
             if request.ready_only:
-                statuses += [s for s in self._statuses(name)
+                statuses += [s for s in _statuses(row.name, row)
                              if s.version and s.state == pb.VERSION_STATE_READY]
             else:
-                statuses += self._statuses(name)
-        return pb.ListModelsResponse(models=statuses, default_model=self.manager.default_model())
-
-    def _statuses(self, name: str) -> list[pb.ModelVersionStatus]:
-        """Version rows of one model, led by a version-0 row when the model has an error."""
-        rows = []
-        error = self.manager.model_errors.get(name)
-        versions = self.manager.versions.get(name, {})
-        if error or not versions:
-            rows.append(pb.ModelVersionStatus(model=name, state=pb.VERSION_STATE_UNAVAILABLE,
-                                              reason=error or "no version to serve"))
-        for version, mv in sorted(versions.items()):
-            rows.append(pb.ModelVersionStatus(model=name, version=version, state=mv.state.value,
-                                              reason=mv.reason))
-        return rows
+                statuses += _statuses(row.name, row)
+        return pb.ListModelsResponse(models=statuses, default_model=snapshot.default_model)
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
@@ -284,8 +272,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
         mv = self.manager.resolve(request.model, request.version)
         assert mv.loaded is not None
         config = mv.loaded.config
-        versions = self.manager.versions[mv.model]
-        ready = [v for v, m in sorted(versions.items()) if m.state is State.READY]
+        ready = list(self.manager.snapshot.ready_versions(mv.model))
         limits = self.pipeline.limits
         return pb.GetModelResponse(
             model=mv.model, version=mv.version, ready_versions=ready,
@@ -304,7 +291,8 @@ class BertServicer(pb_grpc.BertServiceServicer):
     async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.LoadModelResponse:
         check_explicit(self.control_mode, "LoadModel")
         await self.manager.load_model(request.model)
-        return pb.LoadModelResponse(versions=self._statuses(request.model))
+        return pb.LoadModelResponse(
+            versions=_statuses(request.model, self.manager.snapshot.model(request.model)))
 
     @unary
     async def UnloadModel(self, request: pb.UnloadModelRequest,
@@ -312,3 +300,16 @@ class BertServicer(pb_grpc.BertServiceServicer):
         check_explicit(self.control_mode, "UnloadModel")
         await self.manager.unload_model(request.model)
         return pb.UnloadModelResponse()
+
+
+def _statuses(name: str, model: ModelRow | None) -> list[pb.ModelVersionStatus]:
+    """Version rows of one model, led by a version-0 row when the model has an error."""
+    error = model.error if model is not None else ""
+    versions = model.versions if model is not None else ()
+    rows = []
+    if error or not versions:
+        rows.append(pb.ModelVersionStatus(model=name, state=pb.VERSION_STATE_UNAVAILABLE,
+                                          reason=error or "no version to serve"))
+    rows += [pb.ModelVersionStatus(model=name, version=v.version, state=wire_state(v.state)[0],
+                                   reason=v.reason) for v in versions]
+    return rows

@@ -1,0 +1,229 @@
+"""Building, warming up and releasing a model version: the `Loader` protocol and onnxruntime's.
+
+Contract: the manager calls `build` then `warm_up` for a version it is loading, and `release` for
+one it retires or abandons, all on the event loop; `build` does its blocking work (files, session
+creation, checks) on a worker thread. A loader keeps no state about versions: the manager owns
+them (lifecycle.py). A fake loader (tests) or another engine implements the same three calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from bertstream.v1.model_config_pb2 import ModelConfig, Task
+
+from . import repository
+from .batcher import Batcher, BatcherOptions, WorkItem
+from .fakedevice import FakeDevicePool, parse_spec
+from .metrics import Metrics
+from .runtime import RuntimeOptions, RuntimePool
+from .tokenization import Encoded, TextTokenizer
+from .version_format import (
+    CONFIG_FILE,
+    EXPORT_RECORD,
+    LABELS_FILE,
+    MODEL_FILE,
+    POOLINGS,
+    PROBABILITIES,
+    RECORD_HEAD,
+    RECORD_HEAD_ORIGIN,
+    RECORD_SOURCE_KIND,
+    TOKENIZER_FILE,
+    layer_outputs,
+    output_name,
+    output_width,
+)
+from .versions import Loaded
+
+__all__ = ["Loader", "OnnxLoader"]
+
+log = logging.getLogger("bertstream.server.lifecycle")
+
+
+class Loader(Protocol):
+    """Turns a version folder into something that serves, and lets it go again."""
+
+    async def build(self, model: str, version: int, path: Path,
+                    config: ModelConfig) -> Loaded:
+        """Files, session, tokenizer, labels, output checks; raises with a reason."""
+        ...
+
+    async def warm_up(self, loaded: Loaded) -> None:
+        """Real requests through it before it turns READY; raises with a reason."""
+        ...
+
+    async def release(self, loaded: Loaded, trim: bool) -> None:
+        """Stop it and drop its session; `trim`: also hand freed memory back to the OS."""
+        ...
+
+
+class OnnxLoader:
+    """onnxruntime sessions (or the fake device pool of `--fake-device`) behind a Batcher."""
+
+    def __init__(self, options: RuntimeOptions, root: Path,
+                 metrics: Metrics | None = None) -> None:
+        self.options = options
+        self.root = root
+        self.metrics = metrics
+
+    async def build(self, model: str, version: int, path: Path,
+                    config: ModelConfig) -> Loaded:
+        runtime, tokenizer, labels = await asyncio.to_thread(
+            _build, path, config, self.options, self.root)
+        observer = self.metrics.batch_observer(model, version) if self.metrics else None
+        options = dataclasses.replace(_batcher_options(config), instances=runtime.concurrency)
+        batcher = Batcher(runtime.run, options, observer)
+        return Loaded(config, tokenizer, batcher, labels, runtime.provider,
+                      runtime.busy_seconds)
+
+    async def warm_up(self, loaded: Loaded) -> None:
+        await _warm_up(loaded)
+
+    async def release(self, loaded: Loaded, trim: bool) -> None:
+        await loaded.batcher.close()
+        if trim:
+            await asyncio.to_thread(_release_memory)
+
+
+def _check_outputs(config: ModelConfig, runtime: RuntimePool | FakeDevicePool) -> None:
+    """The graph must offer what config.pbtxt promises, with the promised sizes."""
+    dims = runtime.output_dims
+    hidden = config.embedding_dimension
+    for layer in config.pooling_layers:
+        for pooling in POOLINGS:
+            name = output_name(pooling, layer)
+            if name not in dims:
+                raise ValueError(f"{MODEL_FILE} has no output {name!r} that {CONFIG_FILE} "
+                                 "implies")
+            want = output_width(pooling, hidden)
+            if dims[name][-1] not in (None, want):
+                raise ValueError(
+                    f"output {name!r} has size {dims[name][-1]}, {CONFIG_FILE} says {want}"
+                )
+    if config.task == Task.TASK_CLASSIFY:
+        if PROBABILITIES not in dims:
+            raise ValueError(f"a TASK_CLASSIFY {MODEL_FILE} needs a {PROBABILITIES!r} output")
+        if dims[PROBABILITIES][-1] not in (None, config.num_labels):
+            raise ValueError(
+                f"the head has {dims[PROBABILITIES][-1]} classes, {CONFIG_FILE} says "
+                f"{config.num_labels}"
+            )
+
+
+def _read_labels(path: Path, config: ModelConfig) -> list[str]:
+    if config.task != Task.TASK_CLASSIFY:
+        return []
+    labels_file = path / LABELS_FILE
+    if not labels_file.is_file():
+        raise ValueError(f"{LABELS_FILE} is missing")
+    labels = [line.strip() for line in labels_file.read_text("utf-8").splitlines() if line.strip()]
+    if len(labels) != config.num_labels:
+        raise ValueError(f"{LABELS_FILE} has {len(labels)} labels, {CONFIG_FILE} says "
+                         f"{config.num_labels}")
+    return labels
+
+
+def _build(
+    path: Path, config: ModelConfig, options: RuntimeOptions, root: Path
+) -> tuple[RuntimePool | FakeDevicePool, TextTokenizer, list[str]]:
+    """Blocking part of a load: files, session, checks. Runs on a worker thread."""
+    outside = repository.links_outside(root, path)
+    if outside:
+        raise ValueError(f"refused: {', '.join(outside)} links outside the model repository "
+                         "(symlinks must stay inside it)")
+    model_file = path / MODEL_FILE
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        if not (path / name).is_file():
+            raise ValueError(f"{name} is missing")
+    tokenizer = TextTokenizer(path / TOKENIZER_FILE, config.max_sequence_length)
+    labels = _read_labels(path, config)
+    try:
+        instances = sum(group.count or 1 for group in config.instance_group)
+        if options.fake_device:  # benchmarks: GPU timing without a GPU (fakedevice.py)
+            runtime: RuntimePool | FakeDevicePool = FakeDevicePool(
+                model_file, parse_spec(options.fake_device), instances, options.gpu_id)
+        else:
+            runtime = RuntimePool(model_file, options, instances)
+    except Exception as exc:
+        raise ValueError(f"onnxruntime cannot load {MODEL_FILE}: {exc}") from None
+    _check_outputs(config, runtime)
+    _warn_if_untrained(path)
+    return runtime, tokenizer, labels
+
+
+def _warn_if_untrained(path: Path) -> None:
+    """Say loudly when a version's weights are random-init (test and placeholder models)."""
+    try:
+        record = json.loads((path / EXPORT_RECORD).read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    head = record.get(RECORD_HEAD) or {}
+    if record.get(RECORD_SOURCE_KIND) == "random":
+        log.warning("%s: random-init encoder weights (export source 'random'): its vectors and "
+                    "labels carry no meaning; export a real checkpoint for real use", path)
+    elif str(head.get(RECORD_HEAD_ORIGIN, "")).startswith("random"):
+        log.warning("%s: the classification head is random-init: its labels carry no meaning",
+                    path)
+
+
+def _release_memory() -> None:
+    """Hand a released session's memory back to the OS: collect cycles, then ask glibc to
+    return freed heap pages (onnxruntime frees through malloc, which keeps them otherwise).
+    Start-up objects are frozen out of the collector (app.py); they are thawed for this pass,
+    so a version loaded at start-up is collected too, then what is still alive is frozen again."""
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
+    gc.collect()
+    if frozen:
+        gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _batcher_options(config: ModelConfig) -> BatcherOptions:
+    batching = config.dynamic_batching
+    return BatcherOptions(
+        max_batch_size=config.max_batch_size,
+        max_batch_tokens=batching.max_batch_tokens,
+        max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
+        max_queue_size=batching.max_queue_size,
+    )
+
+
+async def _warm_up(loaded: Loaded) -> None:
+    """Real batches through tokenizer, batcher and session before the version is READY.
+
+    Asks for every output so a graph that fails on any of them never turns READY, and runs a
+    text of max_sequence_length tokens so a config that promises longer texts than the graph
+    takes (its position table, say) fails here with a reason, not later on a caller's text.
+    """
+    config = loaded.config
+    outputs = {name for n in config.pooling_layers for name in layer_outputs(n)}
+    if config.task == Task.TASK_CLASSIFY:
+        outputs.add(PROBABILITIES)
+    texts = ["预热：今天股市大涨，沪指收复三千点。", "warm-up"]
+    encoded = loaded.tokenizer.encode(texts, truncate=True)
+    loop = asyncio.get_running_loop()
+    item = WorkItem(encoded, frozenset(outputs), loop.create_future())
+    await loaded.batcher.submit([item], wait=True)
+    await item.future
+    longest = config.max_sequence_length
+    ids = np.resize(encoded.text_ids(0), longest)
+    full = Encoded(ids, [longest], [0], [0])
+    item = WorkItem(full, frozenset(outputs), loop.create_future())
+    await loaded.batcher.submit([item], wait=True)
+    try:
+        await item.future
+    except Exception as exc:
+        raise ValueError(f"the model cannot run a text of max_sequence_length {longest} tokens "
+                         f"({CONFIG_FILE} promises it): {exc}") from None

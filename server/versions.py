@@ -1,0 +1,93 @@
+"""A model version's state machine, what a READY version serves with, and one model's state.
+
+Contract: every state change goes through `ModelVersion.transition`, checked against
+`TRANSITIONS` (Triton's state names, so the repository index reads like Triton's). A `ModelState`
+is owned by the `ModelManager` and changed only on the event loop by a holder of its `lock`;
+`lease` counts (`ModelVersion.leases`) change on the event loop without the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bertstream.v1.model_config_pb2 import ModelConfig
+
+from . import watcher
+
+__all__ = ["TRANSITIONS", "Loaded", "ModelState", "ModelVersion", "State"]
+
+log = logging.getLogger("bertstream.server.lifecycle")
+
+
+class State(enum.Enum):
+    UNKNOWN = 0
+    LOADING = 1
+    READY = 2
+    UNLOADING = 3
+    UNAVAILABLE = 4
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.UNKNOWN: frozenset({State.LOADING}),
+    State.LOADING: frozenset({State.READY, State.UNAVAILABLE}),
+    State.READY: frozenset({State.UNLOADING}),
+    State.UNLOADING: frozenset({State.UNAVAILABLE}),
+    State.UNAVAILABLE: frozenset({State.LOADING}),
+}
+
+
+@dataclass
+class Loaded:
+    """What a READY version serves with (built by a `loader.Loader`)."""
+
+    config: ModelConfig
+    tokenizer: Any  # tokenization.TextTokenizer; Any so fake loaders need not build one
+    batcher: Any  # batcher.Batcher
+    labels: list[str]
+    provider: str
+    busy_seconds: Callable[[], float] = lambda: 0.0  # device time, for the metrics
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    model: str
+    version: int
+    path: Path
+    state: State = State.UNKNOWN
+    reason: str = ""
+    loaded: Loaded | None = None
+    leases: int = 0
+    config_digest: str = ""  # of the config.pbtxt this version was loaded with
+    failed: watcher.Fingerprint | None = None  # the folder as it was when its load failed
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def transition(self, new: State, reason: str = "") -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"{self.model}/{self.version}: {self.state.name} -> {new.name}")
+        log.info("%s version %d: %s -> %s %s", self.model, self.version, self.state.name,
+                 new.name, reason)
+        self.state, self.reason = new, reason
+
+
+@dataclass(eq=False)
+class ModelState:
+    """Everything the manager knows about one model. Its own lock: work on one model never
+    waits for another model's load."""
+
+    name: str
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    error: str = ""  # model-level: config broken, not applied, unloaded ("" when none)
+    digest: str = ""  # config.pbtxt digest the serving versions use
+    failed_reload: tuple[str, tuple[object, ...]] | None = None  # (digest, folders) that failed
+    removed: bool = False  # its folder went away (health: NOT_SERVING)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def ready(self) -> list[ModelVersion]:
+        """READY versions, ascending."""
+        return [mv for _, mv in sorted(self.versions.items()) if mv.state is State.READY]
