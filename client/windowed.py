@@ -68,10 +68,22 @@ class WindowedStream(Generic[T]):
         self._in_flight: deque[tuple[T, str]] = deque()  # (tag, request_id), oldest first
         self._half_closed = False
         self._writer: asyncio.Task[None] | None = None
+        self._first_status: tuple[grpc.StatusCode, str] | None = None
 
     async def __aenter__(self) -> WindowedStream[T]:
+        watch = getattr(self._call, "add_done_callback", None)
+        if watch is not None:
+            watch(self._record_status)
         self._writer = asyncio.ensure_future(self._write())
         return self
+
+    def _record_status(self, call: Any) -> None:
+        """The status the call ended with, read the moment it ended. grpc.aio (1.85) replaces
+        it with INTERNAL "Internal error from Core" when a write was still being sent as the
+        server ended the stream (grpc/grpc#36066): a token refusal read as INTERNAL."""
+        code, details = _now(call.code()), _now(call.details())
+        if code is not None:
+            self._first_status = (code, details or "")
 
     async def __aexit__(self, *exc: object) -> None:
         if self._writer is not None:
@@ -90,6 +102,10 @@ class WindowedStream(Generic[T]):
         try:
             response = await self._read()
         except grpc.RpcError as err:
+            first = self._first_status
+            if first is not None and first[0] != grpc.StatusCode.OK and \
+                    _code_of(err) == grpc.StatusCode.INTERNAL:
+                raise ClientError(*first) from None
             raise ClientError.from_rpc(err) from None
         if response is grpc.aio.EOF:
             if self._in_flight or not self._half_closed:
@@ -118,7 +134,10 @@ class WindowedStream(Generic[T]):
             except (grpc.RpcError, asyncio.InvalidStateError):
                 return  # the call is over: reading it says how
         self._half_closed = True
-        await self._call.done_writing()
+        try:
+            await self._call.done_writing()
+        except Exception:
+            return
 
     async def _read(self) -> Any:
         """The next response, or the writer's own failure (a source or request that raised)."""
@@ -143,6 +162,24 @@ class WindowedStream(Generic[T]):
 async def _async(items: Iterable[T]) -> AsyncIterator[T]:
     for item in items:
         yield item
+
+
+def _now(coroutine: Any) -> Any:
+    """The value of a grpc.aio status coroutine that has it already, without awaiting (this
+    runs in a done callback); None if it would have to wait."""
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    except Exception:
+        return None
+    coroutine.close()
+    return None
+
+
+def _code_of(err: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(err, "code", None)
+    return code() if callable(code) else None
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

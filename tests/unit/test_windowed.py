@@ -248,3 +248,36 @@ def test_blocking_streams_run_the_same_core_for_a_blocking_caller() -> None:
         list(streams.stream(lambda channel: FakeCall(fail_after=1), _requests(3), window=2))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     streams.close()
+
+
+class ReplacedStatusCall(FakeCall):
+    """A call the server ended UNAUTHENTICATED while a write was still being sent: grpc.aio
+    (grpc/grpc#36066) then reads it back as INTERNAL "Internal error from Core"."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_after=0, failure=grpc.StatusCode.INTERNAL)
+        self._done: list[Callable[[Any], None]] = []
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._done.append(callback)
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAUTHENTICATED
+
+    async def details(self) -> str:
+        return "unknown bearer token"
+
+    async def read(self) -> Any:
+        for callback in self._done:  # the call ends with the server's status first
+            callback(self)
+        return await super().read()
+
+
+def test_the_status_the_call_ended_with_wins_over_grpcs_later_internal() -> None:
+    async def main() -> None:
+        with pytest.raises(ClientError) as err:
+            await _collect(WindowedStream(ReplacedStatusCall(), _requests(4), window=4))
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "unknown bearer token" in str(err.value)
+
+    asyncio.run(main())
