@@ -111,9 +111,12 @@ class ModelManager:
         sync side by side, each under its own lock."""
         known = {name for name, ms in self.models.items() if not ms.removed}
         names = set(only) if only is not None else set(entries) | known
-        await asyncio.gather(*(self._sync_one(name, entries.get(name), stable)
-                               for name in sorted(names)))
-        await self._changed()
+        results = await asyncio.gather(*(self._sync_one(name, entries.get(name), stable)
+                                         for name in sorted(names)), return_exceptions=True)
+        await self._changed()  # health follows the models that did sync
+        for result in results:  # then the first failure, once every model had its turn
+            if isinstance(result, BaseException):
+                raise result
 
     async def _sync_one(self, name: str, entry: repository.ModelEntry | None,
                         stable: Stable | None) -> None:
@@ -159,7 +162,8 @@ class ModelManager:
                 break
             for version in step.load:
                 tried.add(version)
-                ms.versions[version] = await self._load_version(entry, version)
+                ms.versions[version] = mv = await self._load_version(entry, version)
+                self._watch(mv)
                 self._publish()
         done = settle(step.wanted, on_disk, _states(ms))
         for version, why in done.retire.items():
@@ -209,11 +213,16 @@ class ModelManager:
             log.error("model %s version %d: load failed: %s", entry.name, version, exc)
             return mv
         mv.transition(State.READY)
-        if self.metrics is not None:
-            batcher = mv.loaded.batcher
-            self.metrics.watch_queue(entry.name, version, lambda: batcher.queued)
-            self.metrics.watch_device(entry.name, version, mv.loaded.busy_seconds)
         return mv
+
+    def _watch(self, mv: ModelVersion) -> None:
+        """The queue and device gauges of a version that just became routable. Not before: a
+        reload that fails must not leave the gauges (and so its session) to a version that
+        never served, nor take them from the one that still does."""
+        if self.metrics is not None and mv.loaded is not None and mv.state is State.READY:
+            batcher = mv.loaded.batcher
+            self.metrics.watch_queue(mv.model, mv.version, lambda: batcher.queued)
+            self.metrics.watch_device(mv.model, mv.version, mv.loaded.busy_seconds)
 
     async def _reload(self, ms: ModelState, entry: repository.ModelEntry,
                       stable: Stable | None, attempt: tuple[str, tuple[object, ...]]) -> None:
@@ -226,10 +235,15 @@ class ModelManager:
         usable = [v for v in sorted(entry.versions)
                   if v in old_ready or (v in looks and looks[v].loadable)]
         fresh: dict[int, ModelVersion] = {}
-        while todo := reload_todo(entry.config.version_policy, usable,
-                                  {v: mv.state for v, mv in fresh.items()}):
-            for version in todo:
-                fresh[version] = await self._load_version(entry, version)
+        try:
+            while todo := reload_todo(entry.config.version_policy, usable,
+                                      {v: mv.state for v, mv in fresh.items()}):
+                for version in todo:
+                    fresh[version] = await self._load_version(entry, version)
+        except asyncio.CancelledError:  # stopping mid-reload: the new sessions never served
+            for mv in fresh.values():
+                await self._close(mv)
+            raise
         failure = reload_failures(set(old_ready),
                                   {v: (mv.state, mv.reason) for v, mv in fresh.items()})
         if failure:
@@ -240,6 +254,8 @@ class ModelManager:
         ms.versions.update(fresh)  # the switch: one dict update on the event loop
         for mv in old_ready.values():
             self._retire(mv, f"{CONFIG_FILE} changed")
+        for mv in fresh.values():
+            self._watch(mv)
         ms.digest, ms.failed_reload, ms.error = entry.config_digest, None, ""
 
     def _remove_model(self, ms: ModelState) -> None:

@@ -314,3 +314,25 @@ def test_one_mapping_from_states_to_both_protos() -> None:
         value, name = wire_state(state)
         assert pb.VersionState.Name(value) == f"VERSION_STATE_{name}" == \
             f"VERSION_STATE_{state.name}"
+
+
+@_run
+async def test_a_failed_reload_leaves_the_gauges_on_the_serving_version(tmp_path: Path) -> None:
+    """The queue gauge of (m, 1) reads the batcher that serves; a reload whose version 1
+    loaded but whose version 2 failed must not move it to the dropped session."""
+    from bertstream.server.metrics import Metrics
+
+    policy = "version_policy { all {} }\n"
+    model_dir = _model(tmp_path, "m", [], config=CONFIG + policy)
+    _version(model_dir, 1)
+    _version(model_dir, 2, (WIDTH, "8"))
+    metrics = Metrics()
+    manager, loader = _manager(tmp_path, metrics=metrics)
+    await manager.load_all()
+    serving = manager.resolve("m", 1).loaded
+    serving.batcher.queued = 7  # type: ignore[union-attr]  # an instance attribute
+    (model_dir / CONFIG_FILE).write_text(CONFIG.replace("8", "4") + policy)
+    await _sync(manager)
+    assert loader.released == [("m", 1)], "the reload's version 1 was built, then dropped"
+    assert metrics.registry.get_sample_value("bertstream_queue_texts",
+                                             {"model": "m", "version": "1"}) == 7
