@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
@@ -122,6 +122,14 @@ class WindowedStream(Generic[T]):
     async def _write(self) -> None:
         source = aiter(self._requests) if isinstance(self._requests, AsyncIterable) \
             else _async(self._requests)
+        try:
+            await self._send(source)
+        finally:  # now, not at garbage collection: a source may hold a thread
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def _send(self, source: AsyncIterator[tuple[T, Any]]) -> None:
         while True:
             await self._slots.acquire()  # a slot first: what is taken is sent at once
             entry = await anext(source, _END)
@@ -225,15 +233,44 @@ async def _next(stream: WindowedStream[T]) -> tuple[T, Any]:
 
 
 async def _pulled_in_thread(items: Iterable[T]) -> AsyncIterator[T]:
-    """The caller's items, each one read on this stream's own thread."""
+    """The caller's items, each read on this stream's own daemon thread when asked for: an
+    iterator that blocks (stdin, a queue) stalls only its own stream, and a caller that stops
+    early while it blocks does not hold the process at exit."""
+    loop = asyncio.get_running_loop()
     iterator = iter(items)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="bertstream-items")
+    asks: queue.SimpleQueue[asyncio.Future[Any] | None] = queue.SimpleQueue()
+
+    def pull() -> None:
+        while (wanted := asks.get()) is not None:
+            try:
+                item = next(iterator, _END)
+            except BaseException as exc:  # the caller's own error, raised where it reads
+                loop.call_soon_threadsafe(_deliver, wanted, None, exc)
+                return
+            loop.call_soon_threadsafe(_deliver, wanted, item, None)
+            if item is _END:
+                return
+
+    threading.Thread(target=pull, name="bertstream-items", daemon=True).start()
     try:
-        loop = asyncio.get_running_loop()
-        while (item := await loop.run_in_executor(pool, next, iterator, _END)) is not _END:
+        while True:
+            wanted: asyncio.Future[Any] = loop.create_future()
+            asks.put(wanted)
+            item = await wanted
+            if item is _END:
+                return
             yield item
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        asks.put(None)
+
+
+def _deliver(future: asyncio.Future[Any], item: Any, exc: BaseException | None) -> None:
+    if future.done():  # the stream stopped waiting
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(item)
 
 
 _loops: dict[int, asyncio.AbstractEventLoop] = {}  # by process id: a fork starts its own

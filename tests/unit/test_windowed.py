@@ -281,3 +281,32 @@ def test_the_status_the_call_ended_with_wins_over_grpcs_later_internal() -> None
         assert "unknown bearer token" in str(err.value)
 
     asyncio.run(main())
+
+
+def test_a_caller_that_stops_early_leaves_only_a_daemon_reader_behind() -> None:
+    """The caller takes one answer and stops while its iterator blocks for good: the stream
+    closes at once and the thread still blocked in next() cannot hold the process at exit."""
+    import threading
+
+    streams = BlockingStreams(_NoChannel)
+    never: queue.Queue[int] = queue.Queue()
+
+    def items() -> Iterator[tuple[int, Message]]:
+        yield 0, Message("0")
+        never.get()  # blocks until the test ends
+        yield 1, Message("1")
+
+    calls: list[FakeCall] = []
+
+    def start(channel: Any) -> FakeCall:
+        calls.append(FakeCall())
+        return calls[-1]
+
+    answers = streams.stream(start, items(), window=2)
+    assert next(answers)[0] == 0
+    answers.close()  # the caller stops early
+    assert calls[0].cancelled
+    readers = [t for t in threading.enumerate() if t.name == "bertstream-items"]
+    assert readers and all(t.daemon for t in readers)
+    never.put(0)  # let the reader finish
+    streams.close()
