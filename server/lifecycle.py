@@ -64,6 +64,7 @@ class ModelManager:
         self.models: dict[str, ModelState] = {}
         self.snapshot = RepositorySnapshot(default_model=default_model)
         self._draining: set[asyncio.Task[None]] = set()
+        self._closing = False  # set by close(): syncs load nothing more
         self._on_change = on_change
 
     async def load_all(self) -> None:
@@ -130,6 +131,8 @@ class ModelManager:
         if ms is None:
             ms = self.models[name] = ModelState(name)
         async with ms.lock:
+            if self._closing:  # the server is stopping: nothing new loads
+                return
             await self._sync_model(ms, entry, stable)
             self._publish()
 
@@ -341,12 +344,18 @@ class ModelManager:
                 mv._idle.set()
 
     async def close(self) -> None:
-        """Retire everything and wait until every session is released."""
-        for ms in list(self.models.values()):
-            async with ms.lock:
-                for mv in ms.ready():
-                    self._retire(mv, "server stopped")
-                self._publish()
+        """Retire everything and wait until every session is released. From here on a sync
+        loads nothing: a LoadModel queued behind a model's lock, or a model that appeared
+        during the close, must not bring a session back after its model was retired."""
+        self._closing = True
+        while True:
+            for ms in list(self.models.values()):
+                async with ms.lock:
+                    for mv in ms.ready():
+                        self._retire(mv, "server stopped")
+                    self._publish()
+            if not any(ms.ready() for ms in self.models.values()):
+                break
         await self.drained()
 
     async def drained(self) -> None:

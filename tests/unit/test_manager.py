@@ -336,3 +336,23 @@ async def test_a_failed_reload_leaves_the_gauges_on_the_serving_version(tmp_path
     assert loader.released == [("m", 1)], "the reload's version 1 was built, then dropped"
     assert metrics.registry.get_sample_value("bertstream_queue_texts",
                                              {"model": "m", "version": "1"}) == 7
+
+
+@_run
+async def test_a_load_queued_behind_close_loads_nothing(tmp_path: Path) -> None:
+    """close() while model m's load is blocked: a LoadModel of m queued behind it must not
+    bring a session back once close() has retired m."""
+    model_dir = _model(tmp_path, "m", [1])
+    manager, loader = _manager(tmp_path)
+    loader.build_gates[("m", 1)] = gate = asyncio.Event()
+    first = asyncio.create_task(manager.load_all())
+    await loader.reached("m", 1).wait()
+    closing = asyncio.create_task(manager.close())
+    _version(model_dir, 2)
+    queued = asyncio.create_task(_sync(manager))  # waits for m's lock, like LoadModel
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(first, closing, queued)
+    assert not [mv for mv in manager.models["m"].versions.values()
+                if mv.state is State.READY]
+    assert ("m", 2) not in loader.built
