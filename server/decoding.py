@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from .handlers import HandlerCache
+
 __all__ = ["DecodeGuard"]
 
 
@@ -33,7 +35,7 @@ def _type_name(deserializer: Callable[[bytes], Any] | None) -> str:
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
-        self._guarded: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+        self._guarded = HandlerCache(_guard)
 
     async def intercept_service(
         self,
@@ -44,10 +46,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming or handler.response_streaming \
                 or handler.request_deserializer is None:
             return handler
-        guarded = self._guarded.get(handler)
-        if guarded is None:  # one guarded handler per method handler, made once
-            guarded = self._guarded[handler] = _guard(handler)
-        return guarded
+        return self._guarded(handler)
 
 
 def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

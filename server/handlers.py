@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["behaviour_of", "is_probe", "refusal", "with_behaviour"]
+__all__ = ["HandlerCache", "behaviour_of", "is_probe", "refusal", "with_behaviour"]
 
 # (request streaming, response streaming) -> the grpc function that builds such a handler.
 _MAKERS = {
@@ -33,6 +33,22 @@ def is_probe(method: str) -> bool:
     One list for two policies on purpose: probes need no token (security.py) and keep
     answering while the server drains (shutdown.py). A call added here gets both."""
     return method in _PROBE_METHODS or method.startswith(_PROBE_PREFIXES)
+
+
+class HandlerCache:
+    """One wrapped handler per method handler, made on first use: grpc asks interceptors for
+    a handler on every call, and building closures and a handler each time cost the event
+    loop microseconds per call. Bounded by the number of methods."""
+
+    def __init__(self, wrap: Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> None:
+        self._wrap = wrap
+        self._made: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
+    def __call__(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        made = self._made.get(handler)
+        if made is None:
+            made = self._made[handler] = self._wrap(handler)
+        return made
 
 
 def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:

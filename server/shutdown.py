@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from .errors import ShuttingDown
-from .handlers import behaviour_of, is_probe, refusal, with_behaviour
+from .handlers import HandlerCache, behaviour_of, is_probe, refusal, with_behaviour
 
 __all__ = ["CLOSE_GRACE_S", "ShutdownGate"]
 
@@ -50,7 +50,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_call = 0.0  # monotonic time the last non-probe call came in
-        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+        self._wrapped = HandlerCache(self._counted)
 
     @property
     def running(self) -> int:
@@ -69,10 +69,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
         if self.draining.is_set():
             error = ShuttingDown("server is shutting down; send this call to another replica")
             return refusal(handler, error.code, str(error))
-        counted = self._wrapped.get(handler)
-        if counted is None:  # one wrapper per method handler, made once, not per call
-            counted = self._wrapped[handler] = self._counted(handler)
-        return counted
+        return self._wrapped(handler)
 
     async def drain(self, grace_s: float, linger_s: float = LINGER_S) -> float:
         """Refuse new calls and wait for the running ones (at most `grace_s`), then linger.

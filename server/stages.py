@@ -26,6 +26,8 @@ import grpc
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from .handlers import HandlerCache
+
 __all__ = ["CLOCK", "STAGES", "StageClock", "StageTiming", "ThreadCpuCollector"]
 
 # Each stage: (name, the thread it runs on, whether it holds the GIL while it runs).
@@ -80,7 +82,7 @@ class StageTiming(grpc.aio.ServerInterceptor):
     run on the event loop inside grpc's own code, where nothing else can time them."""
 
     def __init__(self) -> None:
-        self._timed: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+        self._timed = HandlerCache(_with_timed_serializers)
 
     async def intercept_service(
         self,
@@ -90,13 +92,15 @@ class StageTiming(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        timed = self._timed.get(handler)
-        if timed is None:  # grpc's handlers are named tuples: the same, (de)serializers timed
-            parse, serialize = handler.request_deserializer, handler.response_serializer
-            timed = self._timed[handler] = handler._replace(
-                request_deserializer=_timed("decode", parse) if parse else None,
-                response_serializer=_timed("encode", serialize) if serialize else None)
-        return timed
+        return self._timed(handler)
+
+
+def _with_timed_serializers(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """grpc's handlers are named tuples: the same handler, its (de)serializers timed."""
+    parse, serialize = handler.request_deserializer, handler.response_serializer
+    return handler._replace(
+        request_deserializer=_timed("decode", parse) if parse else None,
+        response_serializer=_timed("encode", serialize) if serialize else None)
 
 
 def _timed(stage: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
