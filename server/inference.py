@@ -144,8 +144,10 @@ class Pipeline:
                 raise InvalidInput(f"model {mv.model!r} has no classification head; use Embed")
             pooling, layer, vector_name = (0, 0, "") if embed is None else resolve_pooling(
                 config, embed.pooling, embed.pooling_layer)
-            outputs = frozenset(name for name in (vector_name, PROBABILITIES if top_k is not
-                                                  None else "") if name)
+            wanted = {vector_name} if vector_name else set()
+            if top_k is not None:
+                wanted.add(PROBABILITIES)
+            outputs = frozenset(wanted)
             prefix = text_prefix(config, task)
             prefixed = [prefix + t for t in texts] if prefix else list(texts)
             CLOCK.stop("validate", started)
