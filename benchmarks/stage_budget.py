@@ -13,35 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bertstream.server.stages import STAGES, THREAD_GROUPS
 from prometheus_client.parser import text_string_to_metric_families
-
-# stage -> (what it is, thread group it runs on, holds the GIL), in the order a text meets them.
-STAGES = {
-    "decode": ("receive: request bytes -> proto", "event-loop", True),
-    "validate": ("validation: limits, options -> query", "event-loop", True),
-    "tokenize_native": ("tokenization in Rust (GIL released)", "tokenize", False),
-    "tokenize_python": ("tokenization: encodings -> numpy", "tokenize", True),
-    "batch": ("batch formation: work items, queue, pick", "event-loop", True),
-    "pad": ("padding a batch", "runtime", True),
-    "device": ("device: session.run / fake device", "runtime", False),
-    "scatter": ("scatter: batch rows -> requests' arrays", "runtime", True),
-    "resolve": ("futures, results, normalisation", "event-loop", True),
-    "respond": ("response protos", "event-loop", True),
-    "encode": ("send: response proto -> bytes", "event-loop", True),
-}
-# What the clocks cannot see, per thread group: the thread's CPU minus its timed stages.
-RESTS = {
-    "event-loop": ("gRPC receive/send, asyncio, metrics (rest of the loop)", True),
-    "tokenize": ("tokenizer pool: executor hand-off", True),
-    "runtime": ("runtime threads: hand-off, outputs", True),
-    # Unnamed native threads: onnxruntime's intra-op pool, and tokenizers' rayon pool when
-    # TOKENIZERS_PARALLELISM is on (the server turns it off).
-    "onnxruntime-pool": ("onnxruntime's (or tokenizers' rayon) pool threads", False),
-    "grpc": ("gRPC core threads (C, no GIL)", False),
-    "python-other": ("other Python threads", True),
-    "native-other": ("other native threads", False),
-    "fake-device": ("fake device threads", False),
-}
 
 
 @dataclass
@@ -90,10 +63,10 @@ def budget(before: Snapshot, after: Snapshot, texts: int) -> list[Row]:
     stage_s = {k: after.stages.get(k, 0.0) - before.stages.get(k, 0.0) for k in STAGES}
     thread_s = {k: after.threads.get(k, 0.0) - before.threads.get(k, 0.0)
                 for k in after.threads}
-    rows = [Row(stage, what, thread, serial, per_text(stage_s[stage]))
-            for stage, (what, thread, serial) in STAGES.items() if after.stages]
-    for thread, (what, serial) in RESTS.items():
-        timed = sum(stage_s[s] for s, (_, t, _) in STAGES.items() if t == thread) \
+    rows = [Row(name, stage.what, stage.thread, stage.gil, per_text(stage_s[name]))
+            for name, stage in STAGES.items() if after.stages]
+    for thread, (serial, what) in THREAD_GROUPS.items():
+        timed = sum(stage_s[name] for name, stage in STAGES.items() if stage.thread == thread) \
             if after.stages else 0.0
         rest = thread_s.get(thread, 0.0) - timed
         if thread in thread_s:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from prometheus_client.core import CounterMetricFamily
@@ -28,21 +28,41 @@ from prometheus_client.registry import Collector
 
 from .handlers import HandlerCache
 
-__all__ = ["CLOCK", "STAGES", "StageClock", "StageTiming", "ThreadCpuCollector"]
+__all__ = ["CLOCK", "STAGES", "THREAD_GROUPS", "Stage", "StageClock", "StageTiming",
+           "ThreadCpuCollector"]
 
-# Each stage: (name, the thread it runs on, whether it holds the GIL while it runs).
-STAGES: dict[str, tuple[str, bool]] = {
-    "decode": ("event-loop", True),  # request bytes -> proto (gRPC's deserializer)
-    "validate": ("event-loop", True),  # limits, options, proto -> query
-    "tokenize_native": ("tokenize", False),  # `tokenizers` in Rust, GIL released
-    "tokenize_python": ("tokenize", True),  # encodings -> numpy ids, truncation counts
-    "batch": ("event-loop", True),  # queueing and batch formation
-    "pad": ("runtime", True),  # ids -> one padded batch
-    "device": ("runtime", False),  # session.run (or the fake device), GIL released
-    "scatter": ("runtime", True),  # batch outputs -> each request's arrays
-    "resolve": ("event-loop", True),  # requests' futures, results, normalisation
-    "respond": ("event-loop", True),  # result -> response protos
-    "encode": ("event-loop", True),  # response proto -> bytes (gRPC's serializer)
+class Stage(NamedTuple):
+    thread: str  # the thread group it runs on (see THREAD_GROUPS)
+    gil: bool  # holds the GIL while it runs: serial, whatever thread it is on
+    what: str
+
+
+# Every timed stage, in the order a text meets them; benchmarks/stage_budget.py reads these.
+STAGES: dict[str, Stage] = {
+    "decode": Stage("event-loop", True, "receive: request bytes -> proto"),
+    "validate": Stage("event-loop", True, "validation: limits, options -> query"),
+    "tokenize_native": Stage("tokenize", False, "tokenization in Rust (GIL released)"),
+    "tokenize_python": Stage("tokenize", True, "tokenization: encodings -> numpy"),
+    "batch": Stage("event-loop", True, "batch formation: work items, queue, pick"),
+    "pad": Stage("runtime", True, "padding a batch"),
+    "device": Stage("runtime", False, "device: session.run / fake device"),
+    "scatter": Stage("runtime", True, "scatter: batch rows -> requests' arrays"),
+    "resolve": Stage("event-loop", True, "futures, results, normalisation"),
+    "respond": Stage("event-loop", True, "response protos"),
+    "encode": Stage("event-loop", True, "send: response proto -> bytes"),
+}
+# Thread groups of `bertstream_thread_cpu_seconds_total`: (holds the GIL, what its CPU beyond
+# its timed stages is).
+THREAD_GROUPS: dict[str, tuple[bool, str]] = {
+    "event-loop": (True, "gRPC receive/send, asyncio, metrics (rest of the loop)"),
+    "tokenize": (True, "tokenizer pool: hand-off"),
+    "runtime": (True, "runtime threads: hand-off, outputs"),
+    # Unnamed native threads: onnxruntime's intra-op pool, and tokenizers' rayon pool when
+    # TOKENIZERS_PARALLELISM is turned back on (the server turns it off).
+    "onnxruntime-pool": (False, "onnxruntime's (or tokenizers' rayon) pool threads"),
+    "grpc": (False, "gRPC core threads (C, no GIL)"),
+    "python-other": (True, "other Python threads"),
+    "native-other": (False, "other native threads"),
 }
 
 
@@ -157,7 +177,7 @@ def _group(tid: int, main_id: int | None, python_name: str | None, comm: str,
     if tid == main_id:
         return "event-loop"
     if python_name is not None:
-        for prefix in ("tokenize", "runtime", "fake-device"):
+        for prefix in ("tokenize", "runtime"):
             if python_name.startswith(prefix):
                 return prefix
         return "python-other"
@@ -186,19 +206,16 @@ def _cpu_seconds(task: Path) -> float:
         return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def stage_families(clock: StageClock) -> Iterable[CounterMetricFamily]:
-    family = CounterMetricFamily("bertstream_stage_cpu_seconds",
-                                 "CPU time inside each pipeline stage (--stage-timing)",
-                                 labels=["stage"])
-    for stage, seconds in clock.seconds().items():
-        family.add_metric([stage], seconds)
-    yield family
-
-
 class StageCollector(Collector):
     def __init__(self, clock: StageClock) -> None:
         self.clock = clock
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        if self.clock.enabled:
-            yield from stage_families(self.clock)
+        if not self.clock.enabled:
+            return
+        family = CounterMetricFamily("bertstream_stage_cpu_seconds",
+                                     "CPU time inside each pipeline stage (--stage-timing)",
+                                     labels=["stage"])
+        for stage, seconds in self.clock.seconds().items():
+            family.add_metric([stage], seconds)
+        yield family
