@@ -101,24 +101,36 @@ class Batcher:
 
     async def submit(self, items: Sequence[WorkItem], wait: bool) -> None:
         """Queue items; over the limit, fail fast (wait=False) or wait for room (streams)."""
+        if self.offer(items, wait):
+            return
+        count = sum(len(item.encoded) for item in items)
+        limit = self.options.max_queue_size
+        self._waiting += 1
+        try:
+            async with self._space:
+                # An empty queue admits any request, however large: never waits forever.
+                await self._space.wait_for(
+                    lambda: not self._queue or len(self._queue) + count <= limit
+                )
+        finally:
+            self._waiting -= 1
+        self._enqueue(items)
+
+    def offer(self, items: Sequence[WorkItem], wait: bool) -> bool:
+        """Queue items if there is room, without awaiting; False when the caller must wait
+        for room (wait=True), Overloaded when it may not (wait=False)."""
         if self._closed:
             raise ModelNotReady("this model version is unloading; retry")
-        started = CLOCK.start()
-        limit = self.options.max_queue_size
         count = sum(len(item.encoded) for item in items)
-        if len(self._queue) + count > limit:
+        if self._queue and len(self._queue) + count > self.options.max_queue_size:
             if not wait:
                 raise Overloaded(f"queue full ({len(self._queue)} texts waiting); retry later")
-            self._waiting += 1
-            try:
-                async with self._space:
-                    # An empty queue admits any request, however large: never waits forever.
-                    await self._space.wait_for(
-                        lambda: not self._queue or len(self._queue) + count <= limit
-                    )
-            finally:
-                self._waiting -= 1
-            started = CLOCK.start()
+            return False
+        self._enqueue(items)
+        return True
+
+    def _enqueue(self, items: Sequence[WorkItem]) -> None:
+        started = CLOCK.start()
         now = time.perf_counter()
         for item in items:
             item.enqueued_at = now

@@ -12,6 +12,7 @@ import grpc
 
 __all__ = [
     "BertstreamError",
+    "EngineUnavailable",
     "InputTooLong",
     "InvalidInput",
     "LoadFailed",
@@ -24,6 +25,7 @@ __all__ = [
     "Unsupported",
     "WrongControlMode",
     "check_explicit",
+    "error_by_name",
     "to_status",
 ]
 
@@ -82,6 +84,13 @@ class ShuttingDown(BertstreamError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class EngineUnavailable(BertstreamError):
+    """A front-end process whose engine process died or restarts (server/frontend.py): calls
+    in flight on it end with this, and new ones until the engine serves again; retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class Unauthenticated(BertstreamError):
     """No bearer token, or one the server does not know (server/security.py)."""
 
@@ -96,6 +105,18 @@ class PermissionDenied(BertstreamError):
 
 class Unsupported(BertstreamError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def error_by_name(name: str, message: str) -> BertstreamError:
+    """Rebuild an error another process of this server raised (its class name and message);
+    a name this module does not know is a server fault."""
+    kinds: list[type[BertstreamError]] = [BertstreamError]
+    while kinds:
+        kind = kinds.pop()
+        if kind.__name__ == name:
+            return kind(message)
+        kinds.extend(kind.__subclasses__())
+    return BertstreamError("internal server error")
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -7,10 +7,12 @@ from grpc_health.v1 import health, health_pb2
 
 from .snapshot import RepositorySnapshot
 
-__all__ = ["publish_health"]
+__all__ = ["NOT_SERVING", "PROCESSES_SERVICE", "SERVING", "publish_health"]
 
 # "" is the server as a whole; the others are the gRPC services it serves, by full name.
 SERVICES = ("", "bertstream.v1.BertService", "inference.GRPCInferenceService")
+# Multi-process servers (--frontends N): NOT_SERVING while a process keeps dying.
+PROCESSES_SERVICE = "bertstream.processes"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -16,9 +16,8 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from . import repository, watcher
@@ -26,7 +25,8 @@ from .errors import LoadFailed, ModelNotFound, ModelNotReady
 from .loader import Loader
 from .metrics import Metrics
 from .planner import Disk, plan, reload_failures, reload_todo, settle
-from .snapshot import RepositorySnapshot, build_snapshot
+from .routing import Router
+from .snapshot import build_snapshot
 from .version_format import CONFIG_FILE
 from .versions import TRANSITIONS, Loaded, ModelState, ModelVersion, State
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 Stable = Callable[[Path], bool]
 
 
-class ModelManager:
+class ModelManager(Router):
     """All models of one repository, the versions of each, and how they change.
 
     `sync(scan)` is the one place versions are loaded and retired, whatever asked for it
@@ -57,12 +57,10 @@ class ModelManager:
     def __init__(self, root: Path, loader: Loader, default_model: str = "",
                  on_change: Callable[[], Awaitable[None]] | None = None,
                  metrics: Metrics | None = None) -> None:
+        super().__init__(default_model)
         self.root = root
         self.loader = loader
         self.metrics = metrics
-        self._default = default_model
-        self.models: dict[str, ModelState] = {}
-        self.snapshot = RepositorySnapshot(default_model=default_model)
         self._draining: set[asyncio.Task[None]] = set()
         self._closing = False  # set by close(): syncs load nothing more
         self._on_change = on_change
@@ -300,48 +298,6 @@ class ModelManager:
     async def _changed(self) -> None:
         if self._on_change is not None:
             await self._on_change()
-
-    def default_model(self) -> str:
-        """--default-model, else the first model (by name) with a READY version."""
-        if self._default:
-            return self._default
-        ready = sorted(name for name, ms in self.models.items() if ms.ready())
-        return ready[0] if ready else ""
-
-    def resolve(self, model: str, version: int) -> ModelVersion:
-        """The version a request names, or the highest READY one when it names none."""
-        name = repository.check_name(model or self.snapshot.default_model or "<none>")
-        ms = self.models.get(name)
-        if ms is None or ms.removed:
-            raise ModelNotFound(f"model {name!r} is not in the repository")
-        versions = ms.versions
-        if version:
-            mv = versions.get(version)
-            if mv is None:
-                raise ModelNotFound(f"model {name!r} has no version {version} being served")
-            if mv.state is not State.READY:
-                raise ModelNotReady(f"model {name!r} version {version} is {mv.state.name}: "
-                                    f"{mv.reason}")
-            return mv
-        ready = ms.ready()
-        if not ready:
-            why = ms.error or "; ".join(
-                f"version {mv.version} {mv.state.name}: {mv.reason}" for mv in versions.values()
-            )
-            raise ModelNotReady(f"model {name!r} has no ready version ({why})")
-        return ready[-1]
-
-    @contextlib.contextmanager
-    def lease(self, model: str, version: int) -> Iterator[ModelVersion]:
-        mv = self.resolve(model, version)
-        mv.leases += 1
-        mv._idle.clear()
-        try:
-            yield mv
-        finally:
-            mv.leases -= 1
-            if mv.leases == 0:
-                mv._idle.set()
 
     async def close(self) -> None:
         """Retire everything and wait until every session is released. From here on a sync

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ class ModelVersion:
     leases: int = 0
     config_digest: str = ""  # of the config.pbtxt this version was loaded with
     failed: watcher.Fingerprint | None = None  # the folder as it was when its load failed
+    # Names this object (not its version number: a reload loads the same number again) to
+    # front-end processes (engine.py).
+    uid: int = field(default_factory=itertools.count(1).__next__)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def transition(self, new: State, reason: str = "") -> None:
@@ -73,6 +77,16 @@ class ModelVersion:
         log.info("%s version %d: %s -> %s %s", self.model, self.version, self.state.name,
                  new.name, reason)
         self.state, self.reason = new, reason
+
+    def hold(self) -> None:
+        """One more request (or front-end process) using this version's session."""
+        self.leases += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.leases -= 1
+        if self.leases == 0:
+            self._idle.set()
 
 
 @dataclass(eq=False)
