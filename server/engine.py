@@ -31,7 +31,7 @@ import numpy as np
 
 from .batcher import WorkItem
 from .errors import BertstreamError, to_status
-from .ipc import read_frame, write_frame
+from .ipc import Outbox, read_frame
 from .lifecycle import ModelManager
 from .tokenization import Encoded
 from .versions import ModelVersion
@@ -61,6 +61,7 @@ class _Link:
     def __init__(self, name: str, writer: asyncio.StreamWriter) -> None:
         self.name = name
         self.writer = writer
+        self.outbox = Outbox(writer)
         self.pins: dict[int, ModelVersion] = {}
         self.pending: dict[int, WorkItem] = {}
         self.acked = 0
@@ -68,7 +69,7 @@ class _Link:
 
     def send(self, message: tuple[Any, ...]) -> None:
         if not self.closed:
-            write_frame(self.writer, message)
+            self.outbox.send(message)
 
 
 class Engine:

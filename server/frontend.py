@@ -22,7 +22,7 @@ from bertstream.v1.model_config_pb2 import ModelConfig
 from .batcher import WorkItem
 from .engine import VersionInfo
 from .errors import EngineUnavailable, error_by_name
-from .ipc import read_frame, write_frame
+from .ipc import Outbox, read_frame, write_frame
 from .routing import Router
 from .snapshot import ModelRow, RepositorySnapshot, VersionRow
 from .tokenization import TextTokenizer
@@ -62,6 +62,7 @@ class EngineModels(Router):
         self._name = name
         self._on_change = on_change
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: Outbox | None = None
         self._rids = itertools.count(1)
         self._pending: dict[int, WorkItem] = {}
         self._replies: dict[int, asyncio.Future[tuple[str, str] | None]] = {}
@@ -89,22 +90,22 @@ class EngineModels(Router):
     # -- requests -----------------------------------------------------------------------
 
     async def submit(self, uid: int, item: WorkItem, wait: bool) -> None:
-        writer = self._writer
-        if writer is None:
+        outbox = self._outbox
+        if outbox is None:
             raise EngineUnavailable(ENGINE_GONE)
         rid = next(self._rids)
         self._pending[rid] = item
         enc = item.encoded
-        write_frame(writer, ("submit", rid, uid, tuple(item.outputs), wait, enc.ids,
-                             enc.lengths, enc.starts, enc.type_ids))
+        outbox.send(("submit", rid, uid, tuple(item.outputs), wait, enc.ids, enc.lengths,
+                     enc.starts, enc.type_ids))
         item.future.add_done_callback(lambda f: self._cancelled(rid, f))
-        if writer.transport.get_write_buffer_size() > HIGH_WATER:
-            await writer.drain()
+        if outbox.buffered() > HIGH_WATER:
+            await outbox.writer.drain()
 
     def _cancelled(self, rid: int, future: asyncio.Future[Any]) -> None:
         if (future.cancelled() and self._pending.pop(rid, None) is not None
-                and self._writer is not None):
-            write_frame(self._writer, ("cancel", rid))
+                and self._outbox is not None):
+            self._outbox.send(("cancel", rid))
 
     async def load_model(self, name: str) -> ModelVersion:
         await self._control("load", name)
@@ -116,11 +117,11 @@ class EngineModels(Router):
     async def _control(self, kind: str, name: str) -> None:
         """Ask the engine, the control plane's owner; it answers once every front end
         (this one included) routes by the result."""
-        if self._writer is None:
+        if self._outbox is None:
             raise EngineUnavailable(ENGINE_GONE)
         rid = next(self._rids)
         reply = self._replies[rid] = asyncio.get_running_loop().create_future()
-        write_frame(self._writer, (kind, rid, name))
+        self._outbox.send((kind, rid, name))
         error = await asyncio.shield(reply)
         if error is not None:
             raise error_by_name(*error)
@@ -137,7 +138,7 @@ class EngineModels(Router):
                     await asyncio.sleep(RECONNECT_S)
                     continue
                 write_frame(writer, ("hello", self._name))
-                self._writer = writer
+                self._writer, self._outbox = writer, Outbox(writer)
                 log.info("connected to the engine")
                 try:
                     await self._read(reader)
@@ -174,7 +175,7 @@ class EngineModels(Router):
         """The engine is gone: fail what is in flight, route nothing until a new one."""
         if self._writer is None:
             return
-        self._writer = None
+        self._writer = self._outbox = None
         if not self._closing:
             log.warning("lost the engine process; calls answer UNAVAILABLE until it is back")
         pending, self._pending = self._pending, {}
@@ -215,8 +216,8 @@ class EngineModels(Router):
         self._routable = routable
         self._mirror(snapshot, routable)
         self.first_snapshot.set()
-        if writer is not None:
-            write_frame(writer, ("ack", seq))
+        if self._outbox is not None:
+            self._outbox.send(("ack", seq))
         await self._changed()
 
     def _build(self, info: VersionInfo) -> ModelVersion:
@@ -237,8 +238,8 @@ class EngineModels(Router):
         async def unpin() -> None:
             if mv.leases:
                 await mv._idle.wait()
-            if writer is self._writer and writer is not None:
-                write_frame(writer, ("unpin", uid))
+            if writer is self._writer and self._outbox is not None:
+                self._outbox.send(("unpin", uid))
 
         task = asyncio.get_running_loop().create_task(unpin())
         self._unpins.add(task)  # a reference keeps it alive

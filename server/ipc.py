@@ -19,7 +19,7 @@ import pickle
 import struct
 from typing import Any
 
-__all__ = ["FrameTooLarge", "encode_frame", "read_frame", "write_frame"]
+__all__ = ["FrameTooLarge", "Outbox", "encode_frame", "read_frame", "write_frame"]
 
 _HEAD = struct.Struct("<II")
 _LEN = struct.Struct("<Q")
@@ -43,14 +43,44 @@ def write_frame(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
     writer.writelines(encode_frame(message))
 
 
+class Outbox:
+    """Frames sent in one turn of the event loop leave in one write: a batch answering 32
+    unary calls costs one system call, not 32."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._pieces: list[bytes | memoryview] = []
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if not self._pieces:
+            self._loop.call_soon(self._flush)
+        self._pieces.extend(encode_frame(message))
+
+    def _flush(self) -> None:
+        pieces, self._pieces = self._pieces, []
+        if not self.writer.is_closing():
+            self.writer.writelines(pieces)
+
+    def buffered(self) -> int:
+        """Bytes waiting in the transport (for backpressure)."""
+        return self.writer.transport.get_write_buffer_size()
+
+
 async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...]:
-    """The next message; raises asyncio.IncompleteReadError when the peer is gone."""
+    """The next message; raises asyncio.IncompleteReadError when the peer is gone. Two reads
+    per frame: the head with the buffer lengths, then the rest, sliced without copying."""
     meta_len, count = _HEAD.unpack(await reader.readexactly(_HEAD.size))
-    lengths = [_LEN.unpack(await reader.readexactly(_LEN.size))[0] for _ in range(count)]
-    if meta_len + sum(lengths) > MAX_FRAME:
-        raise FrameTooLarge(f"frame of {meta_len + sum(lengths)} bytes")
-    meta = await reader.readexactly(meta_len)
-    buffers = [await reader.readexactly(n) for n in lengths]
-    message = pickle.loads(meta, buffers=buffers)
+    lengths = struct.unpack(f"<{count}Q", await reader.readexactly(_LEN.size * count)) \
+        if count else ()
+    total = meta_len + sum(lengths)
+    if total > MAX_FRAME:
+        raise FrameTooLarge(f"frame of {total} bytes")
+    body = memoryview(await reader.readexactly(total))
+    buffers, at = [], meta_len
+    for n in lengths:
+        buffers.append(body[at:at + n])
+        at += n
+    message = pickle.loads(body[:meta_len], buffers=buffers)
     assert isinstance(message, tuple)
     return message
