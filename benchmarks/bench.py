@@ -10,7 +10,9 @@ Measures, in one run:
       EmbedStream feeds of Chinese news texts (title + lead, the news policy), each in its
       own process so the load generator is not the bottleneck; the server's /metrics give
       the texts per batch, real / padded tokens and how busy the runtime was, to tell thin or
-      padded batches from a slow pipeline;
+      padded batches from a slow pipeline. With --frontends N the server is a supervisor, an
+      engine and N front-end processes: feed i's connection is put on front end i mod N, the
+      server's CPU is its whole process tree's, and the budget has a per-process view;
   (c) single short text latency at low load: unary Embed one at a time vs session.run on one
       text, p50 and p99;
   (d) the stage budget of (b) and (c): CPU microseconds per text for each stage, serial or
@@ -186,39 +188,134 @@ def batch_figures(before: dict[str, float], after: dict[str, float], elapsed: fl
     }
 
 
+def _tcp_connections() -> list[tuple[int, int, int]]:
+    """(local port, remote port, socket inode) of every established TCP connection here (on
+    loopback the kernel lists both ends of each)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "01":  # ESTABLISHED
+                found.append((int(fields[1].rsplit(":", 1)[1], 16),
+                              int(fields[2].rsplit(":", 1)[1], 16), int(fields[9])))
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.scandir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(fd.path)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+class Placement:
+    """Which front-end process a feed's connection should land on (`--frontends N`).
+
+    The front ends share one port with SO_REUSEPORT: the kernel hashes each new connection
+    (not each call) to one of them, so a few connections can leave some front ends idle and
+    others doubled up. A feed with a target opens connections until one lands on its front
+    end, told by which process holds the server's end of it (/proc/net/tcp and /proc/PID/fd:
+    server and feeds run on this machine), and closes the others."""
+
+    def __init__(self, frontends: dict[int, str], even: bool) -> None:
+        self.pids = sorted(frontends, key=lambda pid: frontends[pid])
+        self.even = even and len(self.pids) > 1
+        self.missed = 0  # feeds whose connection could not be placed (landed where it did)
+
+    def target(self, feed: int) -> int | None:
+        return self.pids[feed % len(self.pids)] if self.even else None
+
+
+def _owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """The server process holding the server's end of the connection from `client_port`."""
+    ends = {inode for local, remote, inode in _tcp_connections()
+            if local == server_port and remote == client_port}
+    for pid in pids:
+        try:
+            if ends & _socket_inodes(pid):
+                return pid
+        except OSError:
+            return None  # its /proc cannot be read here: no placement
+    return None
+
+
+def open_channel(address: str, target: int | None, pids: list[int],
+                 tries: int = 400) -> tuple[grpc.Channel, bool]:
+    """A ready channel on a connection of its own (not gRPC's per-process shared one), landed
+    on the front-end process `target` if one is given; returns it and whether it landed."""
+    server_port = int(address.rsplit(":", 1)[1])
+    for _ in range(tries if target is not None else 1):
+        seen = {local for local, remote, inode in _tcp_connections() if remote == server_port}
+        channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        grpc.channel_ready_future(channel).result(timeout=60)
+        if target is None:
+            return channel, False
+        own = _socket_inodes(os.getpid())
+        new = [local for local, remote, inode in _tcp_connections()
+               if remote == server_port and inode in own and local not in seen]
+        if len(new) != 1:
+            return channel, False  # cannot tell which is this channel's: take it as it is
+        owner = _owner(server_port, new[0], pids)
+        if owner is None or owner == target:
+            return channel, owner == target
+        channel.close()
+    sys.exit(f"bench: no connection landed on front-end process {target} in {tries} tries")
+
+
 def _feed(address: str, model: str, share: list[str], per_message: int,
-          barrier: Any, failures: Any) -> None:
+          place: tuple[int | None, list[int]], barrier: Any, counts: Any) -> None:
     """One EmbedStream feed, in its own process (so the load generator's GIL is not the
-    limit being measured); waits at the barrier so that every feed starts together."""
+    limit being measured) on its own connection; waits at the barrier so that every feed
+    starts together."""
     def requests() -> Iterator[pb.EmbedRequest]:
         for i in range(0, len(share), per_message):
             yield pb.EmbedRequest(request_id=str(i), model=model, raw_values=True,
                                   texts=share[i:i + per_message], truncate=True)
 
-    with grpc.insecure_channel(address) as channel:
+    with _feed_channel(address, place, counts) as channel:
         stub = pb_grpc.BertServiceStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=60)
         barrier.wait()
         for response in stub.EmbedStream(requests(), timeout=3600):
             if response.HasField("error"):
-                failures.value += 1
+                with counts.get_lock():
+                    counts[0] += 1
         barrier.wait()
 
 
+def _feed_channel(address: str, place: tuple[int | None, list[int]], counts: Any) -> grpc.Channel:
+    channel, landed = open_channel(address, *place)
+    if place[0] is not None and not landed:
+        with counts.get_lock():
+            counts[1] += 1
+    return channel
+
+
 def stream_throughput(address: str, model: str, texts: list[str], feeds: int,
-                      per_message: int) -> float:
+                      per_message: int, placement: Placement | None = None) -> float:
     """N EmbedStream feeds in N processes, each sending its share of the texts in messages
     of `per_message` texts; returns texts answered per second, first request to last answer."""
-    return _run_feeds(_feed, address, model, texts, feeds, per_message)
+    return _run_feeds(_feed, address, model, texts, feeds, per_message, placement)
 
 
 def _run_feeds(target: Any, address: str, model: str, texts: list[str], feeds: int,
-               setting: int) -> float:
+               setting: int, placement: Placement | None) -> float:
     context = multiprocessing.get_context("spawn")
-    barrier, failures = context.Barrier(feeds + 1), context.Value("i", 0)
-    workers = [context.Process(target=target, args=(address, model, texts[i::feeds],
-                                                    setting, barrier, failures))
-               for i in range(feeds)]
+    # counts: [stream messages that failed, feeds whose connection missed its front end]
+    barrier, counts = context.Barrier(feeds + 1), context.Array("i", 2)
+    pids = placement.pids if placement else []
+    workers = [context.Process(target=target, args=(
+        address, model, texts[i::feeds], setting,
+        (placement.target(i) if placement else None, pids), barrier, counts))
+        for i in range(feeds)]
     for worker in workers:
         worker.start()
     barrier.wait()  # all connected: go
@@ -227,17 +324,19 @@ def _run_feeds(target: Any, address: str, model: str, texts: list[str], feeds: i
     elapsed = time.perf_counter() - start
     for worker in workers:
         worker.join()
-    if failures.value or any(worker.exitcode for worker in workers):
-        sys.exit(f"bench: {failures.value} stream messages failed, or a feed died")
+    if counts[0] or any(worker.exitcode for worker in workers):
+        sys.exit(f"bench: {counts[0]} stream messages failed, or a feed died")
+    if placement:
+        placement.missed += counts[1]
     return len(texts) / elapsed
 
 
 def _unary_feed(address: str, model: str, share: list[str], window: int,
-                barrier: Any, failures: Any) -> None:
-    """Unary single-text Embed calls, `window` of them in flight, in their own process."""
-    with grpc.insecure_channel(address) as channel:
+                place: tuple[int | None, list[int]], barrier: Any, counts: Any) -> None:
+    """Unary single-text Embed calls, `window` of them in flight, in their own process on
+    their own connection."""
+    with _feed_channel(address, place, counts) as channel:
         stub = pb_grpc.BertServiceStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=60)
         barrier.wait()
         in_flight: list[Any] = []
         for text in share:
@@ -249,13 +348,13 @@ def _unary_feed(address: str, model: str, share: list[str], window: int,
         for call in in_flight:
             call.result()
         barrier.wait()
-    del failures  # a failed call raises above and the process exits non-zero
+    # a failed call raises above and the process exits non-zero
 
 
 def unary_throughput(address: str, model: str, texts: list[str], feeds: int,
-                     window: int) -> float:
+                     window: int, placement: Placement | None = None) -> float:
     """Single-text unary calls per second from `feeds` processes, `window` in flight each."""
-    return _run_feeds(_unary_feed, address, model, texts, feeds, window)
+    return _run_feeds(_unary_feed, address, model, texts, feeds, window, placement)
 
 
 def unary_latency(address: str, model: str, runs: int) -> list[float]:
@@ -302,10 +401,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fake-device", default="", metavar="SPEC",
                         help="time batches with a fake device profile instead of computing "
                         "(server/fakedevice.py), e.g. h100-bert-base-fp16,speed=0.25")
+    parser.add_argument("--frontends", type=int, default=1,
+                        help="the server's front-end processes (bertstream-server --frontends; "
+                        "1: one process, the default)")
+    parser.add_argument("--placement", choices=["even", "kernel"], default="even",
+                        help="with several front ends: put feed i's connection on front end "
+                        "i mod N (even), or where the kernel's SO_REUSEPORT hash puts it")
     parser.add_argument("--no-stage-timing", action="store_true",
                         help="run the server without its per-stage CPU clocks")
     parser.add_argument("--output", type=Path, help="JSON file (default: benchmarks/results/)")
     args = parser.parse_args(argv)
+    if args.frontends < 1:
+        parser.error("--frontends must be >= 1")
+    if args.feeds < args.frontends:
+        print(f"bench: {args.feeds} feeds for {args.frontends} front ends: some front ends "
+              "get no connection", file=sys.stderr)
 
     model_dir = args.model_repository / args.model
     versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
@@ -341,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     del raw  # free the session before the server loads its own
 
     flags = ["--default-model", args.model, "--device", args.device, "--log-level", "WARNING",
-             "--intra-op-spinning", args.intra_op_spinning]
+             "--intra-op-spinning", args.intra_op_spinning, "--frontends", str(args.frontends)]
     if args.threads:
         flags += ["--intra-op-threads", str(args.threads)]
     if args.fake_device:
@@ -349,32 +459,54 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_stage_timing:
         flags.append("--stage-timing")
     server = ServerProcess(args.model_repository, flags, "bench")
-    pid = server.proc.pid
     try:
-        stream_throughput(server.address, args.model, texts[:64], 1, args.per_message)  # warm
+        processes = server.processes()  # pid -> name: the whole tree's CPU is the server's
+        placement = Placement({pid: name for pid, name in processes.items()
+                               if name.startswith("frontend-")}, args.placement == "even")
+        # Warm every front end (each has its own caches, allocator and gRPC state).
+        warm = max(1, len(placement.pids))
+        stream_throughput(server.address, args.model, texts[:64 * warm], warm,
+                          args.per_message, placement)
         before, stages_before = batch_counters(server.metrics_url), \
-            stage_budget.snapshot(server.metrics_url, pid)
+            stage_budget.snapshot(server.metrics_url, processes)
         speed = stream_throughput(server.address, args.model, texts, args.feeds,
-                                  args.per_message)
-        stages_after = stage_budget.snapshot(server.metrics_url, pid)
+                                  args.per_message, placement)
+        stages_after = stage_budget.snapshot(server.metrics_url, processes, phase_ends=True)
         figures["service_stream_texts_per_s"] = speed
         figures.update(batch_figures(before, batch_counters(server.metrics_url),
                                      len(texts) / speed, "service_stream"))
         unary_texts = texts[:args.unary_texts]
-        speed = unary_throughput(server.address, args.model, unary_texts, args.feeds,
-                                 args.unary_window)
-        unary_after = stage_budget.snapshot(server.metrics_url, pid)
-        figures["service_unary_texts_per_s"] = speed
+        unary_before = stage_budget.snapshot(server.metrics_url, processes)
+        unary_speed = unary_throughput(server.address, args.model, unary_texts, args.feeds,
+                                       args.unary_window, placement)
+        unary_after = stage_budget.snapshot(server.metrics_url, processes, phase_ends=True)
+        figures["service_unary_texts_per_s"] = unary_speed
         service_latency = unary_latency(server.address, args.model, args.latency_runs)
+        if server.processes() != processes:
+            sys.exit("bench: a server process was restarted during the run:\n"
+                     + "".join(server.lines[-30:]))
     finally:
         server.stop()
-    stream_rows = stage_budget.budget(stages_before, stages_after, len(texts))
-    unary_rows = stage_budget.budget(stages_after, unary_after, len(unary_texts))
-    for prefix, rows, (first, last), count in (
-            ("stream", stream_rows, (stages_before, stages_after), len(texts)),
-            ("unary", unary_rows, (stages_after, unary_after), len(unary_texts))):
-        for name, value in stage_budget.summary(rows, first, last, count, cores).items():
+    phases = {"stream": (stages_before, stages_after, len(texts), len(texts) / speed),
+              "unary": (unary_before, unary_after, len(unary_texts),
+                        len(unary_texts) / unary_speed)}
+    rows_of: dict[str, list[stage_budget.Row]] = {}
+    per_process: dict[str, Any] = {}
+    for prefix, (first, last, count, elapsed) in phases.items():
+        rows = rows_of[prefix] = stage_budget.budget(first, last, count)
+        totals = stage_budget.summary(rows, first, last, count, cores, elapsed)
+        for name, value in totals.items():
             figures[f"{prefix}_{name}"] = value
+        if last.processes:
+            each = stage_budget.processes(first, last, count, elapsed)
+            per_process[prefix] = {
+                "bound_by": stage_budget.bound_by(totals),
+                "texts_by_process": {p.process: int(p.texts) for p in each
+                                     if p.process.startswith("frontend-")},
+                "processes": [p.as_json() for p in each],
+                "table": stage_budget.process_table(each, totals),
+            }
+    stream_rows, unary_rows = rows_of["stream"], rows_of["unary"]
     figures["stream_server_cpu_vs_tokenizer"] = (figures["stream_server_cpu_us_per_text"]
                                                  / figures["tokenizer_alone_cpu_us_per_text"])
     figures["service_unary_p50_ms"] = percentile(service_latency, 50) * 1e3
@@ -400,15 +532,35 @@ def main(argv: list[str] | None = None) -> int:
         "stage_budget": {"stream": stage_budget.as_json(stream_rows),
                          "unary": stage_budget.as_json(unary_rows)},
     }
+    if per_process:
+        record["processes"] = {
+            "frontends": args.frontends,
+            "placement": args.placement if placement.missed == 0
+            else f"{args.placement} ({placement.missed} feed connections missed)",
+            **{phase: {k: v for k, v in view.items() if k != "table"}
+               for phase, view in per_process.items()}}
     print(f"{'measure':<44}{'value':>14}")
     for name, value in record["figures"].items():
         print(f"{name:<44}{value:>14.3f}")
+    server_shape = f", {args.frontends} front ends" if args.frontends > 1 else ""
     print(f"\nstage budget, streams of {args.per_message} texts per message "
-          f"({args.feeds} feeds), per text:")
+          f"({args.feeds} feeds{server_shape}), per text:")
     print(stage_budget.table(stream_rows, cores))
+    if "stream" in per_process:
+        print(f"\nprocesses, streams:\n{per_process['stream']['table']}")
     print(f"\nstage budget, unary single-text calls ({args.feeds} feeds, {args.unary_window} "
-          "in flight each), per call:")
+          f"in flight each{server_shape}), per call:")
     print(stage_budget.table(unary_rows, cores))
+    if "unary" in per_process:
+        print(f"\nprocesses, unary:\n{per_process['unary']['table']}")
+    if placement.missed:
+        print(f"bench: {placement.missed} feed connections could not be placed on their front "
+              "end (see --placement)", file=sys.stderr)
+    for phase, view in per_process.items():
+        idle = [name for name, count in view["texts_by_process"].items() if not count]
+        if idle:
+            print(f"bench: in the {phase} phase, {', '.join(idle)} answered no texts",
+                  file=sys.stderr)
     output = args.output or RESULTS / (
         f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{args.model}-v{version}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pytest import approx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from stage_budget import STAGES, Snapshot, budget, summary  # noqa: E402
+from stage_budget import STAGES, Part, Snapshot, budget, summary  # noqa: E402
 
 
 def test_budget_splits_each_thread_into_its_stages_and_a_rest() -> None:
@@ -31,6 +31,39 @@ def test_budget_splits_each_thread_into_its_stages_and_a_rest() -> None:
     totals = summary(list(rows.values()), before, after, 1000, cores=2)
     assert totals["server_cpu_us_per_text"] == approx(80.0)
     assert totals["event_loop_us_per_text"] == approx(10.0)
+
+
+def test_budget_of_several_processes_sums_them_and_keeps_each_kind() -> None:
+    """Engine and two front ends: rows sum every process per text of the server; a serial
+    row's ceiling is its slowest kind's (two front ends: twice one); the summary has the
+    engine's and the front ends' own event loop, serial time and ceilings."""
+    def part(loop: float, cpu: float, texts: float, **stages: float) -> Part:
+        return Part({**dict.fromkeys(STAGES, 0.0), **stages}, {"event-loop": loop}, cpu,
+                    texts)
+
+    zero = {name: part(0.0, 0.0, 0.0) for name in ("engine", "frontend-0", "frontend-1")}
+    before = Snapshot({}, {}, 0.0, {**zero, "supervisor": Part(cpu_s=0.0)})
+    after = Snapshot(dict.fromkeys(STAGES, 0.0), {}, 0.0, {
+        "supervisor": Part(cpu_s=0.001),
+        "engine": part(0.004, 0.005, 0.0, batch=0.001),  # 4 us of loop per text, 1 of batch
+        "frontend-0": part(0.006, 0.006, 600.0, validate=0.002),  # 10 us per own text
+        "frontend-1": part(0.004, 0.004, 400.0, validate=0.001)})
+    after.stages.update(batch=0.001, validate=0.003)
+    rows = {row.stage: row for row in budget(before, after, 1000)}
+    assert rows["event-loop:rest"].us_per_text == approx(3.0 + 4.0 + 3.0)
+    assert rows["event-loop:rest"].by_kind == approx({"engine": 3.0, "frontend": 7.0})
+    assert rows["validate"].ceiling == approx(2 * 1e6 / 3.0)  # two front ends, 3 us together
+    assert rows["batch"].ceiling == approx(1e6 / 1.0)  # the engine alone
+    assert rows["supervisor"].us_per_text == approx(1.0)
+    totals = summary(list(rows.values()), before, after, 1000, cores=2, elapsed_s=0.1)
+    assert totals["engine_event_loop_us_per_text"] == approx(4.0)
+    assert totals["engine_ceiling_texts_per_s"] == approx(1e6 / 4.0)
+    assert totals["frontends_event_loop_us_per_text"] == approx(10.0)
+    assert totals["busiest_frontend_event_loop_us_per_text"] == approx(10.0)
+    assert totals["busiest_frontend_event_loop_busy"] == approx(0.06)
+    assert totals["frontend_ceiling_texts_per_s"] == approx(1e5)
+    assert totals["frontends_ceiling_texts_per_s"] == approx(2e5)
+    assert totals["ceiling_serial_texts_per_s"] == approx(2e5)  # the front ends bound it
 
 
 def test_bench_runs_with_the_fake_device_and_records_the_budget(
@@ -53,3 +86,36 @@ def test_bench_runs_with_the_fake_device_and_records_the_budget(
         assert figures[name] > 0, name
     stages = {row["stage"] for row in record["stage_budget"]["stream"]}
     assert {"tokenize_native", "device", "respond", "event-loop:rest"} <= stages
+
+
+def test_bench_measures_a_server_of_front_ends(model_repository: Path, tmp_path: Path) -> None:
+    """--frontends 2: the server runs as a supervisor, an engine and two front ends; each
+    feed's connection lands on its own front end and the JSON has the per-process view."""
+    output = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--model-repository",
+         str(model_repository), "--model", "tiny-embed", "--texts", "128", "--feeds", "2",
+         "--per-message", "16", "--latency-runs", "3", "--unary-texts", "32",
+         "--fake-device", "h100-e5-small-fp16", "--frontends", "2", "--output", str(output)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "processes, streams:" in done.stdout and "processes, unary:" in done.stdout
+    record = json.loads(output.read_text())
+    processes = record["processes"]
+    assert processes["frontends"] == 2 and processes["placement"] == "even"
+    for phase, texts in (("stream", 128), ("unary", 32)):
+        view = processes[phase]
+        assert view["texts_by_process"] == {"frontend-0": texts // 2, "frontend-1": texts // 2}
+        assert {p["process"] for p in view["processes"]} == {
+            "supervisor", "engine", "frontend-0", "frontend-1"}
+        assert view["bound_by"] in ("engine", "frontends")
+        figures = record["figures"]
+        for name in ("engine_event_loop_us_per_text", "engine_ceiling_texts_per_s",
+                     "frontends_event_loop_us_per_text", "frontends_ceiling_texts_per_s",
+                     "busiest_frontend_event_loop_us_per_text", "frontend_ceiling_texts_per_s",
+                     "server_cpu_us_per_text"):
+            assert figures[f"{phase}_{name}"] > 0, f"{phase}_{name}"
+        assert figures[f"{phase}_frontends_answering"] == 2
+    rows = {row["stage"]: row for row in record["stage_budget"]["stream"]}
+    assert rows["tokenize_native"]["us_per_text_by_kind"]["frontend"] > 0
+    assert rows["device"]["us_per_text_by_kind"]["engine"] > 0
