@@ -37,7 +37,7 @@ from .security import AuthInterceptor, TokenTable, server_credentials
 from .servicer import BertServicer
 from .shutdown import CLOSE_GRACE_S, ShutdownGate
 from .stages import CLOCK, StageTiming
-from .supervisor import PROCESSES_FILE, supervise
+from .supervisor import CRASH_BACKOFF_S, PROCESSES_FILE, supervise
 from .workers import Workers
 
 __all__ = ["ServerOptions", "main", "serve"]
@@ -67,6 +67,7 @@ class ServerOptions:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     stage_timing: bool = False  # per-stage CPU clocks (stages.py), for benchmarks
     frontends: int = 1  # front-end processes; 1: everything in this one process
+    restart_backoff_s: float = CRASH_BACKOFF_S  # a crash-looping process waits this long
     # Set by the supervisor on the processes it starts (supervisor.py), never by users.
     role: str = ""  # "" (single process or supervisor), "engine" or "frontend"
     run_dir: Path | None = None
@@ -111,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    # Tests only: a shorter wait before a crash-looping process is started again.
+    p.add_argument("--restart-backoff", type=float, default=CRASH_BACKOFF_S,
+                   help=argparse.SUPPRESS)
     p.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
     p.add_argument("--max-text-chars", type=int, default=Limits.max_text_chars)
     p.add_argument("--max-request-chars", type=int, default=Limits.max_request_chars,
@@ -171,6 +175,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                                fake_device=a.fake_device),
         stage_timing=a.stage_timing,
         frontends=a.frontends or default_frontends(a.device, a.fake_device),
+        restart_backoff_s=a.restart_backoff,
         role=a.role, run_dir=a.run_dir, status_fd=a.status_fd, index=a.index,
         argv=tuple(sys.argv[1:] if argv is None else argv),
     )

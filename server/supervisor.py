@@ -10,7 +10,7 @@ Contract:
   front ends reconnect to a new engine by themselves). One that died `CRASH_LOOP` times within
   `CRASH_WINDOW_S` is crash-looping: the log says so, health reports it
   (`bertstream.processes` NOT_SERVING, via processes.json in the run folder) and it is retried
-  only every `CRASH_BACKOFF_S`.
+  only every `CRASH_BACKOFF_S` (tests shorten it: `--restart-backoff`).
 - SIGTERM / SIGINT: front ends drain first (their calls still need the engine), then the
   engine stops. With `--metrics-port`, one /metrics here carries every process's series with
   a `process` label (procmetrics.py).
@@ -162,6 +162,7 @@ class Supervisor:
                 ready.cancel()
                 self._write_processes()
             code = await exited
+            child.ready.clear()  # it no longer serves: health and metrics must not say it does
             if self.stopping:
                 return
             child.deaths.append(time.monotonic())
@@ -169,9 +170,9 @@ class Supervisor:
             if child.crash_looping:
                 log.error("%s exited %d times in %.0f s (last: %s); next start in %.0f s",
                           child.name, CRASH_LOOP, CRASH_WINDOW_S, _exit_reason(code),
-                          CRASH_BACKOFF_S)
+                          self.options.restart_backoff_s)
                 self._write_processes()
-                await asyncio.sleep(CRASH_BACKOFF_S)
+                await asyncio.sleep(self.options.restart_backoff_s)
             else:
                 log.error("%s exited (%s); starting it again", child.name, _exit_reason(code))
                 await asyncio.sleep(RESTART_DELAY_S)
