@@ -68,6 +68,9 @@ class Load:
 
     address: str
     answers: list[Answer] = field(default_factory=list)
+    # Opens each caller's channel (tests of front-end processes hand out channels that each
+    # have a connection, and so a front end, of their own).
+    connect: Callable[[str], grpc.Channel] = grpc.insecure_channel
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -96,7 +99,7 @@ class Load:
         self.answers.append(Answer(time.monotonic(), kind, version, vector, error))
 
     def _unary(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.connect(self.address) as channel:
             stub = pb_grpc.BertServiceStub(channel)
             while not self._stop.is_set():
                 try:
@@ -114,7 +117,7 @@ class Load:
             time.sleep(0.005)
 
     def _stream(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.connect(self.address) as channel:
             stub = pb_grpc.BertServiceStub(channel)
             try:
                 for response in stub.EmbedStream(self._requests(), timeout=600):
