@@ -115,8 +115,12 @@ class _Feed:
             return
         error = ClientError.from_proto(response.error)
         if await self._failed(items, error):
+            # The backoff grows with the texts' failed attempts: a server that refuses for a
+            # while (an engine process restarting, a full queue) is waited out, not spent on
+            # in a burst of attempts.
+            attempts = max(item.attempts for item in items)
             await asyncio.sleep(self._backoff(
-                Failure(error.code, True, 0, self.output.idle_s()), error))
+                Failure(error.code, attempts <= 1, attempts, self.output.idle_s()), error))
 
     async def _failed(self, items: list[Item], error: ClientError) -> bool:
         """One message came back with an error: its texts are retried, split or answered, or

@@ -270,6 +270,7 @@ async def serve_engine(options: ServerOptions) -> None:
     if options.model_control_mode == "explicit":
         memory.write(manager)
     await engine.listen(options.run_dir / ENGINE_SOCKET)
+    _freeze_startup_objects()
     if options.stage_timing:
         CLOCK.enabled = True
     _report(options, metrics)

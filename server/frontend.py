@@ -42,13 +42,14 @@ class RemoteBatcher:
 
     queued = 0
 
-    def __init__(self, link: EngineModels, uid: int) -> None:
+    def __init__(self, link: EngineModels, uid: int, connection: int) -> None:
         self._link = link
         self._uid = uid
+        self._connection = connection  # uids name versions of one engine process only
 
     async def submit(self, items: Sequence[WorkItem], wait: bool) -> None:
         for item in items:
-            await self._link.submit(self._uid, item, wait)
+            await self._link.submit(self._uid, self._connection, item, wait)
 
 
 class EngineModels(Router):
@@ -63,6 +64,7 @@ class EngineModels(Router):
         self._on_change = on_change
         self._writer: asyncio.StreamWriter | None = None
         self._outbox: Outbox | None = None
+        self._connection = 0  # counts connections to an engine process
         self._rids = itertools.count(1)
         self._pending: dict[int, WorkItem] = {}
         self._replies: dict[int, asyncio.Future[tuple[str, str] | None]] = {}
@@ -89,9 +91,11 @@ class EngineModels(Router):
 
     # -- requests -----------------------------------------------------------------------
 
-    async def submit(self, uid: int, item: WorkItem, wait: bool) -> None:
+    async def submit(self, uid: int, connection: int, item: WorkItem, wait: bool) -> None:
+        """Send one request to the engine. A version routed before the engine died is not
+        the engine's now (a new engine numbers its versions afresh): refused, as in flight."""
         outbox = self._outbox
-        if outbox is None:
+        if outbox is None or connection != self._connection:
             raise EngineUnavailable(ENGINE_GONE)
         rid = next(self._rids)
         self._pending[rid] = item
@@ -139,6 +143,7 @@ class EngineModels(Router):
                     continue
                 write_frame(writer, ("hello", self._name))
                 self._writer, self._outbox = writer, Outbox(writer)
+                self._connection += 1
                 log.info("connected to the engine")
                 try:
                     await self._read(reader)
@@ -226,7 +231,7 @@ class EngineModels(Router):
         path = Path(info.path)
         tokenizer = TextTokenizer(path / TOKENIZER_FILE, config.max_sequence_length)
         mv = ModelVersion(info.model, info.version, path, state=State.READY, uid=info.uid)
-        mv.loaded = Loaded(config, tokenizer, RemoteBatcher(self, info.uid),
+        mv.loaded = Loaded(config, tokenizer, RemoteBatcher(self, info.uid, self._connection),
                            list(info.labels), info.provider)
         return mv
 
