@@ -23,7 +23,8 @@ from pathlib import Path
 class ServerProcess:
     def __init__(self, repository: Path, flags: Sequence[str], who: str) -> None:
         cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags]
+               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+               *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []

@@ -32,6 +32,8 @@ from .inference import Limits, Pipeline
 from .lifecycle import ModelManager
 from .loader import OnnxLoader
 from .metrics import Metrics
+from .rest.common import HttpContext
+from .rest.server import HttpServer
 from .runtime import RuntimeOptions, usable_cores
 from .security import AuthInterceptor, TokenTable, server_credentials
 from .servicer import BertServicer
@@ -51,6 +53,7 @@ class ServerOptions:
     model_repository: Path = Path("model_repository")
     host: str = "0.0.0.0"
     port: int = 8001
+    http_port: int = 8000  # HTTP/JSON (server/rest); 0: off
     default_model: str = ""
     model_control_mode: str = "none"  # none | poll | explicit
     repository_poll_s: float = 5.0
@@ -81,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default all)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port; 0 picks a free one")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="HTTP/JSON port: KServe v2 REST, OpenAI /v1/embeddings, TEI, "
+                   "bert-as-service /encode (default 8000, Triton's; 0: no HTTP)")
     p.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="none",
                    help="none: load every model's policy versions at start; poll: also follow "
                    "the repository folder; explicit: only LoadModel / UnloadModel (and "
@@ -162,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return ServerOptions(
-        model_repository=a.model_repository, host=a.host, port=a.port,
+        model_repository=a.model_repository, host=a.host, port=a.port, http_port=a.http_port,
         default_model=a.default_model, model_control_mode=a.model_control_mode,
         repository_poll_s=a.repository_poll_secs, load_models=tuple(a.load_model),
         metrics_port=a.metrics_port, grace_period_s=a.grace_period,
@@ -235,6 +241,8 @@ async def serve_single(options: ServerOptions) -> None:
         metrics_port = metrics.serve(options.host, options.metrics_port)
         print(f"bertstream metrics on {options.host}:{metrics_port}", flush=True)
     _warn_fake_device(options)
+    if front.http is not None:
+        print(f"bertstream HTTP on {options.host}:{front.http.port}", flush=True)
     # Tests and scripts wait for this exact line; it carries the bound port.
     print(f"bertstream serving on {options.host}:{port}", flush=True)
     poller = _start_poll(manager, options)
@@ -326,6 +334,7 @@ class GrpcFront:
         self.serving = False
         self.gate = ShutdownGate()  # counts running calls; refuses new ones once draining
         self.server: grpc.aio.Server | None = None
+        self.http: HttpServer | None = None
         self._pool: Workers | None = None
 
     async def publish_health(self) -> None:
@@ -385,6 +394,13 @@ class GrpcFront:
         ], server)
         port = self._bind(server)
         await server.start()
+        if options.http_port:
+            self.http = HttpServer(
+                HttpContext(pipeline, self.metrics, options.model_control_mode, draining,
+                            options.max_receive_mb * MiB, options.auth),
+                options.host, options.http_port, options.tls_cert, options.tls_key,
+                options.tls_client_ca)
+            await self.http.start()
         _freeze_startup_objects()
         self.serving = True
         await self.publish_health()
@@ -436,6 +452,8 @@ class GrpcFront:
             if self.gate.running:
                 log.warning("grace period over: cancelling %d calls still running",
                             self.gate.running)
+            if self.http is not None:  # the gate set `draining`: new HTTP requests get 503
+                await self.http.drain(grace_left)
         finally:
             await self.server.stop(min(grace_left, CLOSE_GRACE_S))
             if self._pool is not None:

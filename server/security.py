@@ -26,7 +26,7 @@ import grpc
 from .errors import PermissionDenied, Unauthenticated
 from .handlers import is_probe, refusal
 
-__all__ = ["ADMIN", "INFERENCE", "AuthInterceptor", "TokenTable", "server_credentials"]
+__all__ = ["ADMIN", "INFERENCE", "OPEN", "AuthInterceptor", "TokenTable", "server_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +101,27 @@ class TokenTable:
     def check(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
         """Raise Unauthenticated / PermissionDenied unless the call may go on."""
         needed = required_scope(method)
+        values = [v for k, v in metadata if k == "authorization"]
+        value = values[0] if values else None
+        self.authorize(needed, value if isinstance(value, str | None) else
+                       value.decode("latin-1"), method.rsplit("/", 1)[-1], "metadata")
+
+    def authorize(self, needed: str, authorization: str | None, what: str,
+                  carrier: str = "metadata") -> None:
+        """The one check behind gRPC and HTTP: `authorization` is the header's value (None
+        when absent); `what` names the call in a PermissionDenied message."""
         if needed == OPEN:
             return
-        values = [v for k, v in metadata if k == "authorization"]
-        if not values:
-            raise Unauthenticated("missing authorization metadata: send 'Bearer <token>'")
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        kind, _, token = value.partition(" ")
+        if authorization is None:
+            raise Unauthenticated(f"missing authorization {carrier}: send 'Bearer <token>'")
+        kind, _, token = authorization.partition(" ")
         if kind.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+            raise Unauthenticated(f"authorization {carrier} must be 'Bearer <token>'")
         scope = self.scope_of(token.strip())
         if scope is None:
             raise Unauthenticated("unknown bearer token")
         if needed == ADMIN and scope != ADMIN:
-            name = method.rsplit("/", 1)[-1]
-            raise PermissionDenied(f"{name} needs a token with the admin scope")
+            raise PermissionDenied(f"{what} needs a token with the admin scope")
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -122,6 +122,8 @@ class Supervisor:
                 self.metrics.children = self.children
                 metrics_port = self.metrics.serve(options.host, options.metrics_port)
                 print(f"bertstream metrics on {options.host}:{metrics_port}", flush=True)
+            if options.http_port:
+                print(f"bertstream HTTP on {options.host}:{options.http_port}", flush=True)
             log.info("%d front-end processes and one engine process (pids %s)",
                      len(fronts), ", ".join(f"{c.name} {c.proc.pid}" for c in self.children
                                             if c.proc is not None))

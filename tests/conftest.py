@@ -101,7 +101,8 @@ class ServerProcess:
 
     def __init__(self, repository: Path, *extra: str, default_model: str = "tiny-embed") -> None:
         cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", "0", "--default-model", default_model, *extra]
+               "--host", "127.0.0.1", "--port", "0", "--default-model", default_model,
+               "--http-port", "0", *extra]  # HTTP off unless a test asks (tests/rest)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)
