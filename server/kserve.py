@@ -5,7 +5,8 @@ Translation only, as in servicer.py: a ModelInferRequest's BYTES tensor "TEXT" b
 EmbedQuery or ClassifyQuery for the shared `Pipeline`; the result goes back as FP32 / BYTES
 tensors in `raw_output_contents` (what tritonclient reads by default). Failures map through
 `errors.to_status`, as for BertService; in ModelStreamInfer a failed request gets a response
-with its `error_message` and the stream goes on.
+with its `error_message` and the stream goes on. The calls are module functions over these
+messages, which the HTTP form of the protocol (rest/kserve.py) shares.
 
 Import this module only in the server process: its stubs register `inference.*` in protobuf's
 default descriptor pool, as tritonclient's do, and one process cannot hold both.
@@ -42,14 +43,25 @@ from .inference import (
     TextOptions,
 )
 from .lifecycle import ModelVersion
-from .metrics import Metrics
+from .metrics import Metrics, RequestRecord
 from .servicer import unary
 from .snapshot import wire_state
 from .streams import ordered_stream
 from .version_format import POOLING_NAMES, PROBABILITIES
 from .versions import State
 
-__all__ = ["TEXT_INPUT", "KServeServicer", "add_to_server"]
+__all__ = [
+    "TEXT_INPUT",
+    "KServeServicer",
+    "add_to_server",
+    "infer",
+    "load_model",
+    "model_metadata",
+    "repository_index",
+    "resolve",
+    "server_metadata",
+    "unload_model",
+]
 
 TEXT_INPUT = "TEXT"
 EMBEDDING, LABEL = "embedding", "label"  # and PROBABILITIES: the graph's own output name
@@ -201,6 +213,103 @@ def _output_data(tensor: Tensor, result: Result) -> tuple[list[int], bytes]:
     return list(array.shape), array.tobytes()
 
 
+# The protocol's calls as functions of the core, so gRPC (KServeServicer) and HTTP
+# (rest/kserve.py) answer alike: each takes and returns this protocol's messages.
+
+def resolve(manager: Any, name: str, version: str) -> ModelVersion:
+    """The READY version a request names; ModelNotFound / ModelNotReady / InvalidInput."""
+    mv: ModelVersion = manager.resolve(name, request_version(version))
+    assert mv.loaded is not None
+    return mv
+
+
+def server_metadata() -> pb.ServerMetadataResponse:
+    try:
+        version = metadata.version("bertstream")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return pb.ServerMetadataResponse(name="bertstream", version=version,
+                                     extensions=list(EXTENSIONS))
+
+
+def model_metadata(manager: Any, name: str, version: str) -> pb.ModelMetadataResponse:
+    mv = resolve(manager, name, version)
+    assert mv.loaded is not None
+    config = mv.loaded.config
+    ready = [str(v) for v in manager.snapshot.ready_versions(mv.model)]
+    return pb.ModelMetadataResponse(
+        name=mv.model, versions=ready, platform=config.platform or "onnxruntime_onnx",
+        inputs=[Tensor(TEXT_INPUT, "BYTES", (-1,)).metadata()],
+        outputs=[t.metadata() for t in model_outputs(config, mv.loaded.labels)],
+    )
+
+
+async def infer(pipeline: Pipeline, request: pb.ModelInferRequest, wait: bool,
+                record: RequestRecord) -> pb.ModelInferResponse:
+    """One inference request; `record` learns the model, version and texts for metrics."""
+    mv = resolve(pipeline.manager, request.model_name, request.model_version)
+    assert mv.loaded is not None
+    texts = read_texts(request)
+    query = embed_query(request, texts)
+    outputs = _requested(request, model_outputs(mv.loaded.config, mv.loaded.labels), mv.model)
+    names = {t.name for t in outputs}
+    if mv.loaded.config.task == Task.TASK_CLASSIFY:
+        result = await pipeline.classify(ClassifyQuery(
+            model=query.model, version=query.version, texts=texts, text=query.text,
+            embed=query if EMBEDDING in names else None), wait=wait)
+    else:
+        result = await pipeline.embed(query, wait=wait)
+    record.model, record.version, record.texts = result.model, result.version, len(texts)
+    response = pb.ModelInferResponse(model_name=result.model,
+                                     model_version=str(result.version), id=request.id)
+    for tensor in outputs:
+        shape, raw = _output_data(tensor, result)
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+        response.raw_output_contents.append(raw)
+    return response
+
+
+async def repository_index(manager: Any, ready_only: bool) -> pb.RepositoryIndexResponse:
+    """Every model the manager knows, version by version, plus (unless `ready_only`) the
+    model folders on disk it has not loaded, as Triton lists them."""
+    Index = pb.RepositoryIndexResponse.ModelIndex
+    rows: list[pb.RepositoryIndexResponse.ModelIndex] = []
+    on_disk: set[str] = set()
+    if not ready_only:
+        on_disk = set(await asyncio.to_thread(repository.scan, manager.root))
+    snapshot = manager.snapshot
+    for name in sorted({m.name for m in snapshot.models} | on_disk):
+        model = snapshot.model(name)
+        error = model.error if model is not None else ""
+        versions = model.versions if model is not None else ()
+        if not ready_only and (error or not versions):
+            rows.append(Index(name=name, state=_UNAVAILABLE, reason=error or "not loaded"))
+        rows += [Index(name=name, version=str(v.version), state=wire_state(v.state)[1],
+                       reason=v.reason)
+                 for v in versions if not ready_only or v.state is State.READY]
+    return pb.RepositoryIndexResponse(models=rows)
+
+
+async def load_model(manager: Any, control_mode: str, name: str,
+                     parameters: Iterable[str]) -> None:
+    """Explicit mode only; by name from the repository folder (no config or file overrides:
+    `parameters` are the names the request sent)."""
+    check_explicit(control_mode, "RepositoryModelLoad")
+    names = sorted(parameters)
+    if names:
+        raise Unsupported("loading with a config override or files is not supported "
+                          f"(parameters {names}); put the model in the repository folder "
+                          "and load it by name")
+    await manager.load_model(name)
+
+
+async def unload_model(manager: Any, control_mode: str, name: str) -> None:
+    """`unload_dependents` (which tritonclient always sends) means nothing here: no
+    ensembles."""
+    check_explicit(control_mode, "RepositoryModelUnload")
+    await manager.unload_model(name)
+
+
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, pipeline: Pipeline, stream_window: int = 32,
                  control_mode: str = "none", metrics: Metrics | None = None,
@@ -211,11 +320,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.stream_window = stream_window
         self.control_mode = control_mode
         self.draining = draining  # set on SIGTERM (see streams.py)
-
-    def _resolve(self, name: str, version: str) -> ModelVersion:
-        mv = self.manager.resolve(name, request_version(version))
-        assert mv.loaded is not None
-        return mv
 
     @unary
     async def ServerLive(self, request: pb.ServerLiveRequest,
@@ -234,7 +338,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                          context: Any) -> pb.ModelReadyResponse:
         """False, not an error, for a model that is unknown or not serving: probes want a bool."""
         try:
-            self._resolve(request.name, request.version)
+            resolve(self.manager, request.name, request.version)
         except (ModelNotFound, ModelNotReady):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -242,50 +346,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: Any) -> pb.ServerMetadataResponse:
-        try:
-            version = metadata.version("bertstream")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        return pb.ServerMetadataResponse(name="bertstream", version=version,
-                                         extensions=list(EXTENSIONS))
+        return server_metadata()
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: Any) -> pb.ModelMetadataResponse:
-        mv = self._resolve(request.name, request.version)
-        assert mv.loaded is not None
-        config = mv.loaded.config
-        ready = [str(v) for v in self.manager.snapshot.ready_versions(mv.model)]
-        return pb.ModelMetadataResponse(
-            name=mv.model, versions=ready, platform=config.platform or "onnxruntime_onnx",
-            inputs=[Tensor(TEXT_INPUT, "BYTES", (-1,)).metadata()],
-            outputs=[t.metadata() for t in model_outputs(config, mv.loaded.labels)],
-        )
+        return model_metadata(self.manager, request.name, request.version)
 
     async def _infer(self, request: pb.ModelInferRequest, wait: bool,
                      rpc: str) -> pb.ModelInferResponse:
         with self.metrics.request(rpc, request.model_name) as record:
-            mv = self._resolve(request.model_name, request.model_version)
-            assert mv.loaded is not None
-            texts = read_texts(request)
-            query = embed_query(request, texts)
-            outputs = _requested(request, model_outputs(mv.loaded.config, mv.loaded.labels),
-                                 mv.model)
-            names = {t.name for t in outputs}
-            if mv.loaded.config.task == Task.TASK_CLASSIFY:
-                result = await self.pipeline.classify(ClassifyQuery(
-                    model=query.model, version=query.version, texts=texts, text=query.text,
-                    embed=query if EMBEDDING in names else None), wait=wait)
-            else:
-                result = await self.pipeline.embed(query, wait=wait)
-            record.model, record.version, record.texts = result.model, result.version, len(texts)
-            response = pb.ModelInferResponse(model_name=result.model,
-                                             model_version=str(result.version), id=request.id)
-            for tensor in outputs:
-                shape, raw = _output_data(tensor, result)
-                response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
-                response.raw_output_contents.append(raw)
-        return response
+            return await infer(self.pipeline, request, wait, record)
 
     @unary
     async def ModelInfer(self, request: pb.ModelInferRequest,
@@ -315,44 +386,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: Any) -> pb.RepositoryIndexResponse:
-        """Every model the manager knows, version by version, plus (unless `ready`) the model
-        folders on disk it has not loaded, as Triton lists them. One repository: its name is
-        not checked."""
-        Index = pb.RepositoryIndexResponse.ModelIndex
-        rows: list[pb.RepositoryIndexResponse.ModelIndex] = []
-        on_disk: set[str] = set()
-        if not request.ready:
-            on_disk = set(await asyncio.to_thread(repository.scan, self.manager.root))
-        snapshot = self.manager.snapshot
-        for name in sorted({m.name for m in snapshot.models} | on_disk):
-            model = snapshot.model(name)
-            error = model.error if model is not None else ""
-            versions = model.versions if model is not None else ()
-            if not request.ready and (error or not versions):
-                rows.append(Index(name=name, state=_UNAVAILABLE, reason=error or "not loaded"))
-            rows += [Index(name=name, version=str(v.version), state=wire_state(v.state)[1],
-                           reason=v.reason)
-                     for v in versions if not request.ready or v.state is State.READY]
-        return pb.RepositoryIndexResponse(models=rows)
+        """One repository: its name is not checked."""
+        return await repository_index(self.manager, request.ready)
 
     @unary
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Any) -> pb.RepositoryModelLoadResponse:
-        check_explicit(self.control_mode, "RepositoryModelLoad")
-        if request.parameters:
-            raise Unsupported("loading with a config override or files is not supported "
-                              f"(parameters {sorted(request.parameters)}); put the model in "
-                              "the repository folder and load it by name")
-        await self.manager.load_model(request.model_name)
+        await load_model(self.manager, self.control_mode, request.model_name,
+                         request.parameters)
         return pb.RepositoryModelLoadResponse()
 
     @unary
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: Any) -> pb.RepositoryModelUnloadResponse:
-        """`unload_dependents` (which tritonclient always sends) means nothing here: no
-        ensembles."""
-        check_explicit(self.control_mode, "RepositoryModelUnload")
-        await self.manager.unload_model(request.model_name)
+        await unload_model(self.manager, self.control_mode, request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
