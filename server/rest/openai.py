@@ -51,9 +51,7 @@ def _texts(body: Any) -> tuple[str, ...]:
 def routes(context: HttpContext) -> list[Route]:
     @DIALECT.handler(context, "Embeddings")
     async def embeddings(request: Request) -> Response:
-        """
-        summary: OpenAI embeddings (input a string or a list; encoding_format float or base64)
-        """
+        """OpenAI embeddings: input a string or a list, encoding_format float or base64."""
         body = await read_json(request, context.max_body_bytes)
         texts = _texts(body)
         model = body.get("model", "")
@@ -85,9 +83,7 @@ def routes(context: HttpContext) -> list[Route]:
 
     @DIALECT.handler(context, "Models")
     async def models(request: Request) -> Response:
-        """
-        summary: The models with a READY version, as OpenAI lists them
-        """
+        """The models with a READY version, as OpenAI lists them."""
         names = [m.name for m in context.models.snapshot.models if m.ready]
         return json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "bertstream"}

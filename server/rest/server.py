@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -24,8 +26,21 @@ from .common import HttpContext, json_response
 __all__ = ["HttpServer"]
 
 log = logging.getLogger("bertstream.rest")
-SCHEMAS = SchemaGenerator({"openapi": "3.0.0",
-                           "info": {"title": "bertstream HTTP", "version": "1"}})
+
+
+class _Schemas(SchemaGenerator):
+    """The OpenAPI page from each endpoint's docstring: its first line is the summary, the
+    rest its description. Plain prose, not YAML: a docstring can never break the page."""
+
+    def parse_docstring(self, func_or_method: Any) -> dict[str, Any]:
+        doc = inspect.getdoc(func_or_method) or ""
+        first, _, rest = doc.strip().partition("\n")
+        first = first.removeprefix("summary:").strip()
+        return {"summary": first, "description": rest.strip()} if rest.strip() else \
+            {"summary": first}
+
+
+SCHEMAS = _Schemas({"openapi": "3.0.0", "info": {"title": "bertstream HTTP", "version": "1"}})
 
 
 class _Server(uvicorn.Server):
