@@ -31,7 +31,7 @@ import numpy as np
 
 from .batcher import WorkItem
 from .errors import BertstreamError, to_status
-from .ipc import Outbox, read_frame
+from .ipc import FrameLink, Message
 from .lifecycle import ModelManager
 from .tokenization import Encoded
 from .versions import ModelVersion
@@ -58,18 +58,15 @@ class VersionInfo:
 class _Link:
     """One front end's connection: its pins, its requests in flight, what it acknowledged."""
 
-    def __init__(self, name: str, writer: asyncio.StreamWriter) -> None:
-        self.name = name
-        self.writer = writer
-        self.outbox = Outbox(writer)
+    def __init__(self) -> None:
+        self.name = "?"
+        self.frames: FrameLink
         self.pins: dict[int, ModelVersion] = {}
         self.pending: dict[int, WorkItem] = {}
         self.acked = 0
-        self.closed = False
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        if not self.closed:
-            self.outbox.send(message)
+    def send(self, message: Message) -> None:
+        self.frames.send(message)  # dropped once the connection is closing
 
 
 class Engine:
@@ -86,14 +83,15 @@ class Engine:
         self._server: asyncio.base_events.Server | None = None
 
     async def listen(self, path: Path) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            self._connect, path=str(path))
         path.chmod(0o600)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
         for link in list(self._links):
-            link.writer.close()
+            link.frames.close()
 
     # -- snapshots ----------------------------------------------------------------------
 
@@ -126,26 +124,23 @@ class Engine:
 
     # -- one front end ------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = _Link("?", writer)
-        try:
-            hello = await read_frame(reader)
-            link.name = str(hello[1]) if hello and hello[0] == "hello" else "?"
+    def _connect(self) -> FrameLink:
+        link = _Link()
+        link.frames = FrameLink(partial(self._received, link), partial(self._drop, link))
+        return link.frames
+
+    def _received(self, link: _Link, message: Message) -> None:
+        """A malformed message raises: FrameLink closes the connection, `_drop` logs it."""
+        if message[0] == "hello":  # the first message: the front end's name
+            link.name = str(message[1])
             self._links.add(link)
             routable = [mv for ms in self.manager.models.values() for mv in ms.ready()]
             self._send_snapshot(link, self._last_seq, routable, [_info(mv) for mv in routable])
             log.info("front end %s connected", link.name)
-            while True:
-                message = await read_frame(reader)
-                self._dispatch(link, message)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except Exception:
-            log.exception("front end %s: bad frame; closing its connection", link.name)
-        finally:
-            self._drop(link)
+        else:
+            self._dispatch(link, message)
 
-    def _dispatch(self, link: _Link, message: tuple[Any, ...]) -> None:
+    def _dispatch(self, link: _Link, message: Message) -> None:
         kind = message[0]
         if kind == "submit":
             self._submit(link, *message[1:])
@@ -165,9 +160,11 @@ class Engine:
         else:
             raise ValueError(f"unknown message {kind!r}")
 
-    def _drop(self, link: _Link) -> None:
+    def _drop(self, link: _Link, exc: BaseException | None) -> None:
         """A front end went away: its requests are cancelled and its pins released."""
-        link.closed = True
+        if exc is not None and not isinstance(exc, OSError):
+            log.error("front end %s: bad frame; closing its connection", link.name,
+                      exc_info=exc)
         self._links.discard(link)
         for item in link.pending.values():
             item.future.cancel()
@@ -175,7 +172,6 @@ class Engine:
         for mv in link.pins.values():
             mv.release()
         link.pins.clear()
-        link.writer.close()
         log.info("front end %s disconnected", link.name)
         self._spawn(self._notify_acked())  # nobody waits on a front end that is gone
 

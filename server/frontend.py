@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from bertstream.v1.model_config_pb2 import ModelConfig
 from .batcher import WorkItem
 from .engine import VersionInfo
 from .errors import EngineUnavailable, error_by_name
-from .ipc import Outbox, read_frame, write_frame
+from .ipc import FrameLink, Message
 from .routing import Router
 from .snapshot import ModelRow, RepositorySnapshot, VersionRow
 from .tokenization import TextTokenizer
@@ -62,8 +63,7 @@ class EngineModels(Router):
         self._socket = socket_path
         self._name = name
         self._on_change = on_change
-        self._writer: asyncio.StreamWriter | None = None
-        self._outbox: Outbox | None = None
+        self._link: FrameLink | None = None
         self._connection = 0  # counts connections to an engine process
         self._rids = itertools.count(1)
         self._pending: dict[int, WorkItem] = {}
@@ -77,7 +77,7 @@ class EngineModels(Router):
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None
+        return self._link is not None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -86,30 +86,29 @@ class EngineModels(Router):
         self._closing = True
         if self._task is not None:
             self._task.cancel()
-        if self._writer is not None:
-            self._writer.close()
+        if self._link is not None:
+            self._link.close()
 
     # -- requests -----------------------------------------------------------------------
 
     async def submit(self, uid: int, connection: int, item: WorkItem, wait: bool) -> None:
         """Send one request to the engine. A version routed before the engine died is not
         the engine's now (a new engine numbers its versions afresh): refused, as in flight."""
-        outbox = self._outbox
-        if outbox is None or connection != self._connection:
+        link = self._link
+        if link is None or connection != self._connection:
             raise EngineUnavailable(ENGINE_GONE)
         rid = next(self._rids)
         self._pending[rid] = item
         enc = item.encoded
-        outbox.send(("submit", rid, uid, tuple(item.outputs), wait, enc.ids, enc.lengths,
-                     enc.starts, enc.type_ids))
+        link.send(("submit", rid, uid, tuple(item.outputs), wait, enc.ids, enc.lengths,
+                   enc.starts, enc.type_ids))
         item.future.add_done_callback(lambda f: self._cancelled(rid, f))
-        if outbox.buffered() > HIGH_WATER:
-            await outbox.writer.drain()
+        await link.drain()  # waits only above HIGH_WATER bytes queued
 
     def _cancelled(self, rid: int, future: asyncio.Future[Any]) -> None:
         if (future.cancelled() and self._pending.pop(rid, None) is not None
-                and self._outbox is not None):
-            self._outbox.send(("cancel", rid))
+                and self._link is not None):
+            self._link.send(("cancel", rid))
 
     async def load_model(self, name: str) -> ModelVersion:
         await self._control("load", name)
@@ -121,11 +120,11 @@ class EngineModels(Router):
     async def _control(self, kind: str, name: str) -> None:
         """Ask the engine, the control plane's owner; it answers once every front end
         (this one included) routes by the result."""
-        if self._outbox is None:
+        if self._link is None:
             raise EngineUnavailable(ENGINE_GONE)
         rid = next(self._rids)
         reply = self._replies[rid] = asyncio.get_running_loop().create_future()
-        self._outbox.send((kind, rid, name))
+        self._link.send((kind, rid, name))
         error = await asyncio.shield(reply)
         if error is not None:
             raise error_by_name(*error)
@@ -133,54 +132,56 @@ class EngineModels(Router):
     # -- the link -----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        applier = asyncio.get_running_loop().create_task(self._apply_snapshots())
+        loop = asyncio.get_running_loop()
+        applier = loop.create_task(self._apply_snapshots())
         try:
             while True:
+                lost: asyncio.Future[BaseException | None] = loop.create_future()
                 try:
-                    reader, writer = await asyncio.open_unix_connection(str(self._socket))
+                    _, link = await loop.create_unix_connection(
+                        partial(FrameLink, self._received, partial(_settle, lost), HIGH_WATER),
+                        str(self._socket))
                 except OSError:
                     await asyncio.sleep(RECONNECT_S)
                     continue
-                write_frame(writer, ("hello", self._name))
-                self._writer, self._outbox = writer, Outbox(writer)
+                link.send(("hello", self._name))
+                self._link = link
                 self._connection += 1
                 log.info("connected to the engine")
                 try:
-                    await self._read(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    pass
+                    error = await lost
+                    if error is not None and not isinstance(error, OSError):
+                        log.error("bad frame from the engine; reconnecting", exc_info=error)
                 finally:
-                    writer.close()
+                    link.close()
                     await self._lost()
         finally:
             applier.cancel()
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            message = await read_frame(reader)
-            kind = message[0]
-            if kind == "result":
-                _, rid, queue_s, infer_s, rows = message
-                item = self._pending.pop(rid, None)
-                if item is not None and not item.future.done():
-                    item.queue_s, item.infer_s = queue_s, infer_s
-                    item.future.set_result(rows)
-            elif kind == "error":
-                item = self._pending.pop(message[1], None)
-                if item is not None and not item.future.done():
-                    item.future.set_exception(error_by_name(message[2], message[3]))
-            elif kind == "snapshot":
-                self._snapshots.put_nowait(message)
-            elif kind == "reply":
-                reply = self._replies.pop(message[1], None)
-                if reply is not None and not reply.done():
-                    reply.set_result(message[2])
+    def _received(self, message: Message) -> None:
+        kind = message[0]
+        if kind == "result":
+            _, rid, queue_s, infer_s, rows = message
+            item = self._pending.pop(rid, None)
+            if item is not None and not item.future.done():
+                item.queue_s, item.infer_s = queue_s, infer_s
+                item.future.set_result(rows)
+        elif kind == "error":
+            item = self._pending.pop(message[1], None)
+            if item is not None and not item.future.done():
+                item.future.set_exception(error_by_name(message[2], message[3]))
+        elif kind == "snapshot":
+            self._snapshots.put_nowait(message)
+        elif kind == "reply":
+            reply = self._replies.pop(message[1], None)
+            if reply is not None and not reply.done():
+                reply.set_result(message[2])
 
     async def _lost(self) -> None:
         """The engine is gone: fail what is in flight, route nothing until a new one."""
-        if self._writer is None:
+        if self._link is None:
             return
-        self._writer = self._outbox = None
+        self._link = None
         if not self._closing:
             log.warning("lost the engine process; calls answer UNAVAILABLE until it is back")
         pending, self._pending = self._pending, {}
@@ -207,22 +208,22 @@ class EngineModels(Router):
 
     async def _apply(self, seq: int, snapshot: RepositorySnapshot,
                      infos: list[VersionInfo]) -> None:
-        writer = self._writer
+        link = self._link
         routable: dict[int, ModelVersion] = {}
         for info in infos:
             mv = self._routable.get(info.uid)
             routable[info.uid] = mv if mv is not None else await asyncio.to_thread(
                 self._build, info)
-        if writer is not self._writer:  # the engine died while we built: its news is void
+        if link is not self._link:  # the engine died while we built: its news is void
             return
         for uid, mv in self._routable.items():
             if uid not in routable:
-                self._retire(uid, mv, writer)
+                self._retire(uid, mv, link)
         self._routable = routable
         self._mirror(snapshot, routable)
         self.first_snapshot.set()
-        if self._outbox is not None:
-            self._outbox.send(("ack", seq))
+        if link is not None:
+            link.send(("ack", seq))
         await self._changed()
 
     def _build(self, info: VersionInfo) -> ModelVersion:
@@ -235,16 +236,15 @@ class EngineModels(Router):
                            list(info.labels), info.provider)
         return mv
 
-    def _retire(self, uid: int, mv: ModelVersion,
-                writer: asyncio.StreamWriter | None) -> None:
+    def _retire(self, uid: int, mv: ModelVersion, link: FrameLink | None) -> None:
         """No new requests here; the engine may release it once the last one here ends."""
         mv.state, mv.reason = State.UNLOADING, "retired by the engine"
 
         async def unpin() -> None:
             if mv.leases:
                 await mv._idle.wait()
-            if writer is self._writer and self._outbox is not None:
-                self._outbox.send(("unpin", uid))
+            if link is not None and link is self._link:
+                link.send(("unpin", uid))
 
         task = asyncio.get_running_loop().create_task(unpin())
         self._unpins.add(task)  # a reference keeps it alive
@@ -270,6 +270,12 @@ class EngineModels(Router):
     async def _changed(self) -> None:
         if self._on_change is not None:
             await self._on_change()
+
+
+def _settle(future: asyncio.Future[BaseException | None], exc: BaseException | None) -> None:
+    """The link ended, with what ended it (None: the engine closed it)."""
+    if not future.done():
+        future.set_result(exc)
 
 
 def _unavailable(snapshot: RepositorySnapshot) -> RepositorySnapshot:

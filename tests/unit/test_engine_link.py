@@ -5,7 +5,10 @@ The process-level promises (kills, restarts, SIGTERM) are in tests/multiprocess.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from bertstream.server.engine import Engine
 from bertstream.server.errors import EngineUnavailable, ModelNotFound, ModelNotReady
 from bertstream.server.frontend import EngineModels
 from bertstream.server.inference import EmbedQuery, Limits, Pipeline
-from bertstream.server.ipc import read_frame, write_frame
+from bertstream.server.ipc import FrameLink, Message, encode_frame
 from bertstream.server.lifecycle import ModelManager
 from bertstream.server.loader import OnnxLoader
 from bertstream.server.runtime import RuntimeOptions
@@ -71,37 +74,73 @@ async def _embed(pipeline: Pipeline, version: int = 0) -> np.ndarray:
     return result.vectors
 
 
+async def _receiver(on_message: Callable[[Message], None],
+                    on_lost: Callable[[BaseException | None], None]
+                    ) -> tuple[socket.socket, FrameLink]:
+    """A FrameLink on one end of a socket pair, and the other end."""
+    here, there = socket.socketpair()
+    _, link = await asyncio.get_running_loop().create_unix_connection(
+        lambda: FrameLink(on_message, on_lost), sock=there)
+    return here, link
+
+
 @pytest.mark.parametrize("type_ids", [False, True])
 def test_frames_carry_arrays_out_of_band_and_back(type_ids: bool) -> None:
     async def go() -> None:
         ids = np.arange(1000, dtype=np.int64)
         vectors = [np.ones((3, 4), np.float32), np.zeros((0, 4), np.float32)]
         message = ("submit", 7, {"a": ids}, vectors, ids if type_ids else None, [1, 2])
-        got: list[tuple[object, ...]] = []
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            got.append(await read_frame(reader))
-            got.append(await read_frame(reader))
-            writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        write_frame(writer, message)
-        write_frame(writer, ("ack", 3))
-        await writer.drain()
+        got: list[Message] = []
+        lost = asyncio.get_running_loop().create_future()
+        here, _ = await _receiver(got.append, lost.set_result)
+        _, sender = await asyncio.get_running_loop().create_unix_connection(
+            lambda: FrameLink(print, print), sock=here)
+        sender.send(message)  # one loop turn: both leave in one write
+        sender.send(("ack", 3))
         for _ in range(100):
             if len(got) == 2:
                 break
             await asyncio.sleep(0.01)
-        writer.close()
-        server.close()
+        sender.close()
+        assert await lost is None  # closed by its peer
         kind, rid, arrays, lists, types, plain = got[0]
         assert (kind, rid, plain) == ("submit", 7, [1, 2])
         np.testing.assert_array_equal(arrays["a"], ids)
+        assert not arrays["a"].flags.writeable  # a view of the received bytes, not a copy
         assert [v.shape for v in lists] == [(3, 4), (0, 4)]
         assert (types is None) is not type_ids
         assert got[1] == ("ack", 3)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_frames_split_anywhere_arrive_whole_and_in_order(chunk: int) -> None:
+    async def go() -> None:
+        messages = [("result", i, np.full((i, 8), i, np.float32)) for i in range(5)]
+        data = b"".join(bytes(p) for m in messages for p in encode_frame(m))
+        got: list[Message] = []
+        link = FrameLink(got.append, print)
+        for at in range(0, len(data), chunk):
+            link.data_received(data[at:at + chunk])
+        assert [m[1] for m in got] == list(range(5))
+        for (_, i, rows) in got:
+            np.testing.assert_array_equal(rows, np.full((i, 8), i, np.float32))
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("garbage", [struct.pack("<II", 5, 0) + b"junk!",
+                                     struct.pack("<II", 0, 1) + struct.pack("<Q", 1 << 40)])
+def test_a_malformed_frame_ends_the_link_with_its_error(garbage: bytes) -> None:
+    async def go() -> None:
+        lost = asyncio.get_running_loop().create_future()
+        here, _ = await _receiver(print, lost.set_result)
+        here.sendall(garbage)
+        error = await asyncio.wait_for(lost, 5)
+        assert error is not None and not isinstance(error, OSError)
+        assert here.recv(1) == b""  # closed
+        here.close()
 
     asyncio.run(go())
 
@@ -197,3 +236,19 @@ async def test_load_model_through_a_front_end_answers_once_it_routes_there(
                                       await _embed(link.pipeline(link.manager)))
         with pytest.raises(ModelNotFound):
             await link.front.load_model("no-such-model")
+
+
+def test_the_engine_closes_a_connection_that_sends_a_malformed_frame(
+        tmp_path: Path, model_repository: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        async with Link(tmp_path, model_repository) as link:
+            reader, writer = await asyncio.open_unix_connection(str(link.socket))
+            writer.write(struct.pack("<II", 5, 0) + b"junk!")
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the engine
+            writer.close()
+            assert link.front.connected  # the other front end is not disturbed
+            assert len(link.engine._links) == 1
+
+    with caplog.at_level(logging.ERROR, logger="bertstream.engine"):
+        asyncio.run(asyncio.wait_for(go(), 60))
+    assert "bad frame; closing its connection" in caplog.text
