@@ -18,7 +18,6 @@ import asyncio
 import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 import grpc
@@ -27,7 +26,7 @@ from bertstream.kserve.v2 import grpc_service_pb2 as pb
 from bertstream.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 
-from . import repository
+from . import repository, server_version
 from .errors import (
     InvalidInput,
     ModelNotFound,
@@ -224,11 +223,7 @@ def resolve(manager: Any, name: str, version: str) -> ModelVersion:
 
 
 def server_metadata() -> pb.ServerMetadataResponse:
-    try:
-        version = metadata.version("bertstream")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    return pb.ServerMetadataResponse(name="bertstream", version=version,
+    return pb.ServerMetadataResponse(name="bertstream", version=server_version(),
                                      extensions=list(EXTENSIONS))
 
 

@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .ports import bind_shared
 from .procmetrics import ProcessMetrics
 
 if TYPE_CHECKING:
@@ -211,15 +211,7 @@ def _exit_reason(code: int) -> str:
 @contextlib.contextmanager
 def _reserve_port(host: str, port: int):  # type: ignore[no-untyped-def]
     """Bind (without listening) with SO_REUSEPORT so front ends can share the port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"cannot bind {host}:{port}: {exc}") from None
+    sock = bind_shared(host, port)
     try:
         yield sock.getsockname()[1]
     finally:

@@ -25,10 +25,8 @@ Where this differs from bert-as-service, and why:
 
 from __future__ import annotations
 
-import functools
 import sys
 from datetime import datetime
-from importlib import metadata
 from typing import Any
 
 from bertstream.v1.model_config_pb2 import Pooling
@@ -36,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .. import server_version
 from ..inference import EmbedQuery, TextOptions, resolve_pooling
 from .common import Dialect, HttpContext, HttpError, json_response, read_json
 
@@ -132,7 +131,7 @@ def routes(context: HttpContext) -> list[Route]:
             "num_worker": sum(max(g.count, 1) for g in config.instance_group) or 1,
             "pooling_strategy": _STRATEGIES.get(pooling, 0),
             "pooling_layer": [layer - config.num_layers - 1],
-            "python_version": sys.version, "server_version": _version(),
+            "python_version": sys.version, "server_version": server_version(),
             "server_start_time": started, "server_current_time": str(datetime.now()),
             "num_request": counts["requests"], "status": 200})
 
@@ -142,7 +141,7 @@ def routes(context: HttpContext) -> list[Route]:
         summary: "bert-as-service: the HTTP proxy's own client (this front-end process)"
         """
         return json_response({
-            "client_version": _version(), "output_fmt": "list",
+            "client_version": server_version(), "output_fmt": "list",
             "num_request": counts["requests"], "num_pending_request": counts["pending"],
             "pending_request": [], "timeout": -1, "status": 200})
 
@@ -150,10 +149,3 @@ def routes(context: HttpContext) -> list[Route]:
             Route("/status/server", server_status, methods=["GET"]),
             Route("/status/client", client_status, methods=["GET"])]
 
-
-@functools.cache
-def _version() -> str:
-    try:
-        return metadata.version("bertstream")
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
+from ..ports import bind_shared
 from . import bert_as_service, kserve, openai, tei
 from .common import HttpContext, json_response
 
@@ -101,15 +102,7 @@ class HttpServer:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"cannot bind the HTTP port {host}:{port}: {exc}") from None
+    sock = bind_shared(host, port, "the HTTP port ")
     sock.listen(2048)
     sock.setblocking(False)
     return sock

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from importlib import metadata
 from typing import Any
 
 import grpc
@@ -55,6 +54,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from tokenizers import Encoding
 
+from .. import server_version
 from ..errors import BertstreamError
 from ..inference import ClassifyQuery, EmbedQuery, TextOptions
 from ..version_format import POOLING_NAMES, text_prefix
@@ -360,13 +360,6 @@ def _info(context: HttpContext, model: str, config: Any, labels: list[str]) -> d
         "max_batch_requests": config.max_batch_size,
         "max_client_batch_size": context.pipeline.limits.max_texts_per_request,
         "auto_truncate": False, "tokenization_workers": None,
-        "version": _version(), "sha": None, "docker_label": None,
+        "version": server_version(), "sha": None, "docker_label": None,
     }
 
-
-@functools.cache
-def _version() -> str:
-    try:
-        return metadata.version("bertstream")
-    except metadata.PackageNotFoundError:
-        return "unknown"
