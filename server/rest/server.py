@@ -102,7 +102,11 @@ class HttpServer:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    sock = bind_shared(host, port, "the HTTP port ")
+    shared = bind_shared(host, port, "the HTTP port ")
+    # asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP, and accepted
+    # connections copy the listener's, which socket() leaves 0: without this, every response
+    # (headers, then body: two writes) waited ~40 ms for the client's delayed ACK.
+    sock = socket.socket(shared.family, shared.type, socket.IPPROTO_TCP, fileno=shared.detach())
     sock.listen(2048)
     sock.setblocking(False)
     return sock
