@@ -29,7 +29,8 @@ def test_deployment_runs_flags_the_server_accepts_and_probes_its_health_service(
     (container,) = pod["containers"]
     options = parse_args(container["args"])  # argparse exits on an unknown flag
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": options.port, "metrics": options.metrics_port}
+    assert ports == {"grpc": options.port, "http": options.http_port,
+                     "metrics": options.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": options.port, "service": ""}
     assert pod["terminationGracePeriodSeconds"] > options.grace_period_s
@@ -52,4 +53,4 @@ def test_dockerfile_default_command_is_valid() -> None:
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
     options = parse_args(cmd)
-    assert options.port == 8001 and options.metrics_port == 8002
+    assert options.port == 8001 and options.metrics_port == 8002 and options.http_port == 8000
