@@ -125,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--max-text-chars", type=int, default=Limits.max_text_chars)
     p.add_argument("--max-request-chars", type=int, default=Limits.max_request_chars,
                    help="characters in all texts of one message together")
+    p.add_argument("--max-receive-mb", type=int, default=ServerOptions.max_receive_mb,
+                   help="largest request in MiB: one gRPC message, or one HTTP body (refused "
+                   "413 from its Content-Length before it is read, or as soon as a chunked "
+                   "body passes it); gRPC may send 4 times this back (default 64)")
     p.add_argument("--stream-window", type=int, default=32,
                    help="messages of one stream in flight before the server stops reading")
     p.add_argument("--grace-period", type=float, default=30.0,
@@ -158,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error("--repository-poll-secs must be > 0")
     if a.frontends < 0:
         p.error("--frontends must be >= 0")
+    if a.max_receive_mb < 1:
+        p.error("--max-receive-mb must be >= 1")
     if a.role and (a.run_dir is None or a.status_fd is None):
         p.error("--role needs --run-dir and --status-fd")
     if a.fake_device:
@@ -173,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         repository_poll_s=a.repository_poll_secs, load_models=tuple(a.load_model),
         metrics_port=a.metrics_port, grace_period_s=a.grace_period,
         tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, auth=auth,
-        stream_window=a.stream_window,
+        stream_window=a.stream_window, max_receive_mb=a.max_receive_mb,
         limits=Limits(a.max_texts_per_request, a.max_text_chars, a.max_request_chars),
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
                                intra_op_threads=a.intra_op_threads,
