@@ -17,7 +17,10 @@ Measures, in one run:
       text, p50 and p99;
   (d) the stage budget of (b) and (c): CPU microseconds per text for each stage, serial or
       parallel, and the ceiling each implies (stage_budget.py), beside what the tokenizer
-      alone costs on the same texts in this process.
+      alone costs on the same texts in this process;
+  (e) the same texts over HTTP/JSON: OpenAI's POST /v1/embeddings from N feed processes with
+      --http-connections keep-alive connections each, --per-message texts a request, base64
+      vectors (http_feed.py), with its own stage budget: what HTTP costs beside the streams.
 With --fake-device SPEC (server/fakedevice.py) nothing computes: batches sleep for the time a
 profiled GPU would take, so "raw" is the fake device's own capacity and the service's share
 of it says whether the pipeline could feed that card.
@@ -60,6 +63,8 @@ from bertstream.server.version_format import (
 )
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
+from http_feed import http_feed
+from placement import Placement, client_ports, owner
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import ServerProcess
 
@@ -126,6 +131,23 @@ class Raw:
     def encode(self, texts: list[str]) -> Encoded:
         return self.tokenizer.encode([self.prefix + t for t in texts], truncate=True)
 
+    def fitted(self, texts: list[str]) -> list[str]:
+        """Each text cut after the last token the model keeps (truncate=True's cut), for
+        OpenAI's /v1/embeddings: it has no truncate, and an over-long text is refused."""
+        tokenizer = self.tokenizer._truncating["right"]
+        fitted = list(texts)
+        for attempt in range(4):  # a cut text may tokenize longer at its end: cut again
+            encodings = tokenizer.encode_batch([self.prefix + t for t in fitted])
+            over = [i for i, e in enumerate(encodings) if e.overflowing]
+            if not over:
+                return fitted
+            for i in over:
+                ends = [end for (_, end), special in zip(
+                    encodings[i].offsets, encodings[i].special_tokens_mask, strict=True)
+                    if not special]
+                fitted[i] = fitted[i][:max(1, ends[-1] - len(self.prefix) - attempt)]
+        sys.exit("bench: texts could not be cut to the model's max_sequence_length")
+
     def throughput(self, encoded: Encoded, batch_size: int, sort: bool) -> tuple[float, float]:
         """Texts per second, and real / padded tokens, over batches of `batch_size`."""
         order = sorted(range(len(encoded)), key=encoded.lengths.__getitem__) if sort \
@@ -188,85 +210,23 @@ def batch_figures(before: dict[str, float], after: dict[str, float], elapsed: fl
     }
 
 
-def _tcp_connections() -> list[tuple[int, int, int]]:
-    """(local port, remote port, socket inode) of every established TCP connection here (on
-    loopback the kernel lists both ends of each)."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "01":  # ESTABLISHED
-                found.append((int(fields[1].rsplit(":", 1)[1], 16),
-                              int(fields[2].rsplit(":", 1)[1], 16), int(fields[9])))
-    return found
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    for fd in os.scandir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(fd.path)
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(int(link[8:-1]))
-    return inodes
-
-
-class Placement:
-    """Which front-end process a feed's connection should land on (`--frontends N`).
-
-    The front ends share one port with SO_REUSEPORT: the kernel hashes each new connection
-    (not each call) to one of them, so a few connections can leave some front ends idle and
-    others doubled up. A feed with a target opens connections until one lands on its front
-    end, told by which process holds the server's end of it (/proc/net/tcp and /proc/PID/fd:
-    server and feeds run on this machine), and closes the others."""
-
-    def __init__(self, frontends: dict[int, str], even: bool) -> None:
-        self.pids = sorted(frontends, key=lambda pid: frontends[pid])
-        self.even = even and len(self.pids) > 1
-        self.missed = 0  # feeds whose connection could not be placed (landed where it did)
-
-    def target(self, feed: int) -> int | None:
-        return self.pids[feed % len(self.pids)] if self.even else None
-
-
-def _owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
-    """The server process holding the server's end of the connection from `client_port`."""
-    ends = {inode for local, remote, inode in _tcp_connections()
-            if local == server_port and remote == client_port}
-    for pid in pids:
-        try:
-            if ends & _socket_inodes(pid):
-                return pid
-        except OSError:
-            return None  # its /proc cannot be read here: no placement
-    return None
-
-
 def open_channel(address: str, target: int | None, pids: list[int],
                  tries: int = 400) -> tuple[grpc.Channel, bool]:
     """A ready channel on a connection of its own (not gRPC's per-process shared one), landed
     on the front-end process `target` if one is given; returns it and whether it landed."""
     server_port = int(address.rsplit(":", 1)[1])
     for _ in range(tries if target is not None else 1):
-        seen = {local for local, remote, inode in _tcp_connections() if remote == server_port}
+        seen = client_ports(server_port)
         channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
         grpc.channel_ready_future(channel).result(timeout=60)
         if target is None:
             return channel, False
-        own = _socket_inodes(os.getpid())
-        new = [local for local, remote, inode in _tcp_connections()
-               if remote == server_port and inode in own and local not in seen]
+        new = client_ports(server_port) - seen
         if len(new) != 1:
             return channel, False  # cannot tell which is this channel's: take it as it is
-        owner = _owner(server_port, new[0], pids)
-        if owner is None or owner == target:
-            return channel, owner == target
+        landed = owner(server_port, new.pop(), pids)
+        if landed is None or landed == target:
+            return channel, landed == target
         channel.close()
     sys.exit(f"bench: no connection landed on front-end process {target} in {tries} tries")
 
@@ -307,7 +267,7 @@ def stream_throughput(address: str, model: str, texts: list[str], feeds: int,
 
 
 def _run_feeds(target: Any, address: str, model: str, texts: list[str], feeds: int,
-               setting: int, placement: Placement | None) -> float:
+               setting: int | tuple[int, int], placement: Placement | None) -> float:
     context = multiprocessing.get_context("spawn")
     # counts: [stream messages that failed, feeds whose connection missed its front end]
     barrier, counts = context.Barrier(feeds + 1), context.Array("i", 2)
@@ -357,6 +317,14 @@ def unary_throughput(address: str, model: str, texts: list[str], feeds: int,
     return _run_feeds(_unary_feed, address, model, texts, feeds, window, placement)
 
 
+def http_throughput(address: str, model: str, texts: list[str], feeds: int, per_message: int,
+                    connections: int, placement: Placement | None = None) -> float:
+    """Texts per second through POST /v1/embeddings (http_feed.py) from `feeds` processes of
+    `connections` connections each, first request to last answer."""
+    return _run_feeds(http_feed, address, model, texts, feeds, (per_message, connections),
+                      placement)
+
+
 def unary_latency(address: str, model: str, runs: int) -> list[float]:
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.BertServiceStub(channel)
@@ -367,6 +335,25 @@ def unary_latency(address: str, model: str, runs: int) -> list[float]:
                        timeout=30)
             times.append(time.perf_counter() - start)
     return times[5:]
+
+
+def measure_http(server: ServerProcess, processes: dict[int, str], placement: Placement,
+                 texts: list[str], args: argparse.Namespace, figures: dict[str, float]
+                 ) -> tuple[stage_budget.Snapshot, stage_budget.Snapshot, int, float]:
+    """(e): warm every front end's HTTP path, then all the texts (cut to fit: `fitted`)
+    through /v1/embeddings; records the figures and returns the phase for the stage budget."""
+    warm = max(1, len(placement.pids))
+    http_throughput(server.http_address, args.model, texts[:64 * warm], warm, args.per_message,
+                    1, placement)
+    before, stages_before = batch_counters(server.metrics_url), \
+        stage_budget.snapshot(server.metrics_url, processes)
+    speed = http_throughput(server.http_address, args.model, texts, args.feeds,
+                            args.per_message, args.http_connections, placement)
+    stages_after = stage_budget.snapshot(server.metrics_url, processes, phase_ends=True)
+    figures["service_http_texts_per_s"] = speed
+    figures.update(batch_figures(before, batch_counters(server.metrics_url),
+                                 len(texts) / speed, "service_http"))
+    return stages_before, stages_after, len(texts), len(texts) / speed
 
 
 def device_name(device: str) -> str:
@@ -395,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="single-text unary calls under load (from the same texts)")
     parser.add_argument("--unary-window", type=int, default=16,
                         help="unary calls in flight per feed")
+    parser.add_argument("--http-connections", type=int, default=8,
+                        help="the HTTP row: keep-alive connections per feed to /v1/embeddings, "
+                        "each with one request of --per-message texts at a time (0: no HTTP "
+                        "row)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all)")
     parser.add_argument("--intra-op-spinning", choices=["on", "off"], default="off")
@@ -448,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     raw_latency = raw.latency(args.latency_runs)
     figures["raw_single_p50_ms"] = percentile(raw_latency, 50) * 1e3
     figures["raw_single_p99_ms"] = percentile(raw_latency, 99) * 1e3
+    http_texts = raw.fitted(texts) if args.http_connections else []
+    if http_texts:
+        figures["http_texts_cut"] = sum(a != b for a, b in zip(texts, http_texts, strict=True))
     del raw  # free the session before the server loads its own
 
     flags = ["--default-model", args.model, "--device", args.device, "--log-level", "WARNING",
@@ -458,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         flags += ["--fake-device", args.fake_device]
     if not args.no_stage_timing:
         flags.append("--stage-timing")
-    server = ServerProcess(args.model_repository, flags, "bench")
+    server = ServerProcess(args.model_repository, flags, "bench", http=args.http_connections > 0)
+    http_phase = None
     try:
         processes = server.processes()  # pid -> name: the whole tree's CPU is the server's
         placement = Placement({pid: name for pid, name in processes.items()
@@ -481,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                                        args.unary_window, placement)
         unary_after = stage_budget.snapshot(server.metrics_url, processes, phase_ends=True)
         figures["service_unary_texts_per_s"] = unary_speed
+        if args.http_connections:
+            http_phase = measure_http(server, processes, placement, http_texts, args, figures)
         service_latency = unary_latency(server.address, args.model, args.latency_runs)
         if server.processes() != processes:
             sys.exit("bench: a server process was restarted during the run:\n"
@@ -490,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     phases = {"stream": (stages_before, stages_after, len(texts), len(texts) / speed),
               "unary": (unary_before, unary_after, len(unary_texts),
                         len(unary_texts) / unary_speed)}
+    if http_phase is not None:
+        phases["http"] = http_phase
     rows_of: dict[str, list[stage_budget.Row]] = {}
     per_process: dict[str, Any] = {}
     for prefix, (first, last, count, elapsed) in phases.items():
@@ -517,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
                                        / figures["raw_sorted_texts_per_s"])
     figures["unary_p50_overhead_ms"] = (figures["service_unary_p50_ms"]
                                         - figures["raw_single_p50_ms"])
+    if http_phase is not None:
+        figures["http_vs_stream"] = (figures["service_http_texts_per_s"]
+                                     / figures["service_stream_texts_per_s"])
 
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -529,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": batch_size, "mean_tokens": statistics.mean(lengths),
         "onnxruntime": ort.__version__,
         "figures": {k: round(v, 3) for k, v in figures.items()},
-        "stage_budget": {"stream": stage_budget.as_json(stream_rows),
-                         "unary": stage_budget.as_json(unary_rows)},
+        "stage_budget": {phase: stage_budget.as_json(rows) for phase, rows in rows_of.items()},
     }
     if per_process:
         record["processes"] = {
@@ -553,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     print(stage_budget.table(unary_rows, cores))
     if "unary" in per_process:
         print(f"\nprocesses, unary:\n{per_process['unary']['table']}")
+    if "http" in rows_of:
+        print(f"\nstage budget, HTTP POST /v1/embeddings of {args.per_message} texts "
+              f"({args.feeds} feeds x {args.http_connections} connections{server_shape}), "
+              "per text:")
+        print(stage_budget.table(rows_of["http"], cores))
+    if "http" in per_process:
+        print(f"\nprocesses, HTTP:\n{per_process['http']['table']}")
     if placement.missed:
         print(f"bench: {placement.missed} feed connections could not be placed on their front "
               "end (see --placement)", file=sys.stderr)

@@ -13,6 +13,7 @@ and `cpu_seconds` reads their CPU from /proc.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -21,10 +22,15 @@ from pathlib import Path
 
 
 class ServerProcess:
-    def __init__(self, repository: Path, flags: Sequence[str], who: str) -> None:
+    def __init__(self, repository: Path, flags: Sequence[str], who: str,
+                 http: bool = False) -> None:
+        """`http`: serve HTTP too, on a free port (`http_address`); else no HTTP port."""
+        # A port picked here, not 0: the front ends of --frontends N must share one.
+        http_port = free_port() if http else 0
+        self.http_address = f"127.0.0.1:{http_port}" if http else ""
         cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
-               *flags]
+               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+               "--http-port", str(http_port), *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
@@ -53,6 +59,13 @@ class ServerProcess:
     def stop(self) -> int:
         self.proc.terminate()
         return self.proc.wait(60)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the server binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def tree_pids(root: int) -> list[int]:

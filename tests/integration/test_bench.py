@@ -1,5 +1,6 @@
 """benchmarks/bench.py runs end to end (tiny model, fake device, a few hundred texts) and
-records the stage budget: the script README's Speed section is made with must not rot."""
+records the stage budget, for gRPC streams, unary calls and HTTP /v1/embeddings: the script
+README's Speed section is made with must not rot."""
 
 from __future__ import annotations
 
@@ -77,15 +78,21 @@ def test_bench_runs_with_the_fake_device_and_records_the_budget(
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "stage budget, streams of 16 texts per message" in done.stdout
+    assert "stage budget, HTTP POST /v1/embeddings of 16 texts (1 feeds x 8 connections)" \
+        in done.stdout
     record = json.loads(output.read_text())
     assert record["device"] == "fake: h100-e5-small-fp16"
     figures = record["figures"]
     for name in ("service_stream_texts_per_s", "service_unary_texts_per_s",
                  "stream_event_loop_us_per_text", "stream_server_cpu_vs_tokenizer",
-                 "service_stream_device_busy", "tokenizer_alone_cpu_us_per_text"):
+                 "service_stream_device_busy", "tokenizer_alone_cpu_us_per_text",
+                 "service_http_texts_per_s", "http_vs_stream", "http_server_cpu_us_per_text",
+                 "service_http_device_busy", "http_texts_cut"):
         assert figures[name] > 0, name
     stages = {row["stage"] for row in record["stage_budget"]["stream"]}
     assert {"tokenize_native", "device", "respond", "event-loop:rest"} <= stages
+    stages = {row["stage"] for row in record["stage_budget"]["http"]}
+    assert {"tokenize_native", "device", "event-loop:rest"} <= stages
 
 
 def test_bench_measures_a_server_of_front_ends(model_repository: Path, tmp_path: Path) -> None:
@@ -100,10 +107,11 @@ def test_bench_measures_a_server_of_front_ends(model_repository: Path, tmp_path:
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "processes, streams:" in done.stdout and "processes, unary:" in done.stdout
+    assert "processes, HTTP:" in done.stdout
     record = json.loads(output.read_text())
     processes = record["processes"]
     assert processes["frontends"] == 2 and processes["placement"] == "even"
-    for phase, texts in (("stream", 128), ("unary", 32)):
+    for phase, texts in (("stream", 128), ("unary", 32), ("http", 128)):
         view = processes[phase]
         assert view["texts_by_process"] == {"frontend-0": texts // 2, "frontend-1": texts // 2}
         assert {p["process"] for p in view["processes"]} == {
