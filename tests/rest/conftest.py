@@ -3,11 +3,14 @@ session's repository (tiny-embed, tiny-news). Every dialect's tests share it."""
 
 from __future__ import annotations
 
+import json
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -54,6 +57,18 @@ def http_server(model_repository: Path,
     code = server.process.stop()
     assert code == 0, "".join(server.process.lines[-40:])
     assert "Traceback" not in "".join(server.process.lines), "".join(server.process.lines)
+
+
+def call(url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    """(status, JSON body) of a POST (a GET when there is no body)."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def grpc_embed(address: str, texts: list[str], model: str = "tiny-embed",

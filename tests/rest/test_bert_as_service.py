@@ -4,32 +4,17 @@ would encode them, and refusals come in Flask-JSON's shape (never a 500)."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from rest.conftest import HttpServer, cosine, grpc_embed
+from rest.conftest import HttpServer, call, cosine, grpc_embed
 from tokenizers import Tokenizer
 
 TEXTS = ["今天股市大涨", "央行宣布降准，释放长期资金约一万亿元", "Apple发布新款iPhone"]
 LONG = "沪指收复三千点" * 20  # over tiny models' 64 tokens
-
-
-def call(url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
-    """(status, JSON body) of a POST (a GET when there is no body)."""
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def encode(server: HttpServer, body: dict[str, Any]) -> tuple[Any, np.ndarray]:
