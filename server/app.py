@@ -60,7 +60,7 @@ class ServerOptions:
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": all)
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
     grace_period_s: float = 30.0
-    tls_cert: Path | None = None  # with tls_key: TLS on the gRPC port
+    tls_cert: Path | None = None  # with tls_key: TLS on the gRPC and HTTP ports
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: clients need a certificate from this CA
     auth: TokenTable | None = None  # None: no token asked
@@ -421,8 +421,8 @@ class GrpcFront:
             port = server.add_secure_port(bind, server_credentials(
                 options.tls_cert, options.tls_key, options.tls_client_ca))
             if options.index == 0:
-                log.info("TLS on the gRPC port%s", ", client certificates required"
-                         if options.tls_client_ca else "")
+                log.info("TLS on the gRPC%s port%s", " and HTTP" if options.http_port else "",
+                         ", client certificates required" if options.tls_client_ca else "")
         else:
             port = server.add_insecure_port(bind)
         if options.auth and options.index == 0:
