@@ -210,17 +210,30 @@ class EngineModels(Router):
                      infos: list[VersionInfo]) -> None:
         link = self._link
         routable: dict[int, ModelVersion] = {}
+        broken: dict[int, str] = {}
         for info in infos:
             mv = self._routable.get(info.uid)
-            routable[info.uid] = mv if mv is not None else await asyncio.to_thread(
-                self._build, info)
+            if mv is None:
+                try:
+                    mv = await asyncio.to_thread(self._build, info)
+                except Exception as exc:  # this process cannot serve it; the others may
+                    log.error("model %s version %d: this front end cannot load its tokenizer: "
+                              "%s", info.model, info.version, exc)
+                    broken[info.uid] = f"a front-end process cannot load its tokenizer: {exc}"
+                    continue
+            routable[info.uid] = mv
         if link is not self._link:  # the engine died while we built: its news is void
             return
+        for uid in broken:  # never routed here: the engine may release it when it retires
+            if link is not None:
+                link.send(("unpin", uid))
         for uid, mv in self._routable.items():
             if uid not in routable:
                 self._retire(uid, mv, link)
         self._routable = routable
-        self._mirror(snapshot, routable)
+        self._mirror(snapshot, routable, {
+            (info.model, info.version): broken[info.uid] for info in infos
+            if info.uid in broken})
         self.first_snapshot.set()
         if link is not None:
             link.send(("ack", seq))
@@ -250,7 +263,8 @@ class EngineModels(Router):
         self._unpins.add(task)  # a reference keeps it alive
         task.add_done_callback(self._unpins.discard)
 
-    def _mirror(self, snapshot: RepositorySnapshot, routable: dict[int, ModelVersion]) -> None:
+    def _mirror(self, snapshot: RepositorySnapshot, routable: dict[int, ModelVersion],
+                broken: dict[tuple[str, int], str] | None = None) -> None:
         """Rebuild `models` from the engine's rows: READY rows route to their version here;
         the others carry their state and reason, so errors read as in one process."""
         by_key = {(mv.model, mv.version): mv for mv in routable.values()}
@@ -261,7 +275,8 @@ class EngineModels(Router):
                 mv = by_key.get((row.name, vr.version)) if vr.state is State.READY else None
                 ms.versions[vr.version] = mv or ModelVersion(
                     row.name, vr.version, Path(), state=vr.state if vr.state is not State.READY
-                    else State.UNAVAILABLE, reason=vr.reason or ENGINE_GONE)
+                    else State.UNAVAILABLE,
+                    reason=(broken or {}).get((row.name, vr.version)) or vr.reason or ENGINE_GONE)
         for name in snapshot.removed:
             models[name] = ModelState(name, removed=True)
         self.models = models

@@ -238,6 +238,26 @@ async def test_load_model_through_a_front_end_answers_once_it_routes_there(
             await link.front.load_model("no-such-model")
 
 
+@_run
+async def test_a_version_a_front_end_cannot_load_is_not_routed_there_nor_held(
+        tmp_path: Path, repository: Path) -> None:
+    link = Link(tmp_path, repository)
+
+    def broken(info: object) -> object:
+        raise OSError("tokenizer.json: permission denied")
+
+    link.front._build = broken  # type: ignore[method-assign]
+    async with link:  # the front end still acknowledges: LoadModel does not wait on it
+        with pytest.raises(ModelNotReady, match="cannot load its tokenizer"):
+            link.front.resolve("tiny-embed", 0)
+        engine_mv = link.manager.resolve("tiny-embed", 0)
+        with pytest.raises(ModelNotReady, match="cannot load its tokenizer"):  # at once
+            await asyncio.wait_for(link.front.load_model("tiny-news"), 10)
+        await link.manager.unload_model("tiny-embed")
+        await asyncio.wait_for(link.manager.drained(), 5)  # no pin left behind
+        assert engine_mv.loaded is None
+
+
 def test_the_engine_closes_a_connection_that_sends_a_malformed_frame(
         tmp_path: Path, model_repository: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> None:
