@@ -6,7 +6,8 @@
 A bertstream-server process on loopback gets `--requests` calls from load processes
 (`--processes`, each with `--concurrency` calls in flight): unary Embed and Classify of 1 to 16
 texts of 4 to 48 characters, and EmbedStream calls of a few messages, in a fixed random mix.
-Once a second the server's resident memory, thread count and open files are read from /proc.
+Once a second the server's resident memory, thread count and open files are read from /proc
+(summed over its child processes with --frontends N).
 
 The run is cut into four quarters by time. It passes when the median RSS of the last quarter is
 within 5 % of the first's, threads and open files do not grow, p99 latency of the last quarter
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from server_process import ServerProcess
+from server_process import ServerProcess, tree_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -98,14 +99,22 @@ def _load(address: str, model: str, labels_model: str, count: int, concurrency: 
 
 
 def _proc_stats(pid: int) -> tuple[float, int, int]:
-    """(RSS MiB, threads, open files) of a live process, from /proc."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.split()
-    files = len(os.listdir(f"/proc/{pid}/fd"))
-    return int(fields["VmRSS"][0]) / 1024, int(fields["Threads"][0]), files
+    """(RSS MiB, threads, open files) of a live server, from /proc: the process and its
+    children together (`--frontends N`: the supervisor, the engine and every front end)."""
+    rss, threads, files = 0.0, 0, 0
+    for each in tree_pids(pid):
+        fields = {}
+        try:
+            with open(f"/proc/{each}/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    fields[key] = value.split()
+            files += len(os.listdir(f"/proc/{each}/fd"))
+        except OSError:  # a child that just ended
+            continue
+        rss += int(fields.get("VmRSS", ["0"])[0]) / 1024
+        threads += int(fields["Threads"][0])
+    return rss, threads, files
 
 
 def _ensure_repository(repository: Path, model: str, labels_model: str) -> None:
