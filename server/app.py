@@ -405,7 +405,7 @@ class GrpcFront:
                 HttpContext(pipeline, self.metrics, options.model_control_mode, draining,
                             options.max_receive_mb * MiB, options.auth),
                 options.host, options.http_port, options.tls_cert, options.tls_key,
-                options.tls_client_ca)
+                options.tls_client_ca, shared=self.reuse_port)
             await self.http.start()
         _freeze_startup_objects()
         self.serving = True

@@ -62,6 +62,7 @@ class _Link:
         self.name = "?"
         self.frames: FrameLink
         self.pins: dict[int, ModelVersion] = {}
+        self.sent: dict[int, int] = {}  # uid -> the last snapshot that offered it
         self.pending: dict[int, WorkItem] = {}
         self.acked = 0
 
@@ -110,6 +111,7 @@ class Engine:
             if mv.uid not in link.pins:
                 mv.hold()
                 link.pins[mv.uid] = mv
+            link.sent[mv.uid] = seq
         link.send(("snapshot", seq, self.manager.snapshot, infos))
 
     async def on_change(self) -> None:
@@ -148,8 +150,12 @@ class Engine:
             item = link.pending.pop(message[1], None)
             if item is not None:
                 item.future.cancel()
-        elif kind == "unpin":
-            mv = link.pins.pop(message[1], None)
+        elif kind == "unpin":  # (uid, the snapshot the front end decided on)
+            uid, seq = message[1], message[2]
+            if link.sent.get(uid, 0) > seq:
+                return  # a later snapshot offered it again: the front end decides anew
+            link.sent.pop(uid, None)
+            mv = link.pins.pop(uid, None)
             if mv is not None:
                 mv.release()
         elif kind == "ack":

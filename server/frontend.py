@@ -69,6 +69,7 @@ class EngineModels(Router):
         self._pending: dict[int, WorkItem] = {}
         self._replies: dict[int, asyncio.Future[tuple[str, str] | None]] = {}
         self._routable: dict[int, ModelVersion] = {}  # by uid
+        self._broken: dict[int, str] = {}  # uids this process could not load, and why
         self._snapshots: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.first_snapshot = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -194,7 +195,7 @@ class EngineModels(Router):
                 reply.set_exception(EngineUnavailable(ENGINE_GONE))
         while not self._snapshots.empty():  # the old engine's news no longer counts
             self._snapshots.get_nowait()
-        self._routable = {}  # its pins died with it
+        self._routable, self._broken = {}, {}  # its pins (and uids) died with it
         self._mirror(_unavailable(self.snapshot), {})
         await self._changed()
 
@@ -213,23 +214,28 @@ class EngineModels(Router):
         broken: dict[int, str] = {}
         for info in infos:
             mv = self._routable.get(info.uid)
+            if mv is None and info.uid in self._broken:  # tried once: not every snapshot
+                broken[info.uid] = self._broken[info.uid]
+                continue
             if mv is None:
                 try:
                     mv = await asyncio.to_thread(self._build, info)
                 except Exception as exc:  # this process cannot serve it; the others may
                     log.error("model %s version %d: this front end cannot load its tokenizer: "
                               "%s", info.model, info.version, exc)
-                    broken[info.uid] = f"a front-end process cannot load its tokenizer: {exc}"
+                    broken[info.uid] = self._broken[info.uid] = (
+                        f"a front-end process cannot load its tokenizer: {exc}")
                     continue
             routable[info.uid] = mv
         if link is not self._link:  # the engine died while we built: its news is void
             return
+        self._broken = {uid: why for uid, why in self._broken.items() if uid in broken}
         for uid in broken:  # never routed here: the engine may release it when it retires
             if link is not None:
-                link.send(("unpin", uid))
+                link.send(("unpin", uid, seq))
         for uid, mv in self._routable.items():
             if uid not in routable:
-                self._retire(uid, mv, link)
+                self._retire(uid, mv, link, seq)
         self._routable = routable
         self._mirror(snapshot, routable, {
             (info.model, info.version): broken[info.uid] for info in infos
@@ -249,15 +255,16 @@ class EngineModels(Router):
                            list(info.labels), info.provider)
         return mv
 
-    def _retire(self, uid: int, mv: ModelVersion, link: FrameLink | None) -> None:
-        """No new requests here; the engine may release it once the last one here ends."""
+    def _retire(self, uid: int, mv: ModelVersion, link: FrameLink | None, seq: int) -> None:
+        """No new requests here; the engine may release it once the last one here ends
+        (`seq`: the snapshot that retired it here)."""
         mv.state, mv.reason = State.UNLOADING, "retired by the engine"
 
         async def unpin() -> None:
             if mv.leases:
                 await mv._idle.wait()
             if link is not None and link is self._link:
-                link.send(("unpin", uid))
+                link.send(("unpin", uid, seq))
 
         task = asyncio.get_running_loop().create_task(unpin())
         self._unpins.add(task)  # a reference keeps it alive

@@ -101,7 +101,7 @@ def request_version(version: str) -> int:
     version_format.parse_version.)"""
     if not version:
         return 0
-    if not version.isdigit() or int(version) <= 0:
+    if not (version.isascii() and version.isdigit()) or int(version) <= 0:
         raise InvalidInput(f"model version must be a positive integer or empty, got {version!r}")
     return int(version)
 
@@ -326,7 +326,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                           context: Any) -> pb.ServerReadyResponse:
         """Ready once it answers (the server starts serving only after its initial loads)
         until it drains on SIGTERM. Per-model readiness is ModelReady's."""
-        return pb.ServerReadyResponse(ready=not (self.draining and self.draining.is_set()))
+        draining = self.draining is not None and self.draining.is_set()
+        # A front end whose engine process is down serves nothing: not ready either.
+        return pb.ServerReadyResponse(ready=not draining and getattr(self.manager, "connected",
+                                                                     True))
 
     @unary
     async def ModelReady(self, request: pb.ModelReadyRequest,

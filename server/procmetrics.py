@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import urllib.request
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -47,18 +48,24 @@ class _Children:
         self._owner = owner
 
     def collect(self) -> Iterable[Metric]:
-        texts = {}
-        for child in self._owner.children:
-            port = getattr(child, "metrics_port", None)
-            if port is None or not child.ready.is_set():
-                continue
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                            timeout=SCRAPE_TIMEOUT_S) as reply:
-                    texts[child.name] = reply.read().decode()
-            except OSError as exc:  # a child restarting: its series are missing this once
-                log.debug("metrics of %s: %s", child.name, exc)
-        return merge(texts)
+        children = [child for child in self._owner.children
+                    if getattr(child, "metrics_port", None) is not None and child.ready.is_set()]
+        # Side by side: one slow child must not push the whole scrape past its timeout.
+        with ThreadPoolExecutor(max(1, len(children))) as pool:
+            texts = dict(zip((c.name for c in children),
+                             pool.map(lambda c: _scrape(c.name, c.metrics_port), children),
+                             strict=True))
+        return merge({name: text for name, text in texts.items() if text is not None})
+
+
+def _scrape(name: str, port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                    timeout=SCRAPE_TIMEOUT_S) as reply:
+            return str(reply.read().decode())
+    except OSError as exc:  # a child restarting: its series are missing this once
+        log.debug("metrics of %s: %s", name, exc)
+        return None
 
 
 class ProcessMetrics:

@@ -32,7 +32,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .ports import bind_shared
+from . import ports
 from .procmetrics import ProcessMetrics
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ class Supervisor:
         self.stopping = False
         self.metrics = ProcessMetrics()
         self.children: list[Child] = []
+        self._stop_asked = asyncio.Event()
 
     def _args(self, role: str, index: int, port: int) -> list[str]:
         return [*self.options.argv, "--role", role, "--run-dir", str(self.run_dir),
@@ -108,16 +109,33 @@ class Supervisor:
 
     async def run(self) -> None:
         options = self.options
-        with _reserve_port(options.host, options.port) as port:
-            engine = Child("engine", self._args("engine", 0, port))
-            fronts = [Child(f"frontend-{i}", self._args("frontend", i, port))
-                      for i in range(options.frontends)]
-            self.children = [engine, *fronts]
-            watchers = [asyncio.create_task(self._keep(engine))]
-            await self._ready(engine)
+        # First: a SIGTERM while models load (minutes, for large ones) must stop the server
+        # in order, not kill the supervisor and leave its children to their death signal.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop_asked.set)
+        try:
+            if options.http_port:
+                ports.check_free(options.host, options.http_port, "the HTTP port ")
+            with _reserve_port(options.host, options.port) as port:
+                await self._serve(port)
+        finally:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def _serve(self, port: int) -> None:
+        options = self.options
+        engine = Child("engine", self._args("engine", 0, port))
+        fronts = [Child(f"frontend-{i}", self._args("frontend", i, port))
+                  for i in range(options.frontends)]
+        self.children = [engine, *fronts]
+        watchers = [asyncio.create_task(self._keep(engine))]
+        try:
+            if not await self._ready(engine):
+                return
             watchers += [asyncio.create_task(self._keep(child)) for child in fronts]
             for child in fronts:
-                await self._ready(child)
+                if not await self._ready(child):
+                    return
             if options.metrics_port is not None:
                 self.metrics.children = self.children
                 metrics_port = self.metrics.serve(options.host, options.metrics_port)
@@ -128,28 +146,27 @@ class Supervisor:
                      len(fronts), ", ".join(f"{c.name} {c.proc.pid}" for c in self.children
                                             if c.proc is not None))
             print(f"bertstream serving on {options.host}:{port}", flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-            self.stopping = True
+            await self._stop_asked.wait()
+        finally:
+            self.stopping = True  # from here no child is started again
             for task in watchers:
                 task.cancel()
             await self._stop(fronts)  # first: their calls in flight need the engine
             await self._stop([engine])
-        shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    async def _ready(self, child: Child) -> None:
-        """Wait until a child serves; exit if it cannot start at all."""
+    async def _ready(self, child: Child) -> bool:
+        """Wait until a child serves (True), or a stop is asked (False); exit if it cannot
+        start at all."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while not child.ready.is_set():
-            if time.monotonic() > deadline or (child.crash_looping and not self.stopping):
-                await self._stop([c for c in self.children if c.proc is not None])
+            if self._stop_asked.is_set():
+                return False
+            if time.monotonic() > deadline or child.crash_looping:
                 raise SystemExit(f"bertstream-server: the {child.name} process does not start "
                                  "(see its log above)")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.ready.wait(), 0.5)
+        return True
 
     async def _keep(self, child: Child) -> None:
         """Start a child and start it again whenever it dies, backing off when it keeps
@@ -210,8 +227,11 @@ def _exit_reason(code: int) -> str:
 
 @contextlib.contextmanager
 def _reserve_port(host: str, port: int):  # type: ignore[no-untyped-def]
-    """Bind (without listening) with SO_REUSEPORT so front ends can share the port."""
-    sock = bind_shared(host, port)
+    """Bind (without listening) with SO_REUSEPORT so front ends can share the port, after
+    checking no other server listens there."""
+    if port:
+        ports.check_free(host, port)
+    sock = ports.bind(host, port, shared=True)
     try:
         yield sock.getsockname()[1]
     finally:

@@ -13,10 +13,10 @@ from typing import Any
 
 import grpc
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ..errors import BertstreamError, to_status
+from ..errors import BertstreamError
 from ..inference import Pipeline
 from ..metrics import Metrics
 from ..security import INFERENCE, TokenTable
@@ -37,6 +37,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,  # the caller left (nginx's code); nobody reads it
 }
 
 
@@ -48,6 +49,12 @@ class HttpError(BertstreamError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class CallerGone(BertstreamError):
+    """An HTTP caller that closed its connection before its request was read."""
+
+    code = grpc.StatusCode.CANCELLED
 
 
 @dataclass
@@ -82,11 +89,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, f"request body of {declared} bytes, over the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"request body over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"request body over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the caller left mid-upload: nobody to answer, nothing to log
+        raise CallerGone("the client disconnected before its body arrived") from None
     return b"".join(chunks)
 
 
@@ -129,11 +139,10 @@ class Dialect:
                         return await endpoint(request)
                 except HttpError as exc:
                     return self.error(exc.status, str(exc))
-                except Exception as exc:
-                    code, message = to_status(exc)  # logs server faults, never input
-                    if not isinstance(exc, BertstreamError):
-                        return self.error(500, message)
-                    return self.error(HTTP_STATUS.get(code, 500), message)
+                except BertstreamError as exc:
+                    return self.error(HTTP_STATUS.get(exc.code, 500), str(exc))
+                except Exception:  # a server fault: metrics.request logged it, never input
+                    return self.error(500, "internal server error")
                 finally:
                     context.in_flight -= 1
                     if context.in_flight == 0:

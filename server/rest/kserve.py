@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import Unsupported
+from ..errors import EngineUnavailable, ModelNotFound, ModelNotReady, Unsupported
+from ..frontend import ENGINE_GONE
 from ..security import ADMIN, OPEN
 from .common import Dialect, HttpContext, HttpError, json_response, read_body
 
@@ -42,7 +43,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     """The JSON header and the binary tensor data that follows it (none without the header)."""
     size = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > size:
+        if not (header_length.isascii() and header_length.isdigit()) or \
+                int(header_length) > size:
             raise HttpError(400, f"{HEADER_LENGTH} must be the JSON header's size, 0 to {size} "
                                  f"bytes, got {header_length!r}")
         size = int(header_length)
@@ -235,8 +237,10 @@ def routes(context: HttpContext) -> list[Route]:
     @DIALECT.handler(context, "ServerReady", OPEN)
     async def ready(request: Request) -> Response:
         """
-        summary: KServe v2 readiness (200; 503 once the server drains; no token)
+        summary: KServe v2 readiness (200; 503 once the server drains or its engine is down)
         """
+        if not getattr(context.models, "connected", True):
+            raise EngineUnavailable(ENGINE_GONE)
         return json_response({"ready": True})
 
     @DIALECT.handler(context, "ServerMetadata")
@@ -262,9 +266,15 @@ def routes(context: HttpContext) -> list[Route]:
     @DIALECT.handler(context, "ModelReady", OPEN)
     async def model_ready(request: Request) -> Response:
         """
-        summary: KServe v2 model readiness (200; 404 unknown, 503 not serving; no token)
+        summary: KServe v2 model readiness (200, else 503; no token)
+        Unknown and not serving answer alike, as gRPC's ModelReady says false for both: an
+        open route must not tell a caller without a token which model names exist.
         """
-        mv = core.resolve(context.models, request.path_params["model"], version_of(request))
+        model = request.path_params["model"]
+        try:
+            mv = core.resolve(context.models, model, version_of(request))
+        except (ModelNotFound, ModelNotReady):
+            raise ModelNotReady(f"model {model!r} is not ready") from None
         return json_response({"name": mv.model, "ready": True})
 
     @DIALECT.handler(context, "ModelConfig")

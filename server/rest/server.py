@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
-from ..ports import bind_shared
+from .. import ports
 from . import bert_as_service, kserve, openai, tei
 from .common import HttpContext, json_response
 
@@ -68,9 +68,9 @@ def build_app(context: HttpContext) -> Starlette:
 class HttpServer:
     def __init__(self, context: HttpContext, host: str, port: int,
                  tls_cert: Path | None = None, tls_key: Path | None = None,
-                 tls_client_ca: Path | None = None) -> None:
+                 tls_client_ca: Path | None = None, shared: bool = False) -> None:
         self.context = context
-        self._sock = _listen(host, port)
+        self._sock = _listen(host, port, shared)
         self.port = int(self._sock.getsockname()[1])
         config = uvicorn.Config(
             build_app(context), log_level="warning", access_log=False, lifespan="off",
@@ -101,12 +101,8 @@ class HttpServer:
             await self._task
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    shared = bind_shared(host, port, "the HTTP port ")
-    # asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP, and accepted
-    # connections copy the listener's, which socket() leaves 0: without this, every response
-    # (headers, then body: two writes) waited ~40 ms for the client's delayed ACK.
-    sock = socket.socket(shared.family, shared.type, socket.IPPROTO_TCP, fileno=shared.detach())
+def _listen(host: str, port: int, shared: bool) -> socket.socket:
+    sock = ports.bind(host, port, shared, "the HTTP port ")
     sock.listen(2048)
     sock.setblocking(False)
     return sock

@@ -78,10 +78,16 @@ def test_health_and_server_metadata(triton: Any, http_server: HttpServer) -> Non
     meta = triton.get_server_metadata()
     assert meta["name"] == "bertstream" and meta["version"] == metadata.version("bertstream")
     assert "model_repository" in meta["extensions"]
-    status, _, body = call(f"{http_server.url}/v2/models/missing/ready")
-    assert status == 404 and "missing" in json.loads(body)["error"]
+    # Open routes say "not ready" alike for unknown and unready models (no name probing).
+    missing = call(f"{http_server.url}/v2/models/missing/ready")
+    unready = call(f"{http_server.url}/v2/models/tiny-news/versions/7/ready")
+    assert missing[0] == unready[0] == 503
+    assert json.loads(missing[2])["error"] == "model 'missing' is not ready"
+    assert json.loads(unready[2])["error"] == "model 'tiny-news' is not ready"
     status, _, body = call(f"{http_server.url}/v2/models/tiny-embed/versions/x/ready")
     assert status == 400 and "version" in json.loads(body)["error"]
+    status, _, body = call(f"{http_server.url}/v2/models/tiny-embed/versions/%C2%B2/ready")
+    assert status == 400 and "version" in json.loads(body)["error"]  # '²' is a digit to str
 
 
 def test_model_metadata(triton: Any) -> None:

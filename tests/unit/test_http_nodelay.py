@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 from bertstream.server.rest.server import _listen
 
 
-def test_accepted_connections_have_tcp_nodelay() -> None:
+@pytest.mark.parametrize("shared", [False, True])  # one process; front ends sharing the port
+def test_accepted_connections_have_tcp_nodelay(shared: bool) -> None:
     async def accept_one() -> int:
         accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -20,7 +22,7 @@ def test_accepted_connections_have_tcp_nodelay() -> None:
                 accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
                 transport.close()
 
-        listener = _listen("127.0.0.1", 0)
+        listener = _listen("127.0.0.1", 0, shared)
         assert listener.proto == socket.IPPROTO_TCP
         server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
         async with server:
