@@ -28,6 +28,7 @@ from .graph import PoolingGraph, export_onnx, resolve_pooling_layers
 from .head import ClassificationHead, HeadError, load_head, random_head
 from .model_config import ConfigFields, build_model_config
 from .publish import plan_version, publish_version
+from .residuals import rewrite_file
 from .sources import Checkpoint, RandomShape, load_checkpoint
 from .variants import VARIANTS, make_variant, verify_variant
 from .verify import DEFAULT_TOLERANCE, ParityReport, verify_export
@@ -151,6 +152,7 @@ def _builder(
         graph = PoolingGraph(prepared.checkpoint.model, prepared.layers, prepared.head)
         log(f"exporting {len(graph.output_names())} outputs for layers {list(prepared.layers)}")
         export_onnx(graph, folder / ONNX_FILE)
+        rewrite_file(folder / ONNX_FILE)  # before parity, which so checks the graph served
         prepared.checkpoint.tokenizer.save(str(folder / TOKENIZER_FILE))
         if prepared.head is not None:
             labels = "".join(f"{label}\n" for label in prepared.head.labels)
