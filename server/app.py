@@ -344,7 +344,7 @@ class GrpcFront:
         self._pool: Workers | None = None
 
     async def publish_health(self) -> None:
-        connected = getattr(self.models, "connected", True)
+        connected = self.models.connected
         await publish_health(self.health, self.models.snapshot,
                              serving=self.serving and connected)
 

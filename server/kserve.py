@@ -328,8 +328,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         until it drains on SIGTERM. Per-model readiness is ModelReady's."""
         draining = self.draining is not None and self.draining.is_set()
         # A front end whose engine process is down serves nothing: not ready either.
-        return pb.ServerReadyResponse(ready=not draining and getattr(self.manager, "connected",
-                                                                     True))
+        return pb.ServerReadyResponse(ready=not draining and self.manager.connected)
 
     @unary
     async def ModelReady(self, request: pb.ModelReadyRequest,

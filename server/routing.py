@@ -26,6 +26,12 @@ class Router:
         self.models: dict[str, ModelState] = {}
         self.snapshot = RepositorySnapshot(default_model=default_model)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the models' sessions can be reached: always, where they live in this
+        process; a front end's only while its engine process is connected."""
+        return True
+
     def default_model(self) -> str:
         """--default-model, else the first model (by name) with a READY version."""
         if self._default:

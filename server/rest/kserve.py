@@ -239,7 +239,7 @@ def routes(context: HttpContext) -> list[Route]:
         """
         summary: KServe v2 readiness (200; 503 once the server drains or its engine is down)
         """
-        if not getattr(context.models, "connected", True):
+        if not context.models.connected:
             raise EngineUnavailable(ENGINE_GONE)
         return json_response({"ready": True})
 
