@@ -20,7 +20,9 @@ Measures, in one run:
       alone costs on the same texts in this process;
   (e) the same texts over HTTP/JSON: OpenAI's POST /v1/embeddings from N feed processes with
       --http-connections keep-alive connections each, --per-message texts a request, base64
-      vectors (http_feed.py), with its own stage budget: what HTTP costs beside the streams.
+      vectors (http_feed.py), with its own stage budget: what HTTP costs beside the streams;
+  (f) with --mixed, last: interactive single-text calls alone, bulk feeds alone, then both
+      together (mixed.py, which also runs on its own): interactive latency under load.
 With --fake-device SPEC (server/fakedevice.py) nothing computes: batches sleep for the time a
 profiled GPU would take, so "raw" is the fake device's own capacity and the service's share
 of it says whether the pipeline could feed that card.
@@ -401,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-stage-timing", action="store_true",
                         help="run the server without its per-stage CPU clocks")
     parser.add_argument("--output", type=Path, help="JSON file (default: benchmarks/results/)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="also run the mixed phase (f): minutes on a CPU, so not by default")
+    import mixed  # here, not at the top: mixed.py imports this module
+
+    mixed.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.frontends < 1:
         parser.error("--frontends must be >= 1")
@@ -479,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.http_connections:
             http_phase = measure_http(server, processes, placement, http_texts, args, figures)
         service_latency = unary_latency(server.address, args.model, args.latency_runs)
+        mixed_figures = mixed.measure(server, placement, args.model, args) if args.mixed \
+            else {}
         if server.processes() != processes:
             sys.exit("bench: a server process was restarted during the run:\n"
                      + "".join(server.lines[-30:]))
@@ -533,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "figures": {k: round(v, 3) for k, v in figures.items()},
         "stage_budget": {phase: stage_budget.as_json(rows) for phase, rows in rows_of.items()},
     }
+    if mixed_figures:
+        record["mixed"] = {k: round(v, 3) for k, v in mixed_figures.items()}
     if per_process:
         record["processes"] = {
             "frontends": args.frontends,
@@ -561,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
         print(stage_budget.table(rows_of["http"], cores))
     if "http" in per_process:
         print(f"\nprocesses, HTTP:\n{per_process['http']['table']}")
+    if mixed_figures:
+        print(f"\nmixed: interactive calls beside {args.mixed_feeds} feeds of "
+              f"{args.mixed_texts} texts:\n{mixed.table(mixed_figures, args.mixed_feeds)}")
     if placement.missed:
         print(f"bench: {placement.missed} feed connections could not be placed on their front "
               "end (see --placement)", file=sys.stderr)

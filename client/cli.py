@@ -18,7 +18,7 @@ from typing import Any
 from .channels import TlsFiles, split_servers
 from .client import BertClient
 from .feed import FeedError, FeedOptions, run_feed
-from .messages import POOLINGS, ClientError
+from .messages import MAX_PRIORITY, MAX_TIMEOUT_US, POOLINGS, ClientError
 
 __all__ = ["main"]
 
@@ -51,6 +51,33 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="bearer token (default: $BERTSTREAM_TOKEN)")
 
 
+def _whole(top: int) -> Any:
+    """An argparse type: an int from 0 to `top` (a usage error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not 0 <= value <= top:
+            raise argparse.ArgumentTypeError(f"must be from 0 to {top}, not {value}")
+        return value
+    return parse
+
+
+def _add_schedule(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("priority (embed and classify)")
+    group.add_argument("--priority", type=_whole(MAX_PRIORITY), default=0, metavar="N",
+                       help="queue level, 1 the highest (the model has priority_levels of "
+                       "them, 2 by default). 0 (default): the server decides: level 1 for a "
+                       "call of up to 16 texts; a larger call, and every message of a bulk "
+                       "--input feed, the model's default level (the lowest), behind "
+                       "interactive calls")
+    group.add_argument("--timeout-us", type=_whole(MAX_TIMEOUT_US), default=0, metavar="N",
+                       help="longest the texts may wait in the queue, in microseconds, "
+                       "before the call (a feed: that message) fails DEADLINE_EXCEEDED; "
+                       "0 (default): the level's queue policy")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertstream-client", description=__doc__)
     _add_common(p, suppress=False)
@@ -74,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--give-up-after", type=float, default=300.0,
                        help="seconds without any answer before the feed stops")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_schedule(feed)
     sub = p.add_subparsers(dest="command", required=True)
     embed = sub.add_parser("embed", parents=[common, texts, feed], help="one vector per text")
     embed.add_argument("--pooling", choices=[k for k in POOLINGS if k])
@@ -103,15 +131,19 @@ def _run(args: argparse.Namespace, bc: BertClient) -> Any:
     kw: dict[str, Any] = {"version": args.version, "truncate": args.truncate}
     if args.command == "embed":
         vectors = bc.encode(args.texts, pooling=args.pooling, pooling_layer=args.pooling_layer,
-                            normalize=args.normalize, **kw)
+                            normalize=args.normalize, **_schedule(args), **kw)
         return [{"text": t, "embedding": v.tolist()}
                 for t, v in zip(args.texts, vectors, strict=True)]
     if args.command == "classify":
-        ranked = bc.classify(args.texts, top_k=args.top_k, **kw)
+        ranked = bc.classify(args.texts, top_k=args.top_k, **_schedule(args), **kw)
         return [{"text": t, "labels": [asdict(label) for label in labels]}
                 for t, labels in zip(args.texts, ranked, strict=True)]
     return [{"text": t, **asdict(tok)}
             for t, tok in zip(args.texts, bc.tokenize(args.texts, **kw), strict=True)]
+
+
+def _schedule(args: argparse.Namespace) -> dict[str, int]:
+    return {"priority": args.priority, "timeout_us": args.timeout_us}
 
 
 def _tls(args: argparse.Namespace) -> TlsFiles | None:
@@ -121,7 +153,7 @@ def _tls(args: argparse.Namespace) -> TlsFiles | None:
 
 
 def _feed(args: argparse.Namespace) -> dict[str, Any]:
-    request: dict[str, Any] = {"truncate": args.truncate}
+    request: dict[str, Any] = {"truncate": args.truncate, **_schedule(args)}
     if args.command == "embed":
         request.update(pooling=args.pooling, pooling_layer=args.pooling_layer,
                        normalize=args.normalize)

@@ -5,6 +5,13 @@
     vecs = bc.encode(["今天股市大涨"])
 
 Every call carries a deadline. gRPC failures are raised as `ClientError` with `.code`.
+
+encode, classify, encode_stream and classify_stream take the request's fields as keywords,
+built into messages by messages.py for both clients: among them `priority` (the queue level,
+1 the highest; 0, the default, lets the server decide: level 1 for a unary call of up to 16
+texts, the model's default, lowest, level for stream messages and larger calls) and
+`timeout_us` (the longest the texts may wait in the queue before DEADLINE_EXCEEDED; 0: the
+level's queue policy). See messages.embed_request.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ from .windowed import BlockingStreams, WindowedStream
 
 __all__ = ["AsyncBertClient", "BertClient"]
 
+
+def _checked(build: Callable[..., Any], kw: dict[str, Any]) -> None:
+    """A stream's options checked before it opens: a bad pooling, priority or timeout_us is
+    the caller's ValueError now, not a failure at the first item."""
+    build([], **kw)
 
 
 def _stream_result(index: int, response: Any, parse: Any) -> StreamResult:
@@ -98,13 +110,16 @@ class BertClient:
             raise ClientError.from_rpc(err) from None
 
     def encode(self, texts: str | Sequence[str], **kw: Any) -> np.ndarray | list[np.ndarray]:
-        """Vectors [n, dim] (pooling, pooling_layer, normalize, truncate, version: see
-        EmbedRequest); token vectors come back as a list of [tokens, dim] arrays."""
+        """Vectors [n, dim] (pooling, pooling_layer, normalize, truncate, version, priority,
+        timeout_us: see messages.embed_request); token vectors come back as a list of
+        [tokens, dim] arrays. `priority=1` puts the texts in the highest level; the default
+        0 lets the server decide (level 1 for up to 16 texts, else the lowest)."""
         kw.setdefault("model", self.model)
         return parse_embed(self._call(self._stub.Embed, embed_request(texts, **kw)))
 
     def classify(self, texts: str | Sequence[str], **kw: Any) -> list[list[Label]]:
-        """Ranked labels with probabilities for each text (top_k: 0 = all)."""
+        """Ranked labels with probabilities for each text (top_k: 0 = all; priority and
+        timeout_us as in encode)."""
         kw.setdefault("model", self.model)
         return parse_classify(self._call(self._stub.Classify, classify_request(texts, **kw)))
 
@@ -132,13 +147,18 @@ class BertClient:
     def encode_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
                       **kw: Any) -> Iterator[StreamResult]:
         """Stream items (a text, or a list of texts) through EmbedStream; yield one result per
-        item, in order, with at most `window` items in flight."""
+        item, in order, with at most `window` items in flight. The keywords go on every
+        message, as in encode; without `priority` (0) stream messages wait in the model's
+        default level, the lowest: give `priority=1` for an interactive stream."""
         kw.setdefault("model", self.model)
+        _checked(embed_request, kw)
         return self._stream("EmbedStream", embed_request, parse_embed, items, window, kw)
 
     def classify_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
                         **kw: Any) -> Iterator[StreamResult]:
+        """As encode_stream, through ClassifyStream (top_k, priority, timeout_us, ...)."""
         kw.setdefault("model", self.model)
+        _checked(classify_request, kw)
         return self._stream("ClassifyStream", classify_request, parse_classify, items, window,
                             kw)
 
@@ -216,7 +236,23 @@ class AsyncBertClient:
                             **kw: Any) -> AsyncIterator[StreamResult]:
         """As BertClient.encode_stream; the window bounds what the server holds for us."""
         kw.setdefault("model", self.model)
-        call = self._stub.EmbedStream(timeout=self.stream_timeout, metadata=self._metadata)
-        async with WindowedStream(call, _requests(items, embed_request, kw), window) as stream:
+        async for result in self._stream("EmbedStream", embed_request, parse_embed, items,
+                                         window, kw):
+            yield result
+
+    async def classify_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
+                              **kw: Any) -> AsyncIterator[StreamResult]:
+        """As BertClient.classify_stream."""
+        kw.setdefault("model", self.model)
+        async for result in self._stream("ClassifyStream", classify_request, parse_classify,
+                                         items, window, kw):
+            yield result
+
+    async def _stream(self, method: str, build: Callable[..., Any],
+                      parse: Callable[[Any], Any], items: Iterable[str | Sequence[str]],
+                      window: int, kw: dict[str, Any]) -> AsyncIterator[StreamResult]:
+        _checked(build, kw)  # before the call opens
+        call = getattr(self._stub, method)(timeout=self.stream_timeout, metadata=self._metadata)
+        async with WindowedStream(call, _requests(items, build, kw), window) as stream:
             async for index, response in stream:
-                yield _stream_result(index, response, parse_embed)
+                yield _stream_result(index, response, parse)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .channels import TlsFiles
+from .messages import schedule
 
 __all__ = ["DEFAULT_STREAMS", "FeedError", "FeedOptions", "FeedReport"]
 
@@ -26,7 +27,9 @@ class FeedOptions:
     servers: tuple[str, ...] = ("localhost:8001",)
     model: str = ""
     version: int = 0
-    request: dict[str, Any] = field(default_factory=dict)  # pooling, normalize, top_k, ...
+    # pooling, normalize, top_k, priority, timeout_us, ...: every message carries them. No
+    # priority (0): the server puts stream messages in the model's default level, the lowest.
+    request: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32  # texts per stream message
     window: int = 4  # messages in flight per stream
     streams: int = 0  # 0: one per server address, at least DEFAULT_STREAMS
@@ -49,6 +52,7 @@ class FeedOptions:
             raise ValueError("streams must be >= 0 (0: the default)")
         if self.give_up_s <= 0:
             raise ValueError("give_up_s must be > 0")
+        schedule(self.request.get("priority", 0), self.request.get("timeout_us", 0))
 
 
 @dataclass

@@ -17,7 +17,7 @@ from bertstream.v1.model_config_pb2 import Pooling
 __all__ = [
     "ClientError", "Label", "ModelStatus", "StreamResult", "Tokens", "classify_request",
     "embed_request", "parse_classify", "parse_embed", "parse_models", "parse_tokenize",
-    "tokenize_request",
+    "schedule", "tokenize_request",
 ]
 
 POOLINGS = {
@@ -27,6 +27,8 @@ POOLINGS = {
 }
 DIRECTIONS = {"right": pb.TRUNCATION_DIRECTION_RIGHT, "left": pb.TRUNCATION_DIRECTION_LEFT}
 STATES = {v: k.removeprefix("VERSION_STATE_") for k, v in pb.VersionState.items()}
+MAX_PRIORITY = 2**32 - 1  # uint32 priority
+MAX_TIMEOUT_US = 2**64 - 1  # uint64 timeout_us
 
 
 class ClientError(Exception):
@@ -93,6 +95,25 @@ def _common(model: str, version: int, texts: str | Sequence[str], truncate: bool
             "truncation_direction": DIRECTIONS[truncation]}
 
 
+def _whole(name: str, value: object, top: int, meaning: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be an int >= 0 ({meaning}), not {value!r}")
+    number = value.__index__()  # type: ignore[attr-defined]  # int, numpy integers
+    if not 0 <= number <= top:
+        raise ValueError(f"{name} must be an int from 0 to {top} ({meaning}), not {number}")
+    return number
+
+
+def schedule(priority: object = 0, timeout_us: object = 0) -> dict[str, int]:
+    """The checked `priority` and `timeout_us` fields of an EmbedRequest or ClassifyRequest
+    (see embed_request); ValueError for anything but an int >= 0. Which levels exist is the
+    model's business: the server checks the range."""
+    return {"priority": _whole("priority", priority, MAX_PRIORITY,
+                               "1 is the highest level; 0 lets the server decide"),
+            "timeout_us": _whole("timeout_us", timeout_us, MAX_TIMEOUT_US,
+                                 "microseconds in the queue; 0: the level's policy")}
+
+
 def _pooling(pooling: str | None) -> int:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {[p for p in POOLINGS if p]}")
@@ -102,17 +123,35 @@ def _pooling(pooling: str | None) -> int:
 def embed_request(texts: str | Sequence[str], *, model: str = "", version: int = 0,
                   pooling: str | None = None, pooling_layer: int | None = None,
                   normalize: bool = False, truncate: bool = False, truncation: str = "right",
-                  request_id: str = "", raw_values: bool = True) -> pb.EmbedRequest:
+                  request_id: str = "", raw_values: bool = True, priority: int = 0,
+                  timeout_us: int = 0) -> pb.EmbedRequest:
+    """One Embed / EmbedStream message; ValueError for a bad pooling, truncation, priority
+    or timeout_us.
+
+    `priority`: the queue level of the message's texts, 1 the highest (Triton's numbering;
+    a model has `dynamic_batching { priority_levels }` of them, 2 by default; the server
+    refuses a level the model does not have). 0, the default: the server
+    decides: level 1 for a unary call of up to 16 texts, the model's default level (the
+    lowest) for stream messages and larger calls. A lower level is never starved: once
+    `max_skipped_batches` batches in a row (default 4) went to higher levels, it gets the next.
+    `timeout_us`: the longest the texts may wait in the queue, in microseconds, before the
+    call (or stream message) fails DEADLINE_EXCEEDED; 0, the default: the level's queue
+    policy.
+    """
     return pb.EmbedRequest(request_id=request_id, pooling=_pooling(pooling),
                            pooling_layer=pooling_layer, normalize=normalize,
-                           raw_values=raw_values,
+                           raw_values=raw_values, **schedule(priority, timeout_us),
                            **_common(model, version, texts, truncate, truncation))
 
 
 def classify_request(texts: str | Sequence[str], *, model: str = "", version: int = 0,
                      top_k: int = 0, truncate: bool = False, truncation: str = "right",
-                     request_id: str = "") -> pb.ClassifyRequest:
+                     request_id: str = "", priority: int = 0,
+                     timeout_us: int = 0) -> pb.ClassifyRequest:
+    """One Classify / ClassifyStream message; `priority` and `timeout_us` as in
+    embed_request."""
     return pb.ClassifyRequest(request_id=request_id, top_k=top_k,
+                              **schedule(priority, timeout_us),
                               **_common(model, version, texts, truncate, truncation))
 
 

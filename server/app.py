@@ -30,7 +30,7 @@ from .fakedevice import parse_spec
 from .health import NOT_SERVING, PROCESSES_SERVICE, SERVING, publish_health
 from .inference import Limits, Pipeline
 from .lifecycle import ModelManager
-from .loader import OnnxLoader
+from .loader import OnnxLoader, pin_mmap_threshold
 from .metrics import Metrics
 from .rest.common import HttpContext
 from .rest.server import HttpServer
@@ -512,6 +512,7 @@ async def _wait_for_signal(signals: tuple[signal.Signals, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
+    pin_mmap_threshold()
     if not options.model_repository.is_dir():
         sys.exit(f"bertstream-server: model repository {options.model_repository} is not a folder")
     asyncio.run(serve(options))

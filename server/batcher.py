@@ -1,17 +1,21 @@
 """Dynamic batching per model version: every caller's texts share the same batches.
 
 Contract:
-- A request (one unary call, or one stream message) is one `WorkItem` carrying all its texts
-  and one future; the caller owns the future and may cancel it at any time (an expired
-  deadline or a dropped stream). The texts of a cancelled request are dropped before compute.
-- The queue holds texts, not requests: a batch starts with the oldest text and fills with
-  the waiting texts closest to it in length (within a look-ahead window) that keep it under
-  its token budget (longest sequence x count) and `max_batch_size`; the rest keep their
-  places. The first text of a batch waits at most `max_queue_delay` for others to join.
-- Up to `instances` batches run at once on worker threads; while they run, the loop already
-  forms the next batch. The worker that ran a batch also pads it and copies its output rows
-  into each request's arrays (one per output per request), so the event loop's share of a
-  request is one future, whatever its number of texts. Futures are set on the loop only.
+- A request (one unary call, or one stream message) is one `WorkItem` carrying all its texts,
+  its priority level, its caller and one future; the caller owns the future and may cancel it
+  at any time (an expired deadline or a dropped stream). The texts of a cancelled request are
+  dropped before compute.
+- Which waiting texts form the next batch is the `Scheduler`'s choice (scheduler.py): levels,
+  fair turns between callers, sizes by the version's measured cost model, queue timeouts.
+  This module only runs its choices: on the event loop, as late as possible (a batch is formed
+  when a runtime slot is free, so a text that arrives while batches run can still go first).
+- Up to `instances` batches run at once on worker threads. On one device (`one_device`: a
+  GPU's pipelined slots, the fake device) the next batch is formed shortly before the device is
+  predicted to be free, not as soon as a slot is, so a late interactive text can still go
+  first. The worker that ran a batch also
+  pads it and copies its output rows into each request's arrays (one per output per request),
+  so the event loop's share of a request is one future, whatever its number of texts. Futures
+  are set on the loop only.
 - A batch that raises is split in halves until the failing text is alone: only its request
   fails.
 """
@@ -20,38 +24,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import math
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import ModelNotReady, Overloaded
+from .costmodel import CostModel, measure
+from .errors import ModelNotReady, Overloaded, QueueTimeout
 from .runtime import Batch
+from .scheduler import BatcherOptions, LevelPolicy, Scheduler
+from .scheduler import Text as _Text
 from .stages import CLOCK
 from .tokenization import Encoded
 from .version_format import TOKEN_OUTPUT_PREFIX
 from .workers import Workers
 
-__all__ = ["Batcher", "BatcherOptions", "WorkItem"]
+__all__ = ["Batcher", "BatcherOptions", "LevelPolicy", "WorkItem"]
+
+# With one device, the next batch is formed this long (or this share of the last batch's
+# predicted duration, if longer) before the device is predicted to be free: time to pad it
+# and hand it over, so the device does not wait for the host.
+FORM_LEAD_S = 0.002
+FORM_LEAD_SHARE = 0.25
 
 RunFn = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
 # After each batch: the texts' queue times, real tokens, padded tokens, inference seconds.
 BatchObserver = Callable[[Sequence[float], int, int, float], None]
-
-
-@dataclass(frozen=True)
-class BatcherOptions:
-    max_batch_size: int = 32
-    max_batch_tokens: int = 32 * 512
-    max_queue_delay_s: float = 0.002
-    max_queue_size: int = 2048  # texts
-    instances: int = 1
-    lookahead: int = 256  # waiting texts the batcher may pick from to group similar lengths
 
 
 @dataclass(eq=False)
@@ -62,7 +64,11 @@ class WorkItem:
     encoded: Encoded
     outputs: frozenset[str]
     future: asyncio.Future[dict[str, Any]]
+    priority: int = 0  # level, 1 the highest; 0: the model's default level
+    caller: Hashable | None = None  # whose turn its texts take (None: the request alone)
+    timeout_s: float = 0.0  # the request's own queue timeout; 0: its level's policy
     enqueued_at: float = 0.0
+    deadline: float = math.inf  # set when queued: past it, the queue policy applies
     queue_s: float = 0.0  # the longest wait of its texts
     infer_s: float = 0.0  # the longest batch its texts ran in
     left: int = field(init=False)  # texts not answered yet (worker threads, under a lock)
@@ -70,10 +76,6 @@ class WorkItem:
 
     def __post_init__(self) -> None:
         self.left = len(self.encoded)
-
-
-# One waiting text: (its length, its request, its index in the request).
-_Text = tuple[int, WorkItem, int]
 
 
 class Batcher:
@@ -84,7 +86,7 @@ class Batcher:
         self._run_fn = run
         self.options = options
         self._observer = observer
-        self._queue: deque[_Text] = deque()
+        self._scheduler = Scheduler(options)
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
         self._slots = asyncio.Semaphore(options.instances)
@@ -93,25 +95,48 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._waiting = 0  # submitters waiting for room in the queue
         self._closed = False
+        self._freed = asyncio.Event()  # a batch ended (a slot is free)
+        self._busy_until = 0.0  # when the batches in flight are predicted to end
+        self._last_s = 0.0  # the predicted duration of the last batch formed
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._scheduler)
+
+    def queued_at(self, level: int) -> int:
+        return self._scheduler.waiting(level)
+
+    @property
+    def cost(self) -> CostModel | None:
+        """What a batch costs on this version's engine, once `calibrate` measured it."""
+        return self._scheduler.cost
+
+    async def calibrate(self, ids: np.ndarray, outputs: Sequence[str],
+                        max_length: int) -> CostModel:
+        """Measure the cost model on the runtime itself (worker thread) and size batches by
+        it from now on. `ids`: real token ids to fill the batches with."""
+
+        def run(size: int, length: int) -> None:
+            row = np.resize(ids, length)
+            encoded = Encoded(np.tile(row, size), [length] * size,
+                              [i * length for i in range(size)], [0] * size)
+            self._run_fn(Batch.of(encoded), outputs)
+
+        options = self.options
+        cost = await self._workers.run(measure, run, options.max_batch_size, max_length,
+                                       options.max_batch_tokens)
+        self._scheduler.cost = cost
+        return cost
 
     async def submit(self, items: Sequence[WorkItem], wait: bool) -> None:
         """Queue items; over the limit, fail fast (wait=False) or wait for room (streams)."""
         if self.offer(items, wait):
             return
-        count = sum(len(item.encoded) for item in items)
-        limit = self.options.max_queue_size
         self._waiting += 1
         try:
             async with self._space:
-                # An empty queue admits any request, however large: never waits forever.
-                await self._space.wait_for(
-                    lambda: not self._queue or len(self._queue) + count <= limit
-                )
+                await self._space.wait_for(lambda: self._scheduler.room(items))
         finally:
             self._waiting -= 1
         self._enqueue(items)
@@ -121,10 +146,12 @@ class Batcher:
         for room (wait=True), Overloaded when it may not (wait=False)."""
         if self._closed:
             raise ModelNotReady("this model version is unloading; retry")
-        count = sum(len(item.encoded) for item in items)
-        if self._queue and len(self._queue) + count > self.options.max_queue_size:
+        if not self._scheduler.room(items):
             if not wait:
-                raise Overloaded(f"queue full ({len(self._queue)} texts waiting); retry later")
+                level = self._scheduler.level_of(items[0])
+                raise Overloaded(
+                    f"queue full ({len(self._scheduler)} texts waiting, "
+                    f"{self._scheduler.waiting(level)} at priority level {level}); retry later")
             return False
         self._enqueue(items)
         return True
@@ -133,16 +160,14 @@ class Batcher:
         started = CLOCK.start()
         now = time.perf_counter()
         for item in items:
-            item.enqueued_at = now
-            self._queue.extend(zip(item.encoded.lengths, itertools.repeat(item),
-                                   range(len(item.encoded))))
+            self._scheduler.add(item, now)
         self._wakeup.set()
         CLOCK.stop("batch", started)
 
     async def close(self) -> None:
         """Stop admitting, finish what is queued and running, then free the threads."""
         self._closed = True
-        while self._queue or self._running:
+        while self._scheduler or self._running:
             self._wakeup.set()
             await asyncio.sleep(0.005)
         self._loop_task.cancel()
@@ -151,7 +176,9 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             await self._slots.acquire()
+            await self._until_due()
             texts = await self._next_batch()
+            self._predict(texts)
             task = asyncio.create_task(self._run(texts))
             self._running.add(task)
             task.add_done_callback(self._finished)
@@ -159,65 +186,54 @@ class Batcher:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._slots.release()
+        self._freed.set()
+
+    async def _until_due(self) -> None:
+        """On one device that runs batches one at a time (a GPU, the fake device), form the
+        next batch only shortly before the batches in flight are predicted to end, not as
+        soon as a slot is free: a batch formed early waits on the device with its texts
+        chosen, and an interactive text that arrives meanwhile would wait behind it."""
+        if not self.options.one_device or not self._running or self.cost is None:
+            return
+        lead = max(FORM_LEAD_S, FORM_LEAD_SHARE * self._last_s)
+        wait_s = self._busy_until - lead - time.perf_counter()
+        if wait_s > 0:
+            self._freed.clear()
+            with contextlib.suppress(TimeoutError):  # a batch ended early: form now
+                await asyncio.wait_for(self._freed.wait(), wait_s)
+
+    def _predict(self, texts: list[_Text]) -> None:
+        """When the device will be free once this batch has run, by the cost model."""
+        cost = self.cost
+        if cost is None:
+            return
+        self._last_s = cost.seconds(len(texts) * max(text[0] for text in texts))
+        self._busy_until = max(self._busy_until, time.perf_counter()) + self._last_s
 
     async def _next_batch(self) -> list[_Text]:
+        scheduler = self._scheduler
         while True:
-            while self._queue and self._queue[0][1].future.done():
-                self._queue.popleft()  # cancelled while waiting
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            wait_left = self._queue[0][1].enqueued_at + self.options.max_queue_delay_s
-            wait_left -= time.perf_counter()
-            if wait_left > 0 and not self._full():
+            now = time.perf_counter()
+            expired = scheduler.expire(now)
+            for item in expired:
+                _fail(item, QueueTimeout(
+                    f"waited in the queue past its timeout ({_ms(now - item.enqueued_at)}, "
+                    f"priority level {scheduler.level_of(item)}); retry or lower the load"))
+            if expired:
+                self._notify_space()
+            wait_s = scheduler.ready_in(now)
+            if wait_s > 0:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), wait_left)
+                    await asyncio.wait_for(self._wakeup.wait(),
+                                           None if math.isinf(wait_s) else wait_s)
                 continue
             started = CLOCK.start()
-            texts = self._take()
+            texts = scheduler.take()
             CLOCK.stop("batch", started)
+            self._notify_space()
             if texts:
                 return texts
-
-    def _full(self) -> bool:
-        if len(self._queue) >= self.options.max_batch_size:
-            return True
-        longest = max(text[0] for text in self._queue)  # fewer than max_batch_size texts
-        return longest * (len(self._queue) + 1) > self.options.max_batch_tokens
-
-    def _take(self) -> list[_Text]:
-        """The oldest text and, from the next `lookahead` waiting, those closest to it in
-        length that fit the budget: similar lengths cut padding, and the oldest text always
-        goes, so nothing waits behind a stream of better-fitting texts. Only the head window
-        is touched, so a long queue costs nothing per batch."""
-        while self._queue and self._queue[0][1].future.done():
-            self._queue.popleft()  # cancelled while waiting
-        if not self._queue:
-            return []
-        window = list(itertools.islice(self._queue, 0, 1 + self.options.lookahead))
-        head = window[0]
-        size, budget = self.options.max_batch_size, self.options.max_batch_tokens
-        live = [text for text in window[1:] if not text[1].future.done()]
-        target = head[0]
-        live.sort(key=lambda text: abs(text[0] - target))
-        chosen, longest = {id(head)}, target
-        for text in live:
-            if len(chosen) >= size:
-                break
-            new_longest = text[0] if text[0] > longest else longest
-            if new_longest * (len(chosen) + 1) <= budget:
-                chosen.add(id(text))
-                longest = new_longest
-        taken = [text for text in window if id(text) in chosen]  # in queue order
-        kept = [text for text in window
-                if id(text) not in chosen and not text[1].future.done()]
-        for _ in window:
-            self._queue.popleft()
-        self._queue.extendleft(reversed(kept))
-        self._notify_space()
-        return taken
 
     def _notify_space(self) -> None:
         if not self._waiting:  # nobody waits for room: no task to schedule
@@ -300,6 +316,10 @@ def _scatter(item: WorkItem, arrays: dict[str, np.ndarray], rows: list[int],
             target = item.results[name] = np.empty((len(item.encoded), *array.shape[1:]),
                                                    dtype=array.dtype)
         target[indices] = array[rows]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms"
 
 
 def _fail(item: WorkItem, exc: BaseException) -> None:

@@ -23,6 +23,12 @@ PLATFORM = "onnxruntime_onnx"
 MAX_INSTANCES = 64
 MAX_SEQUENCE_LENGTH = 65_536
 MAX_QUEUE_DELAY_US = 10_000_000
+MAX_PRIORITY_LEVELS = 16
+MAX_BATCH_DURATION_US = 60_000_000
+# Defaults of the scheduler's settings (scheduler.py says what each does and why).
+DEFAULT_PRIORITY_LEVELS = 2
+DEFAULT_MAX_BATCH_DURATION_US = 50_000
+DEFAULT_MAX_SKIPPED_BATCHES = 4
 
 
 class ConfigError(Exception):
@@ -85,6 +91,14 @@ def normalize(config: ModelConfig, default_name: str) -> ModelConfig:
         batching.max_batch_tokens = max(out.max_batch_size, 1) * max(out.max_sequence_length, 1)
     if batching.max_queue_size == 0:
         batching.max_queue_size = 64 * max(out.max_batch_size, 1)
+    if batching.priority_levels == 0:  # interactive calls and bulk feeds, apart
+        batching.priority_levels = DEFAULT_PRIORITY_LEVELS
+    if batching.default_priority_level == 0:
+        batching.default_priority_level = batching.priority_levels
+    if batching.max_batch_duration_microseconds == 0:
+        batching.max_batch_duration_microseconds = DEFAULT_MAX_BATCH_DURATION_US
+    if batching.max_skipped_batches == 0:
+        batching.max_skipped_batches = DEFAULT_MAX_SKIPPED_BATCHES
     return out
 
 
@@ -125,6 +139,30 @@ def validate(config: ModelConfig, folder_name: str) -> list[str]:
             f"smaller than max_sequence_length {config.max_sequence_length}: a long text could "
             "never be batched"
         )
+    problems += _check_priorities(config)
+    return problems
+
+
+def _check_priorities(config: ModelConfig) -> list[str]:
+    """Levels, the default level and per-level queue policies must agree."""
+    batching = config.dynamic_batching
+    levels = batching.priority_levels
+    problems: list[str] = []
+    if levels > MAX_PRIORITY_LEVELS:
+        problems.append(f"dynamic_batching priority_levels {levels} is over the limit of "
+                        f"{MAX_PRIORITY_LEVELS}")
+    if not 1 <= batching.default_priority_level <= levels:
+        problems.append(f"dynamic_batching default_priority_level "
+                        f"{batching.default_priority_level} is outside 1..{levels} "
+                        "(priority_levels)")
+    outside = sorted(n for n in batching.priority_queue_policy if not 1 <= n <= levels)
+    if outside:
+        problems.append(f"dynamic_batching priority_queue_policy has levels {outside} outside "
+                        f"1..{levels} (priority_levels)")
+    if batching.max_batch_duration_microseconds > MAX_BATCH_DURATION_US:
+        problems.append(f"dynamic_batching max_batch_duration_microseconds "
+                        f"{batching.max_batch_duration_microseconds} is over the limit of "
+                        f"{MAX_BATCH_DURATION_US}")
     return problems
 
 

@@ -11,7 +11,9 @@ Contract:
   front end until it says `unpin` (it routes elsewhere and its last request on the version
   ended) or its connection closes. A retired version's session is released only then, so a
   request finishes on the version it started on, whichever process it entered.
-- Requests: `submit` carries one request's packed token ids for a version uid; the answer is
+- Requests: `submit` carries one request's packed token ids for a version uid, with its
+  priority level, its caller and its queue timeout (the batcher's scheduler decides across
+  every front end's callers); the answer is
   its rows per output (`result`) or its error by class name (`error`). `cancel` drops it.
 """
 
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .batcher import WorkItem
+from .costmodel import CostModel
 from .errors import BertstreamError, to_status
 from .ipc import FrameLink, Message
 from .lifecycle import ModelManager
@@ -53,6 +56,7 @@ class VersionInfo:
     config: bytes  # ModelConfig, serialized
     labels: tuple[str, ...]
     provider: str
+    cost: CostModel | None  # measured at warm-up, for GetModel
 
 
 class _Link:
@@ -194,13 +198,17 @@ class Engine:
 
     def _submit(self, link: _Link, rid: int, uid: int, outputs: tuple[str, ...], wait: bool,
                 ids: np.ndarray, lengths: list[int], starts: list[int],
-                type_ids: np.ndarray | None) -> None:
+                type_ids: np.ndarray | None, priority: int, caller: str | None,
+                timeout_s: float) -> None:
         mv = link.pins.get(uid)
         if mv is None or mv.loaded is None:  # a front end routes only to what it pinned
             link.send(("error", rid, "ModelNotReady", "this model version is not loaded"))
             return
         encoded = Encoded(ids, lengths, starts, [0] * len(lengths), type_ids)
-        item = WorkItem(encoded, frozenset(outputs), asyncio.get_running_loop().create_future())
+        # Callers are named by the front end that saw them: the engine keeps them apart.
+        who = None if caller is None else (link.name, caller)
+        item = WorkItem(encoded, frozenset(outputs), asyncio.get_running_loop().create_future(),
+                        priority, who, timeout_s)
         link.pending[rid] = item
         item.future.add_done_callback(partial(self._answer, link, rid, item))
         batcher = mv.loaded.batcher
@@ -254,4 +262,5 @@ def _info(mv: ModelVersion) -> VersionInfo:
     loaded = mv.loaded
     assert loaded is not None
     return VersionInfo(mv.uid, mv.model, mv.version, str(mv.path),
-                       loaded.config.SerializeToString(), tuple(loaded.labels), loaded.provider)
+                       loaded.config.SerializeToString(), tuple(loaded.labels), loaded.provider,
+                       loaded.cost)

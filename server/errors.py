@@ -20,6 +20,7 @@ __all__ = [
     "ModelNotReady",
     "Overloaded",
     "PermissionDenied",
+    "QueueTimeout",
     "ShuttingDown",
     "Unauthenticated",
     "Unsupported",
@@ -76,6 +77,13 @@ def check_explicit(control_mode: str, rpc: str) -> None:
 
 class Overloaded(BertstreamError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QueueTimeout(BertstreamError):
+    """Texts that waited in the queue past their timeout (the level's queue policy, or the
+    request's own `timeout`): Triton's REJECT action."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ShuttingDown(BertstreamError):

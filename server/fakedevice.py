@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import costmodel
 from .runtime import Batch
 from .stages import CLOCK
 from .version_format import PROBABILITIES
@@ -52,13 +53,9 @@ class Point:
 
 
 def fit(points: Sequence[Point]) -> tuple[float, float]:
-    """(a, b) of `seconds = a + b x padded_tokens`, least squares on the relative error so a
-    2 ms single-text batch counts as much as a 23 ms full one."""
-    x = np.array([[1.0, p.padded_tokens] for p in points]) / np.array(
-        [[p.seconds] for p in points])
-    y = np.ones(len(points))
-    (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
-    return max(float(a), 0.0), max(float(b), 0.0)
+    """(a, b) of `seconds = a + b x padded_tokens` (costmodel.fit: the form every engine's
+    measured cost model takes too)."""
+    return costmodel.fit([costmodel.Point(p.batch, p.tokens, p.seconds) for p in points])
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ class EngineModels(Router):
         self._pending[rid] = item
         enc = item.encoded
         link.send(("submit", rid, uid, tuple(item.outputs), wait, enc.ids, enc.lengths,
-                   enc.starts, enc.type_ids))
+                   enc.starts, enc.type_ids, item.priority, item.caller, item.timeout_s))
         item.future.add_done_callback(lambda f: self._cancelled(rid, f))
         await link.drain()  # waits only above HIGH_WATER bytes queued
 
@@ -252,7 +252,7 @@ class EngineModels(Router):
         tokenizer = TextTokenizer(path / TOKENIZER_FILE, config.max_sequence_length)
         mv = ModelVersion(info.model, info.version, path, state=State.READY, uid=info.uid)
         mv.loaded = Loaded(config, tokenizer, RemoteBatcher(self, info.uid, self._connection),
-                           list(info.labels), info.provider)
+                           list(info.labels), info.provider, cost=info.cost)
         return mv
 
     def _retire(self, uid: int, mv: ModelVersion, link: FrameLink | None, seq: int) -> None:

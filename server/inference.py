@@ -22,7 +22,8 @@ from .tokenization import Encoded, check_texts
 from .version_format import POOLING_NAMES, PROBABILITIES, output_name, text_prefix
 from .workers import Workers
 
-__all__ = ["ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result", "TextOptions"]
+__all__ = ["INTERACTIVE_TEXTS", "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result",
+           "Schedule", "TextOptions", "check_timeout", "priority_level"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,23 @@ class TextOptions:
     direction: str = "right"  # right keeps the start, left keeps the end
 
 
+# A unary call or HTTP request of up to this many texts is someone waiting on an answer: it
+# goes to priority level 1 unless it names a level. Stream messages and larger requests are
+# bulk work (a feed, a file) and go to the model's default level, the lowest unless
+# config.pbtxt says otherwise. 16 covers a page of search results or a chat turn's texts;
+# a larger request takes long enough on a CPU that its caller is not waiting interactively.
+INTERACTIVE_TEXTS = 16
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a request queues (scheduler.py): its level, its queue timeout, whose turn."""
+
+    priority: int = 0  # 1 the highest; 0: the server decides (INTERACTIVE_TEXTS)
+    timeout_s: float = 0.0  # 0: the level's queue policy
+    caller: str | None = None  # a stream or a connection; None: the request alone
+
+
 @dataclass(frozen=True)
 class EmbedQuery:
     model: str
@@ -47,6 +65,7 @@ class EmbedQuery:
     pooling_layer: int | None = None
     normalize: bool = False
     text: TextOptions = TextOptions()
+    schedule: Schedule = Schedule()
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,7 @@ class ClassifyQuery:
     top_k: int = 0
     embed: EmbedQuery | None = None  # set when the caller wants the embedding too
     text: TextOptions = TextOptions()
+    schedule: Schedule = Schedule()
 
 
 @dataclass
@@ -121,17 +141,18 @@ class Pipeline:
     async def embed(self, query: EmbedQuery, wait: bool) -> Result:
         """Pooled (or token) vectors for each text; `wait` makes a full queue slow us down."""
         return await self._run(query.model, query.version, query.texts, query.text,
-                               Task.TASK_EMBED, query, None, wait)
+                               Task.TASK_EMBED, query, None, wait, query.schedule)
 
     async def classify(self, query: ClassifyQuery, wait: bool) -> Result:
         if query.top_k < 0:
             raise InvalidInput(f"top_k must be >= 0 (0 = all labels), got {query.top_k}")
         return await self._run(query.model, query.version, query.texts, query.text,
-                               Task.TASK_CLASSIFY, query.embed, query.top_k, wait)
+                               Task.TASK_CLASSIFY, query.embed, query.top_k, wait,
+                               query.schedule)
 
     async def _run(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
                    task: int, embed: EmbedQuery | None, top_k: int | None,
-                   wait: bool) -> Result:
+                   wait: bool, schedule: Schedule) -> Result:
         start = time.perf_counter()
         started = CLOCK.start()
         check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
@@ -148,6 +169,8 @@ class Pipeline:
             if top_k is not None:
                 wanted.add(PROBABILITIES)
             outputs = frozenset(wanted)
+            level = priority_level(config, schedule.priority,
+                                   interactive=not wait and len(texts) <= INTERACTIVE_TEXTS)
             prefix = text_prefix(config, task)
             prefixed = [prefix + t for t in texts] if prefix else list(texts)
             CLOCK.stop("validate", started)
@@ -155,7 +178,8 @@ class Pipeline:
                 self._pool, prefixed, text.truncate, text.direction)
             tokenize_s = time.perf_counter() - start
             started = CLOCK.start()
-            item = WorkItem(encoded, outputs, asyncio.get_running_loop().create_future())
+            item = WorkItem(encoded, outputs, asyncio.get_running_loop().create_future(),
+                            level, schedule.caller, schedule.timeout_s)
             CLOCK.stop("batch", started)
             try:
                 await loaded.batcher.submit([item], wait=wait)
@@ -171,6 +195,25 @@ class Pipeline:
                         tokenize_s, item.queue_s, item.infer_s, time.perf_counter() - start)
         CLOCK.stop("resolve", started)
         return result
+
+
+def priority_level(config: ModelConfig, priority: int, interactive: bool) -> int:
+    """The level a request queues at: its own (checked against the model's levels), else 1
+    for an interactive call, else the model's default level."""
+    levels = int(config.dynamic_batching.priority_levels) or 1
+    if priority < 0 or priority > levels:
+        raise InvalidInput(
+            f"priority {priority} is outside 1..{levels}: model {config.name!r} has {levels} "
+            "priority levels (1 is the highest; 0 lets the server choose)")
+    if priority:
+        return priority
+    return 1 if interactive else int(config.dynamic_batching.default_priority_level) or levels
+
+
+def check_timeout(seconds: float) -> float:
+    if seconds < 0:
+        raise InvalidInput(f"timeout must not be negative, got {seconds * 1e6:.0f} us")
+    return seconds
 
 
 def _l2_normalize(vectors: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:

@@ -39,11 +39,13 @@ from .inference import (
     EmbedQuery,
     Pipeline,
     Result,
+    Schedule,
     TextOptions,
+    check_timeout,
 )
 from .lifecycle import ModelVersion
 from .metrics import Metrics, RequestRecord
-from .servicer import unary
+from .servicer import caller, unary
 from .snapshot import wire_state
 from .streams import ordered_stream
 from .version_format import POOLING_NAMES, PROBABILITIES
@@ -65,7 +67,7 @@ __all__ = [
 TEXT_INPUT = "TEXT"
 EMBEDDING, LABEL = "embedding", "label"  # and PROBABILITIES: the graph's own output name
 # "parameters": the request parameters below; "model_repository": index, load, unload.
-EXTENSIONS = ("model_repository", "parameters")
+EXTENSIONS = ("model_repository", "parameters", "schedule_policy")
 _POOLINGS = {name: value for value, name in POOLING_NAMES.items()}
 _LENGTH = struct.Struct("<I")
 _UNAVAILABLE = wire_state(State.UNAVAILABLE)[1]  # a model-level row
@@ -163,9 +165,23 @@ def _param(params: Any, name: str, kind: str) -> Any:
     return getattr(value, f"{kind}_param")
 
 
-def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...]) -> EmbedQuery:
+def _count_param(params: Any, name: str) -> int:
+    """An integer parameter sent as int64 or uint64 (tritonclient sends `priority` as
+    uint64, `timeout` as int64); 0 when absent."""
+    if name not in params:
+        return 0
+    value = params[name]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"parameter {name!r} must be an integer")
+    return int(getattr(value, kind))
+
+
+def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...],
+                caller: str | None = None) -> EmbedQuery:
     """Parameters bertstream understands (others are ignored, as KServe servers do):
-    truncate, truncation_direction ("right" / "left"), pooling, pooling_layer, normalize."""
+    truncate, truncation_direction ("right" / "left"), pooling, pooling_layer, normalize, and
+    Triton's schedule policy: priority (1 the highest level) and timeout (microseconds)."""
     p = request.parameters
     direction = _param(p, "truncation_direction", "string") or "right"
     if direction not in ("right", "left"):
@@ -182,6 +198,9 @@ def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...]) -> EmbedQ
         pooling=pooling, pooling_layer=_param(p, "pooling_layer", "int64"),
         normalize=bool(_param(p, "normalize", "bool")),
         text=TextOptions(truncate=bool(_param(p, "truncate", "bool")), direction=direction),
+        schedule=Schedule(priority=_count_param(p, "priority"),
+                          timeout_s=check_timeout(_count_param(p, "timeout") / 1e6),
+                          caller=caller),
     )
 
 
@@ -240,18 +259,18 @@ def model_metadata(manager: Any, name: str, version: str) -> pb.ModelMetadataRes
 
 
 async def infer(pipeline: Pipeline, request: pb.ModelInferRequest, wait: bool,
-                record: RequestRecord) -> pb.ModelInferResponse:
+                record: RequestRecord, caller: str | None = None) -> pb.ModelInferResponse:
     """One inference request; `record` learns the model, version and texts for metrics."""
     mv = resolve(pipeline.manager, request.model_name, request.model_version)
     assert mv.loaded is not None
     texts = read_texts(request)
-    query = embed_query(request, texts)
+    query = embed_query(request, texts, caller)
     outputs = _requested(request, model_outputs(mv.loaded.config, mv.loaded.labels), mv.model)
     names = {t.name for t in outputs}
     if mv.loaded.config.task == Task.TASK_CLASSIFY:
         result = await pipeline.classify(ClassifyQuery(
             model=query.model, version=query.version, texts=texts, text=query.text,
-            embed=query if EMBEDDING in names else None), wait=wait)
+            embed=query if EMBEDDING in names else None, schedule=query.schedule), wait=wait)
     else:
         result = await pipeline.embed(query, wait=wait)
     record.model, record.version, record.texts = result.model, result.version, len(texts)
@@ -351,22 +370,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return model_metadata(self.manager, request.name, request.version)
 
     async def _infer(self, request: pb.ModelInferRequest, wait: bool,
-                     rpc: str) -> pb.ModelInferResponse:
+                     rpc: str, who: str) -> pb.ModelInferResponse:
         with self.metrics.request(rpc, request.model_name) as record:
-            return await infer(self.pipeline, request, wait, record)
+            return await infer(self.pipeline, request, wait, record, who)
 
     @unary
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: Any) -> pb.ModelInferResponse:
-        return await self._infer(request, wait=False, rpc="ModelInfer")
+        return await self._infer(request, wait=False, rpc="ModelInfer",
+                                 who=caller(context, stream=False))
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
                                context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in request order (ordered_stream's contract)."""
 
+        who = caller(context, stream=True)
+
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            return pb.ModelStreamInferResponse(
-                infer_response=await self._infer(request, wait=True, rpc="ModelStreamInfer"))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(
+                request, wait=True, rpc="ModelStreamInfer", who=who))
 
         def on_error(request: pb.ModelInferRequest, code: int,
                      message: str) -> pb.ModelStreamInferResponse:

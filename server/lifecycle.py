@@ -224,6 +224,10 @@ class ModelManager(Router):
             batcher = mv.loaded.batcher
             self.metrics.watch_queue(mv.model, mv.version, lambda: batcher.queued)
             self.metrics.watch_device(mv.model, mv.version, mv.loaded.busy_seconds)
+            levels = int(mv.loaded.config.dynamic_batching.priority_levels)
+            self.metrics.watch_levels(mv.model, mv.version, levels, batcher.queued_at)
+            if mv.loaded.cost is not None:
+                self.metrics.show_cost(mv.model, mv.version, mv.loaded.cost)
 
     async def _reload(self, ms: ModelState, entry: repository.ModelEntry,
                       stable: Stable | None, attempt: tuple[str, tuple[object, ...]]) -> None:

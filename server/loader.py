@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from bertstream.v1.model_config_pb2 import ModelConfig, Task
+from bertstream.v1.model_config_pb2 import ModelConfig, ModelQueuePolicy, Task
 
 from . import repository
-from .batcher import Batcher, BatcherOptions, WorkItem
+from .batcher import Batcher, BatcherOptions, LevelPolicy, WorkItem
 from .fakedevice import FakeDevicePool, parse_spec
 from .metrics import Metrics
 from .runtime import RuntimeOptions, RuntimePool
@@ -44,7 +44,7 @@ from .version_format import (
 )
 from .versions import Loaded
 
-__all__ = ["Loader", "OnnxLoader"]
+__all__ = ["Loader", "OnnxLoader", "pin_mmap_threshold"]
 
 log = logging.getLogger("bertstream.server.lifecycle")
 
@@ -80,7 +80,10 @@ class OnnxLoader:
         runtime, tokenizer, labels = await asyncio.to_thread(
             _build, path, config, self.options, self.root)
         observer = self.metrics.batch_observer(model, version) if self.metrics else None
-        options = dataclasses.replace(_batcher_options(config), instances=runtime.concurrency)
+        # CPU sessions run side by side on their share of the cores; a GPU's sessions and
+        # slots (and the fake device's) share one device that runs a batch at a time.
+        options = dataclasses.replace(_batcher_options(config), instances=runtime.concurrency,
+                                      one_device=runtime.provider != "CPUExecutionProvider")
         batcher = Batcher(runtime.run, options, observer)
         return Loaded(config, tokenizer, batcher, labels, runtime.provider,
                       runtime.busy_seconds)
@@ -175,6 +178,22 @@ def _warn_if_untrained(path: Path) -> None:
                     path)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def pin_mmap_threshold(nbytes: int = 128 * 1024) -> None:
+    """Keep large allocations in their own mappings for the life of the process.
+
+    glibc raises its mmap threshold each time a mapped block is freed, up to that block's
+    size; from then on blocks of that size come from the heap, where freed ones fragment it
+    and stay resident. Each version's warm-up measures a few batch shapes (its cost model), so
+    every swap freed a few such blocks: resident memory grew ~2 MB a swap (150 -> 187 MiB
+    over 20 swaps of a tiny model; flat with the threshold pinned). Setting it fixes the
+    threshold and turns that adjustment off."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
+
+
 def _release_memory() -> None:
     """Hand a released session's memory back to the OS: collect cycles, then ask glibc to
     return freed heap pages (onnxruntime frees through malloc, which keeps them otherwise).
@@ -191,12 +210,32 @@ def _release_memory() -> None:
 
 
 def _batcher_options(config: ModelConfig) -> BatcherOptions:
+    """config.pbtxt's dynamic_batching (normalised: every default filled in)."""
     batching = config.dynamic_batching
+    levels = int(batching.priority_levels)
+    policies = tuple(_level_policy(batching.priority_queue_policy[n])
+                     if n in batching.priority_queue_policy
+                     else _level_policy(batching.default_queue_policy)
+                     for n in range(1, levels + 1))
     return BatcherOptions(
         max_batch_size=config.max_batch_size,
         max_batch_tokens=batching.max_batch_tokens,
         max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
         max_queue_size=batching.max_queue_size,
+        levels=levels,
+        default_level=int(batching.default_priority_level),
+        policies=policies,
+        max_batch_duration_s=batching.max_batch_duration_microseconds / 1e6,
+        max_skipped_batches=batching.max_skipped_batches,
+    )
+
+
+def _level_policy(policy: ModelQueuePolicy) -> LevelPolicy:
+    return LevelPolicy(
+        timeout_s=policy.default_timeout_microseconds / 1e6,
+        delay=policy.timeout_action == ModelQueuePolicy.DELAY,
+        allow_override=policy.allow_timeout_override,
+        max_queue_size=policy.max_queue_size,
     )
 
 
@@ -227,3 +266,7 @@ async def _warm_up(loaded: Loaded) -> None:
     except Exception as exc:
         raise ValueError(f"the model cannot run a text of max_sequence_length {longest} tokens "
                          f"({CONFIG_FILE} promises it): {exc}") from None
+    cost = loaded.cost = await loaded.batcher.calibrate(encoded.text_ids(0), sorted(outputs),
+                                                        longest)
+    log.info("%s: a batch costs %.2f ms + %.3f us per padded token (fitted to %d measured "
+             "batches)", config.name, cost.a_s * 1e3, cost.b_s * 1e6, len(cost.points))

@@ -8,7 +8,11 @@ What an operator of a batching server needs to see, with Triton-like meanings:
   version}` per text and per batch;
 - `bertstream_batch_size{model,version}` and `bertstream_batch_tokens_total{model,version,kind}`
   with kind `real` or `padded`: real / padded is the padding efficiency of the batcher;
-- `bertstream_requests_in_flight{rpc}` and `bertstream_queue_texts{model,version}` gauges.
+- `bertstream_requests_in_flight{rpc}` and `bertstream_queue_texts{model,version}` gauges,
+  `bertstream_queue_level_texts{model,version,priority}` by priority level;
+- `bertstream_batch_cost_fixed_seconds` and `bertstream_batch_cost_token_seconds{model,
+  version}`: the cost model the version measured at warm-up (seconds = fixed + token x padded
+  tokens), which sizes its batches.
 
 One `Metrics` object per server, on its own registry (tests start several servers in one
 process without their metrics mixing).
@@ -50,6 +54,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._model_labels: set[str] = set()
         self._children: dict[tuple[object, ...], Any] = {}
+        self._levels: dict[tuple[str, int], int] = {}  # priority levels gauged per version
         r = self.registry
         self.requests = Counter("bertstream_requests", "Unary calls and stream messages",
                                 ["model", "version", "rpc", "code"], registry=r)
@@ -73,6 +78,15 @@ class Metrics:
                                "being answered", ["rpc"], registry=r)
         self.queued = Gauge("bertstream_queue_texts", "Texts waiting for a batch",
                             ["model", "version"], registry=r)
+        self.queued_level = Gauge("bertstream_queue_level_texts",
+                                  "Texts waiting for a batch, by priority level (1 highest)",
+                                  ["model", "version", "priority"], registry=r)
+        self.cost_fixed = Gauge("bertstream_batch_cost_fixed_seconds",
+                                "Measured cost model: seconds a batch costs whatever its size",
+                                ["model", "version"], registry=r)
+        self.cost_token = Gauge("bertstream_batch_cost_token_seconds",
+                                "Measured cost model: seconds each padded token adds to a batch",
+                                ["model", "version"], registry=r)
         self.device_busy = Gauge(
             "bertstream_device_busy_seconds", "Seconds at least one batch of this version was "
             "running (grows like a counter; its rate is the device's busy share)",
@@ -153,8 +167,22 @@ class Metrics:
     def watch_device(self, model: str, version: int, busy: Callable[[], float]) -> None:
         self.device_busy.labels(model, str(version)).set_function(busy)
 
+    def watch_levels(self, model: str, version: int, levels: int,
+                     depth: Callable[[int], float]) -> None:
+        for level in range(1, levels + 1):
+            self.queued_level.labels(model, str(version), str(level)).set_function(
+                lambda level=level: depth(level))
+        self._levels[(model, version)] = levels
+
+    def show_cost(self, model: str, version: int, cost: Any) -> None:
+        self.cost_fixed.labels(model, str(version)).set(cost.a_s)
+        self.cost_token.labels(model, str(version)).set(cost.b_s)
+
     def forget(self, model: str, version: int) -> None:
         """A released version's gauges go (its counters stay: they are history)."""
-        for gauge in (self.queued, self.device_busy):
+        for gauge in (self.queued, self.device_busy, self.cost_fixed, self.cost_token):
             with contextlib.suppress(KeyError):
                 gauge.remove(model, str(version))
+        for level in range(1, self._levels.pop((model, version), 0) + 1):
+            with contextlib.suppress(KeyError):
+                self.queued_level.remove(model, str(version), str(level))

@@ -18,13 +18,16 @@ from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
 from bertstream.v1.model_config_pb2 import Task
 
+from .costmodel import CostModel
 from .errors import InvalidInput, check_explicit, to_status
 from .inference import (
     ClassifyQuery,
     EmbedQuery,
     Pipeline,
     Result,
+    Schedule,
     TextOptions,
+    check_timeout,
 )
 from .metrics import Metrics
 from .snapshot import ModelRow, wire_state
@@ -63,17 +66,38 @@ def _text_options(request: Any) -> TextOptions:
     return TextOptions(truncate=request.truncate, direction=direction)
 
 
-def _embed_query(r: pb.EmbedRequest | pb.ClassifyRequest) -> EmbedQuery:
+def _embed_query(r: pb.EmbedRequest | pb.ClassifyRequest,
+                 schedule: Schedule | None = None) -> EmbedQuery:
     return EmbedQuery(
         model=r.model, version=r.version, texts=tuple(r.texts), pooling=r.pooling,
         pooling_layer=r.pooling_layer if r.HasField("pooling_layer") else None,
-        normalize=r.normalize, text=_text_options(r),
+        normalize=r.normalize, text=_text_options(r), schedule=schedule or Schedule(),
     )
+
+
+def caller(context: Any, stream: bool) -> str:
+    """Whose turn a request's texts take (scheduler.py): each stream is a caller of its own;
+    unary calls are their connection's (a client's channel)."""
+    peer = context.peer()
+    return f"{peer}#{id(context)}" if stream else peer
+
+
+def _schedule(r: pb.EmbedRequest | pb.ClassifyRequest, who: str) -> Schedule:
+    return Schedule(priority=r.priority, timeout_s=check_timeout(r.timeout_us / 1e6),
+                    caller=who)
 
 
 def _check_version(version: int) -> None:
     if version < 0:
         raise InvalidInput(f"version must be >= 0 (0 = the policy's default), got {version}")
+
+
+def _batch_cost(cost: CostModel | None) -> pb.BatchCost | None:
+    if cost is None:
+        return None
+    return pb.BatchCost(fixed_us=cost.a_s * 1e6, per_token_us=cost.b_s * 1e6, points=[
+        pb.BatchCostPoint(batch_size=p.batch, tokens=p.tokens, seconds=p.seconds)
+        for p in cost.points])
 
 
 def _timings(result: Result) -> pb.Timings:
@@ -169,11 +193,12 @@ class BertServicer(pb_grpc.BertServiceServicer):
         self.control_mode = control_mode
         self.draining = draining  # set on SIGTERM: streams answer what they read, then end
 
-    async def _embed(self, request: pb.EmbedRequest, wait: bool) -> pb.EmbedResponse:
+    async def _embed(self, request: pb.EmbedRequest, wait: bool,
+                     who: str) -> pb.EmbedResponse:
         with self.metrics.request("EmbedStream" if wait else "Embed", request.model) as record:
             started = CLOCK.start()
             _check_version(request.version)
-            query = _embed_query(request)
+            query = _embed_query(request, _schedule(request, who))
             CLOCK.stop("validate", started)
             result = await self.pipeline.embed(query, wait=wait)
             record.model, record.version, record.texts = (result.model, result.version,
@@ -183,7 +208,8 @@ class BertServicer(pb_grpc.BertServiceServicer):
         CLOCK.stop("respond", started)
         return response
 
-    async def _classify(self, request: pb.ClassifyRequest, wait: bool) -> pb.ClassifyResponse:
+    async def _classify(self, request: pb.ClassifyRequest, wait: bool,
+                        who: str) -> pb.ClassifyResponse:
         with self.metrics.request("ClassifyStream" if wait else "Classify",
                                   request.model) as record:
             started = CLOCK.start()
@@ -192,6 +218,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
                 model=request.model, version=request.version, texts=tuple(request.texts),
                 top_k=request.top_k, text=_text_options(request),
                 embed=_embed_query(request) if request.return_embedding else None,
+                schedule=_schedule(request, who),
             )
             CLOCK.stop("validate", started)
             result = await self.pipeline.classify(query, wait=wait)
@@ -204,16 +231,17 @@ class BertServicer(pb_grpc.BertServiceServicer):
 
     @unary
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
-        return await self._embed(request, wait=False)
+        return await self._embed(request, wait=False, who=caller(context, stream=False))
 
     @unary
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
-        return await self._classify(request, wait=False)
+        return await self._classify(request, wait=False, who=caller(context, stream=False))
 
     async def EmbedStream(self, requests: AsyncIterator[pb.EmbedRequest],
                           context: Any) -> AsyncIterator[pb.EmbedResponse]:
+        who = caller(context, stream=True)
         async for response in ordered_stream(
-            requests, lambda r: self._embed(r, wait=True),
+            requests, lambda r: self._embed(r, wait=True, who=who),
             lambda r, code, msg: pb.EmbedResponse(request_id=r.request_id, model=r.model,
                                                   error=pb.Error(code=code, message=msg)),
             self.stream_window, context, self.draining,
@@ -222,8 +250,9 @@ class BertServicer(pb_grpc.BertServiceServicer):
 
     async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest],
                              context: Any) -> AsyncIterator[pb.ClassifyResponse]:
+        who = caller(context, stream=True)
         async for response in ordered_stream(
-            requests, lambda r: self._classify(r, wait=True),
+            requests, lambda r: self._classify(r, wait=True, who=who),
             lambda r, code, msg: pb.ClassifyResponse(request_id=r.request_id, model=r.model,
                                                      error=pb.Error(code=code, message=msg)),
             self.stream_window, context, self.draining,
@@ -284,7 +313,8 @@ class BertServicer(pb_grpc.BertServiceServicer):
             default_pooling_layer=config.default_pooling_layer,
             max_texts_per_request=limits.max_texts_per_request,
             max_text_chars=limits.max_text_chars, platform=config.platform,
-            execution_provider=mv.loaded.provider,
+            execution_provider=mv.loaded.provider, batch_cost=_batch_cost(mv.loaded.cost),
+            priority_levels=config.dynamic_batching.priority_levels,
         )
 
     @unary

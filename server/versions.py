@@ -53,6 +53,7 @@ class Loaded:
     labels: list[str]
     provider: str
     busy_seconds: Callable[[], float] = lambda: 0.0  # device time, for the metrics
+    cost: Any = None  # costmodel.CostModel, once the warm-up measured it
 
 
 @dataclass(eq=False)

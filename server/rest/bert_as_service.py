@@ -35,8 +35,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import server_version
-from ..inference import EmbedQuery, TextOptions, resolve_pooling
-from .common import Dialect, HttpContext, HttpError, json_response, read_json
+from ..inference import EmbedQuery, Schedule, TextOptions, resolve_pooling
+from .common import Dialect, HttpContext, HttpError, caller, json_response, read_json
 
 __all__ = ["routes"]
 
@@ -107,7 +107,8 @@ def routes(context: HttpContext) -> list[Route]:
         counts["pending"] += 1
         try:
             result = await context.pipeline.embed(
-                EmbedQuery("", 0, texts, text=TextOptions(truncate=_flag(body, "truncate"))),
+                EmbedQuery("", 0, texts, text=TextOptions(truncate=_flag(body, "truncate")),
+                           schedule=Schedule(caller=caller(request))),
                 wait=False)
         finally:
             counts["pending"] -= 1

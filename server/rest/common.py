@@ -21,7 +21,8 @@ from ..inference import Pipeline
 from ..metrics import Metrics
 from ..security import INFERENCE, TokenTable
 
-__all__ = ["HTTP_STATUS", "Dialect", "HttpContext", "HttpError", "json_response", "read_json"]
+__all__ = ["HTTP_STATUS", "Dialect", "HttpContext", "HttpError", "caller", "json_response",
+           "read_json"]
 
 log = logging.getLogger("bertstream.rest")
 
@@ -73,6 +74,13 @@ class HttpContext:
     @property
     def models(self) -> Any:
         return self.pipeline.manager
+
+
+def caller(request: Request) -> str:
+    """Whose turn a request's texts take (scheduler.py): its connection, so a keep-alive
+    client's requests queue behind each other and beside other clients'."""
+    client = request.client
+    return f"http:{client.host}:{client.port}" if client else f"http:{id(request)}"
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from ..errors import EngineUnavailable, ModelNotFound, ModelNotReady, Unsupported
 from ..frontend import ENGINE_GONE
 from ..security import ADMIN, OPEN
-from .common import Dialect, HttpContext, HttpError, json_response, read_body
+from .common import Dialect, HttpContext, HttpError, caller, json_response, read_body
 
 if TYPE_CHECKING:
     from bertstream.kserve.v2 import grpc_service_pb2 as pb
@@ -293,7 +293,8 @@ def routes(context: HttpContext) -> list[Route]:
         header, binary = _split(body, request.headers.get(HEADER_LENGTH))
         query, binary_outputs = infer_request(request.path_params["model"],
                                               version_of(request), header, binary)
-        response = await core.infer(context.pipeline, query, False, request.state.record)
+        response = await core.infer(context.pipeline, query, False, request.state.record,
+                                    caller(request))
         return infer_response(response, binary_outputs)
 
     @DIALECT.handler(context, "RepositoryIndex", ADMIN)

@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..inference import EmbedQuery
-from .common import Dialect, HttpContext, HttpError, json_response, read_json
+from ..inference import EmbedQuery, Schedule
+from .common import Dialect, HttpContext, HttpError, caller, json_response, read_json
 
 __all__ = ["routes"]
 
@@ -63,7 +63,8 @@ def routes(context: HttpContext) -> list[Route]:
         record = request.state.record
         record.model = model
         result = await context.pipeline.embed(
-            EmbedQuery(model, 0, texts, normalize=True), wait=False)
+            EmbedQuery(model, 0, texts, normalize=True, schedule=Schedule(caller=caller(request))),
+            wait=False)
         record.model, record.version, record.texts = result.model, result.version, len(texts)
         vectors = result.vectors
         if not isinstance(vectors, np.ndarray):

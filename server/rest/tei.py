@@ -56,9 +56,9 @@ from tokenizers import Encoding
 
 from .. import server_version
 from ..errors import BertstreamError
-from ..inference import ClassifyQuery, EmbedQuery, TextOptions
+from ..inference import ClassifyQuery, EmbedQuery, Schedule, TextOptions
 from ..version_format import POOLING_NAMES, text_prefix
-from .common import Dialect, HttpContext, HttpError, json_response, read_json
+from .common import Dialect, HttpContext, HttpError, caller, json_response, read_json
 
 __all__ = ["routes"]
 
@@ -263,7 +263,8 @@ def routes(context: HttpContext) -> list[Route]:
             raise _invalid(f"`dimensions` must be a positive integer, got {dimensions!r}")
         result = await context.pipeline.embed(
             EmbedQuery(_model(request), 0, texts, normalize=normalize and dimensions is None,
-                       text=_text_options(body)), wait=False)
+                       text=_text_options(body), schedule=Schedule(caller=caller(request))),
+            wait=False)
         record = request.state.record
         record.model, record.version, record.texts = result.model, result.version, len(texts)
         vectors = result.vectors
@@ -293,7 +294,8 @@ def routes(context: HttpContext) -> list[Route]:
             raise HttpError(424, f"model {mv.model!r} has no classification head: /predict "
                             "needs a classification model")
         result = await context.pipeline.classify(
-            ClassifyQuery(mv.model, 0, texts, text=_text_options(body)), wait=False)
+            ClassifyQuery(mv.model, 0, texts, text=_text_options(body),
+                          schedule=Schedule(caller=caller(request))), wait=False)
         record = request.state.record
         record.model, record.version, record.texts = result.model, result.version, len(texts)
         scores = result.probabilities

@@ -7,6 +7,7 @@ Skipped only where `node` or `npm` is missing, or where `npm ci` cannot reach th
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 from bertstream.client import BertClient
-from nodelib import Result, node_with_modules, run_cli
+from bertstream.v1 import bertstream_pb2 as pb
+from nodelib import NODE_DIR, Result, node_with_modules, run_cli
 
 if TYPE_CHECKING:
     from conftest import ServerProcess
@@ -29,10 +31,14 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def node_cli() -> Callable[..., Result]:
-    """`node_cli(*args)`: runs cli.js; installs the pinned modules with `npm ci` first when
-    node_modules lacks them."""
-    node = node_with_modules("Node.js client test")
+def node() -> str:
+    """The `node` executable, with the pinned modules installed (`npm ci`) when missing."""
+    return node_with_modules("Node.js client test")
+
+
+@pytest.fixture(scope="session")
+def node_cli(node: str) -> Callable[..., Result]:
+    """`node_cli(*args)`: runs cli.js."""
 
     def run(*args: str) -> Result:
         return run_cli(node, *args)
@@ -134,3 +140,56 @@ def test_unknown_model_is_not_found(node_cli, address) -> None:  # type: ignore[
     assert stream.returncode != 0
     assert [m["error"]["code"] for m in stream.json()] == ["NOT_FOUND", "NOT_FOUND"]
     assert [m["error"]["grpc_code"] for m in stream.json()] == [5, 5]
+
+
+# Serializes the requests the helper builds with the service's own serializers: what goes on
+# the wire, without a server.
+SERIALIZE = """
+const { loadService, embedRequest, classifyRequest } = require(process.argv[1]);
+const methods = loadService().service;
+const wire = (method, request) => methods[method].requestSerialize(request).toString('hex');
+process.stdout.write(JSON.stringify({
+  embed: wire('Embed', embedRequest(['a'], { priority: 1, timeoutUs: 250000 }, 'm')),
+  classify: wire('ClassifyStream',
+    classifyRequest(['b'], { priority: 2, timeoutUs: '18446744073709551615' }, 'm')),
+  plain: wire('Embed', embedRequest('c', {}, 'm')),
+}));
+"""
+
+
+def test_priority_and_timeout_reach_the_wire(node: str) -> None:
+    """The helper's `priority` and `timeoutUs` land in EmbedRequest / ClassifyRequest's
+    priority and timeout_us (the .proto is loaded at run time: no stub to regenerate)."""
+    proc = subprocess.run([node, "-e", SERIALIZE, str(NODE_DIR / "bertstream.js")],
+                          capture_output=True, text=True, timeout=60, check=True)
+    wire = {k: bytes.fromhex(v) for k, v in json.loads(proc.stdout).items()}
+    embed = pb.EmbedRequest.FromString(wire["embed"])
+    classify = pb.ClassifyRequest.FromString(wire["classify"])
+    plain = pb.EmbedRequest.FromString(wire["plain"])
+    assert (embed.model, list(embed.texts), embed.priority, embed.timeout_us) == \
+        ("m", ["a"], 1, 250_000)
+    assert (classify.priority, classify.timeout_us) == (2, 2**64 - 1)
+    assert (plain.priority, plain.timeout_us) == (0, 0)  # the server decides
+
+
+@pytest.mark.parametrize("flag", ["--priority=-1", "--priority=high", "--timeout-us=-5"])
+def test_bad_priority_flags_are_usage_errors(node_cli, flag) -> None:  # type: ignore[no-untyped-def]
+    result = node_cli("--server", "127.0.0.1:1", "embed", flag, TEXTS[0])
+    assert result.returncode == 2 and result.stdout == ""
+    assert flag.split("=")[0] in result.stderr
+
+
+def test_priority_calls_match_python(node_cli, address, py_embed) -> None:  # type: ignore[no-untyped-def]
+    """An interactive call and an interactive stream (level 1, with a queue timeout) answer
+    as the Python client does."""
+    flags = ("--priority", "1", "--timeout-us", "30000000")
+    expected = py_embed.encode(TEXTS[:2], priority=1, timeout_us=30_000_000)
+    unary = ok(node_cli("--server", address, "--model", "tiny-embed", "embed", *flags,
+                        *TEXTS[:2]))
+    got = np.asarray([item["embedding"] for item in unary], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    stream = ok(node_cli("--server", address, "--model", "tiny-embed", "embed-stream",
+                         "--batch", "2", *flags, *TEXTS[:2]))
+    [message] = stream
+    got = np.asarray([item["embedding"] for item in message["items"]], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

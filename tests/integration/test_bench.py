@@ -1,6 +1,7 @@
 """benchmarks/bench.py runs end to end (tiny model, fake device, a few hundred texts) and
 records the stage budget, for gRPC streams, unary calls and HTTP /v1/embeddings: the script
-README's Speed section is made with must not rot."""
+README's Speed section is made with must not rot. So does benchmarks/mixed.py (interactive
+calls beside bulk feeds), on its own and as bench.py --mixed."""
 
 from __future__ import annotations
 
@@ -74,10 +75,12 @@ def test_bench_runs_with_the_fake_device_and_records_the_budget(
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--model-repository",
          str(model_repository), "--model", "tiny-embed", "--texts", "256", "--feeds", "1",
          "--per-message", "16", "--latency-runs", "5", "--unary-texts", "32",
-         "--fake-device", "h100-e5-small-fp16", "--output", str(output)],
+         "--fake-device", "h100-e5-small-fp16", "--output", str(output),
+         "--mixed", "--mixed-texts", "64", "--interactive-seconds", "0.5"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "stage budget, streams of 16 texts per message" in done.stdout
+    assert "mixed: interactive calls beside 1 feeds of 64 texts" in done.stdout
     assert "stage budget, HTTP POST /v1/embeddings of 16 texts (1 feeds x 8 connections)" \
         in done.stdout
     record = json.loads(output.read_text())
@@ -93,6 +96,44 @@ def test_bench_runs_with_the_fake_device_and_records_the_budget(
     assert {"tokenize_native", "device", "respond", "event-loop:rest"} <= stages
     stages = {row["stage"] for row in record["stage_budget"]["http"]}
     assert {"tokenize_native", "device", "event-loop:rest"} <= stages
+    assert record["mixed"]["interactive_mixed_calls"] >= 1
+    assert record["mixed"]["feeds_mixed_texts_per_s"] > 0
+
+
+def test_mixed_measures_interactive_calls_beside_feeds(
+        model_repository: Path, tmp_path: Path) -> None:
+    """mixed.py: interactive calls alone, two feeds alone, then both; every figure recorded
+    with the machine and settings."""
+    output = tmp_path / "mixed.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mixed.py"), "--model-repository",
+         str(model_repository), "--model", "tiny-embed", "--fake-device", "h100-e5-small-fp16",
+         "--mixed-feeds", "2", "--mixed-texts", "256", "--per-message", "16",
+         "--interactive-seconds", "1", "--interactive-interval", "0.05",
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "interactive alone" in done.stdout and "feeds alone" in done.stdout
+    record = json.loads(output.read_text())
+    assert record["device"] == "fake: h100-e5-small-fp16"
+    assert record["cpu_count"] >= 1 and record["model"] == "tiny-embed"
+    assert record["settings"]["mixed_feeds"] == 2
+    assert record["settings"]["fake_device"] == "h100-e5-small-fp16"
+    figures = record["figures"]
+    assert figures["interactive_alone_calls"] >= 5
+    assert figures["interactive_mixed_calls"] >= 1
+    assert figures["interactive_alone_failed"] == figures["interactive_mixed_failed"] == 0
+    for phase in ("interactive_alone", "interactive_mixed"):
+        assert 0 < figures[f"{phase}_p50_ms"] <= figures[f"{phase}_p99_ms"] \
+            <= figures[f"{phase}_max_ms"], phase
+    for phase in ("feeds_alone", "feeds_mixed"):
+        assert figures[f"{phase}_texts_per_s"] > 0
+        for feed in (0, 1):
+            assert figures[f"{phase}_{feed}_texts_per_s"] > 0
+            assert figures[f"{phase}_{feed}_elapsed_s"] > 0
+        assert figures[f"{phase}_slowest_vs_fastest"] >= 1
+    assert figures["feed_throughput_mixed_vs_alone"] > 0
+    assert "interactive_p99_added_ms" in figures
 
 
 def test_bench_measures_a_server_of_front_ends(model_repository: Path, tmp_path: Path) -> None:

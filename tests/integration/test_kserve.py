@@ -299,3 +299,16 @@ def test_load_and_unload_in_explicit_mode(
         client.close()
     assert proc.stop() == 0
     assert "Traceback" not in "".join(proc.lines), "".join(proc.lines[-40:])
+
+
+def test_triton_schedule_policy_priority_and_timeout(triton: Any) -> None:
+    """tritonclient's `infer(priority=, timeout=)` (uint64 and int64 parameters) reach the
+    scheduler; a level the model lacks is INVALID_ARGUMENT; the extension is listed."""
+    assert "schedule_policy" in triton.get_server_metadata().extensions
+    for priority in (1, 2):
+        result = triton.infer("tiny-embed", [text_input(["今天股市大涨"])], priority=priority,
+                              timeout=5_000_000)
+        assert result.as_numpy("embedding").shape == (1, 64)
+    with pytest.raises(InferenceServerException) as exc:
+        triton.infer("tiny-embed", [text_input(["今天股市大涨"])], priority=7)
+    assert "INVALID_ARGUMENT" in status(exc) and "priority 7 is outside 1..2" in str(exc.value)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from bertstream.server.batcher import Batcher, BatcherOptions, WorkItem
-from bertstream.server.errors import Overloaded
+from bertstream.server.errors import Overloaded, QueueTimeout
 from bertstream.server.runtime import Batch
 from bertstream.server.tokenization import Encoded
 
@@ -240,3 +240,105 @@ def test_the_queue_limit_counts_texts_not_requests() -> None:
         await first.future
 
     run(body, max_queue_size=2, max_batch_size=1)
+
+
+# -- priorities, fair turns, cost-sized batches, queue timeouts (scheduler.py) -------------
+
+def leveled(first_id: int, length: int, level: int, caller: str | None = None,
+            timeout_s: float = 0.0) -> WorkItem:
+    it = item(first_id, length)
+    it.priority, it.caller, it.timeout_s = level, caller, timeout_s
+    return it
+
+
+def test_a_high_level_text_behind_500_low_level_ones_runs_in_the_next_batch() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        bulk = [leveled(1000 + i, 3, level=2, caller="feed") for i in range(500)]
+        await batcher.submit(bulk, wait=True)
+        urgent = leveled(7, 3, level=1, caller="ui")
+        await batcher.submit([urgent], wait=False)
+        fake.gate.set()
+        await asyncio.gather(first.future, urgent.future, *(b.future for b in bulk))
+        assert fake.batches[1] == [7]  # alone: its level has nothing else
+        assert len(fake.batches) == 2 + 500 // 32 + 1
+
+    run(body, max_queue_size=1024)
+
+
+def test_a_low_level_is_never_starved_by_a_busy_high_one() -> None:
+    """Level 1 always has work; level 2 still runs every (max_skipped_batches + 1)th batch."""
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        urgent = [leveled(100 + i, 3, level=1, caller="ui") for i in range(12)]
+        bulk = [leveled(500 + i, 3, level=2, caller="feed") for i in range(3)]
+        await batcher.submit(urgent + bulk, wait=False)
+        fake.gate.set()
+        await asyncio.gather(first.future, *(i.future for i in urgent + bulk))
+        kinds = ["bulk" if b[0] >= 500 else "ui" for b in fake.batches[1:]]
+        assert kinds[:12] == ["ui", "ui", "ui", "ui", "bulk"] * 2 + ["ui", "ui"]
+
+    run(body, max_batch_size=1, max_skipped_batches=4)
+
+
+def test_two_feeds_of_one_level_share_every_batch() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        a = [leveled(100 + i, 3, level=2, caller="A") for i in range(40)]
+        b = [leveled(300 + i, 3, level=2, caller="B") for i in range(40)]
+        await batcher.submit(a, wait=False)  # all of A arrives first
+        await batcher.submit(b, wait=False)
+        fake.gate.set()
+        await asyncio.gather(first.future, *(i.future for i in a + b))
+        for batch in fake.batches[1:5]:
+            assert sum(x < 300 for x in batch) == sum(x >= 300 for x in batch) == 4
+
+    run(body, max_batch_size=8)
+
+
+def test_batches_are_sized_by_the_measured_cost_model() -> None:
+    """A fake engine whose fixed cost is nothing beside its per-token cost (a CPU's shape):
+    calibrate finds that, and bulk batches shrink from 32 texts to a few."""
+    import time
+
+    class SlowPerToken(FakeRuntime):
+        def run(self, batch: Batch, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+            time.sleep(20e-6 * batch.padded_tokens)
+            return super().run(batch, outputs)
+
+    fake = SlowPerToken()
+
+    async def main() -> None:
+        batcher = Batcher(fake.run, BatcherOptions(max_queue_delay_s=0))
+        try:
+            cost = await batcher.calibrate(np.arange(5, 40), ["mean_layer1"], 128)
+            best = cost.best_size(128)
+            assert best <= 4 and cost.b_s == pytest.approx(20e-6, rel=0.3)
+            fake.batches.clear()
+            first = await blocked_first_batch(fake, batcher)
+            bulk = [leveled(100 + i, 128, level=2, caller="feed") for i in range(12)]
+            await batcher.submit(bulk, wait=False)
+            fake.gate.set()
+            await asyncio.gather(first.future, *(b.future for b in bulk))
+            assert max(len(b) for b in fake.batches[1:]) <= best < 32
+        finally:
+            fake.gate.set()
+            await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_text_past_its_queue_timeout_fails_deadline_exceeded() -> None:
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        late = leveled(600, 3, level=2, caller="feed", timeout_s=1e-6)
+        fine = leveled(601, 3, level=2, caller="feed")
+        await batcher.submit([late, fine], wait=False)
+        await asyncio.sleep(0.001)  # past the 1 us timeout, whatever the clock's grain
+        fake.gate.set()
+        await asyncio.gather(first.future, fine.future)
+        with pytest.raises(QueueTimeout, match="past its timeout"):
+            await late.future
+        assert all(600 not in b for b in fake.batches)
+
+    run(body)

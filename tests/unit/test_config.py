@@ -1,5 +1,6 @@
 """config.pbtxt parsing, defaults and validation (pure)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,51 @@ def test_validate_reports_every_problem_at_once(tmp_path: Path) -> None:
     for fragment in ("differs from its folder", "platform", "num_labels", "embedding_dimension",
                      "outside 1..2", "default_pooling_layer", "max_batch_tokens"):
         assert fragment in message
+
+
+PRIORITIES = GOOD + """
+dynamic_batching {
+  priority_levels: 3
+  default_priority_level: 2
+  max_batch_duration_microseconds: 30000
+  max_skipped_batches: 4
+  default_queue_policy { max_queue_size: 4096 }
+  priority_queue_policy {
+    key: 1
+    value {
+      default_timeout_microseconds: 200000 timeout_action: DELAY allow_timeout_override: true
+    }
+  }
+}
+"""
+
+
+def test_priority_defaults_put_interactive_and_bulk_calls_apart(tmp_path: Path) -> None:
+    batching = config.load(write(tmp_path, GOOD)).dynamic_batching
+    assert (batching.priority_levels, batching.default_priority_level) == (2, 2)
+    assert batching.max_batch_duration_microseconds == 50_000
+    assert batching.max_skipped_batches == 4
+
+
+def test_triton_priority_settings_parse_into_batcher_options(tmp_path: Path) -> None:
+    """The operators guide's example, through to what the scheduler gets."""
+    from bertstream.server.loader import _batcher_options
+
+    options = _batcher_options(config.load(write(tmp_path, PRIORITIES)))
+    assert (options.levels, options.default_level) == (3, 2)
+    assert options.max_batch_duration_s == pytest.approx(0.03)
+    first = options.policy(1)
+    assert (first.timeout_s, first.delay, first.allow_override) == (0.2, True, True)
+    assert options.policy(2).max_queue_size == options.policy(3).max_queue_size == 4096
+
+
+@pytest.mark.parametrize(("batching", "problem"), [
+    ("priority_levels: 2 default_priority_level: 3", "default_priority_level 3 is outside 1..2"),
+    ("priority_levels: 2 priority_queue_policy { key: 5 value {} }",
+     "priority_queue_policy has levels [5] outside 1..2"),
+    ("priority_levels: 99", "priority_levels 99 is over the limit"),
+    ("max_batch_duration_microseconds: 999999999", "max_batch_duration_microseconds"),
+])
+def test_bad_priority_settings_are_refused(tmp_path: Path, batching: str, problem: str) -> None:
+    with pytest.raises(config.ConfigError, match=re.escape(problem)):
+        config.load(write(tmp_path, GOOD + f"dynamic_batching {{ {batching} }}"))

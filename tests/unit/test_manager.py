@@ -26,6 +26,9 @@ WIDTH = "width"  # the embedding_dimension a version was made for (the fake chec
 class FakeBatcher:
     queued = 0
 
+    def queued_at(self, level: int) -> int:
+        return 0
+
     async def close(self) -> None:
         return None
 

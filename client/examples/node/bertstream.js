@@ -7,7 +7,12 @@
 //   const { BertClient } = require('./bertstream');
 //   const bc = new BertClient('localhost:8001', { model: 'news-zh' });
 //   const { vectors } = await bc.embed(['今天股市大涨']);   // [Float32Array(dim)]
+//   await bc.embedStream(batches, { priority: 1 });   // an interactive stream: level 1
 //   bc.close();
+//
+// Every embed / classify / stream call takes `priority` (1 the highest level; 0, the default,
+// lets the server decide: level 1 for a unary call of up to 16 texts, the model's lowest level
+// for stream messages and larger calls) and `timeoutUs` (longest wait in the queue).
 //
 // Every call carries a deadline (timeout for unary calls, streamTimeout for streams). Failed
 // calls reject with a BertstreamError carrying the gRPC `code`, its `codeName` and `details`.
@@ -136,6 +141,39 @@ function pooling(name) {
   return POOLINGS[name];
 }
 
+const MAX_PRIORITY = 2 ** 32 - 1; // uint32
+
+/**
+ * The request's priority level: 1 is the highest (Triton's numbering; a model has
+ * `dynamic_batching { priority_levels }` of them, 2 by default, and the server refuses a level
+ * the model does not have). 0 (the default): the server decides: level 1 for a unary call of
+ * up to 16 texts, the model's default level (the lowest) for stream messages and larger calls.
+ */
+function priority(value) {
+  if (value === undefined || value === null) return 0;
+  if (!Number.isInteger(value) || value < 0 || value > MAX_PRIORITY) {
+    throw new TypeError('priority must be an integer >= 0 (1 is the highest level; 0 lets '
+      + `the server decide), not ${String(value)}`);
+  }
+  return value;
+}
+
+/**
+ * timeoutUs: the longest the texts may wait in the server's queue, in microseconds, before
+ * the call (or stream message) fails DEADLINE_EXCEEDED; 0 (the default): the level's queue
+ * policy. A number (a safe integer), a BigInt or a decimal string; sent as a uint64 string.
+ */
+function timeoutUs(value) {
+  if (value === undefined || value === null) return '0';
+  const ok = (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0)
+    || (typeof value === 'bigint' && value >= 0n && value < 2n ** 64n)
+    || (typeof value === 'string' && /^[0-9]+$/.test(value) && BigInt(value) < 2n ** 64n);
+  if (!ok) {
+    throw new TypeError(`timeoutUs must be an integer >= 0 (microseconds), not ${String(value)}`);
+  }
+  return String(value);
+}
+
 function common(texts, opts, model) {
   const truncation = opts.truncation || 'right';
   if (!(truncation in DIRECTIONS)) throw new TypeError('truncation must be right or left');
@@ -149,6 +187,8 @@ function common(texts, opts, model) {
     truncate: Boolean(opts.truncate),
     truncation_direction: DIRECTIONS[truncation],
     raw_values: opts.rawValues !== false, // as the Python client: raw bytes unless told not to
+    priority: priority(opts.priority),
+    timeout_us: timeoutUs(opts.timeoutUs),
   };
   if (opts.poolingLayer !== undefined && opts.poolingLayer !== null) {
     request.pooling_layer = opts.poolingLayer;
@@ -424,7 +464,9 @@ module.exports = {
   BertstreamError,
   POOLINGS,
   PROTO_FILE,
+  classifyRequest,
   decodeEmbedding,
+  embedRequest,
   loadService,
   tlsCredentials,
 };

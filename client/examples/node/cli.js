@@ -25,6 +25,11 @@ options (before or after the command):
   --normalize            L2-normalise vectors
   --truncate             cut texts over the model's limit instead of refusing them
   --top-k K              labels per text (classify; 0: all)
+  --priority N           queue level, 1 the highest; 0 (default): the server decides
+                         (level 1 for a call of up to 16 texts, the model's lowest
+                         level for stream messages and larger calls)
+  --timeout-us N         longest wait in the server's queue before DEADLINE_EXCEEDED,
+                         in microseconds (0, default: the level's queue policy)
   --batch N              texts per stream message (default 1)
   --no-raw               ask for repeated floats instead of raw float32 bytes
   --tls                  TLS, trusting the system's CAs (implied by the --tls-* files)
@@ -61,6 +66,8 @@ function parse(argv) {
       normalize: { type: 'boolean', default: false },
       truncate: { type: 'boolean', default: false },
       'top-k': { type: 'string', default: '0' },
+      priority: { type: 'string', default: '0' },
+      'timeout-us': { type: 'string', default: '0' },
       batch: { type: 'string', default: '1' },
       'no-raw': { type: 'boolean', default: false },
       tls: { type: 'boolean', default: false },
@@ -82,6 +89,13 @@ function parse(argv) {
     if (!Number.isInteger(n)) throw new TypeError(`--${name} must be an integer`);
     return n;
   };
+  const whole = (name, top) => { // priority: a uint32; timeout_us: a uint64, kept a string
+    const text = values[name];
+    if (!/^[0-9]+$/.test(text) || BigInt(text) > top) {
+      throw new TypeError(`--${name} must be an integer from 0 to ${top}`);
+    }
+    return name === 'priority' ? Number(text) : text;
+  };
   const opts = {
     version: int('version'),
     pooling: values.pooling,
@@ -89,6 +103,8 @@ function parse(argv) {
     truncate: values.truncate,
     topK: int('top-k'),
     rawValues: !values['no-raw'],
+    priority: whole('priority', 2n ** 32n - 1n),
+    timeoutUs: whole('timeout-us', 2n ** 64n - 1n),
   };
   if (values['pooling-layer'] !== undefined) opts.poolingLayer = int('pooling-layer');
   if (values.timeout !== undefined) opts.timeout = Number(values.timeout);

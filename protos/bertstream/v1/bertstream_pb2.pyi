@@ -61,7 +61,7 @@ class TextUsage(_message.Message):
     def __init__(self, token_count: _Optional[int] = ..., truncated: _Optional[bool] = ..., truncated_tokens: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "texts", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values")
+    __slots__ = ("request_id", "model", "version", "texts", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values", "priority", "timeout_us")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class EmbedRequest(_message.Message):
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     RAW_VALUES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
@@ -82,7 +84,9 @@ class EmbedRequest(_message.Message):
     truncate: bool
     truncation_direction: TruncationDirection
     raw_values: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ...) -> None: ...
+    priority: int
+    timeout_us: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values", "shape", "usage", "raw")
@@ -117,7 +121,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "texts", "top_k", "return_embedding", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values")
+    __slots__ = ("request_id", "model", "version", "texts", "top_k", "return_embedding", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values", "priority", "timeout_us")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +134,8 @@ class ClassifyRequest(_message.Message):
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     RAW_VALUES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
@@ -142,7 +148,9 @@ class ClassifyRequest(_message.Message):
     truncate: bool
     truncation_direction: TruncationDirection
     raw_values: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., return_embedding: _Optional[bool] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ...) -> None: ...
+    priority: int
+    timeout_us: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., return_embedding: _Optional[bool] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "index", "probability")
@@ -257,7 +265,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("model", "version", "ready_versions", "default_version", "task", "embedding_dimension", "labels", "max_sequence_length", "poolings", "default_pooling", "pooling_layers", "default_pooling_layer", "max_texts_per_request", "max_text_chars", "platform", "execution_provider")
+    __slots__ = ("model", "version", "ready_versions", "default_version", "task", "embedding_dimension", "labels", "max_sequence_length", "poolings", "default_pooling", "pooling_layers", "default_pooling_layer", "max_texts_per_request", "max_text_chars", "platform", "execution_provider", "batch_cost", "priority_levels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +282,8 @@ class GetModelResponse(_message.Message):
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_COST_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_LEVELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     ready_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -290,7 +300,29 @@ class GetModelResponse(_message.Message):
     max_text_chars: int
     platform: str
     execution_provider: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., ready_versions: _Optional[_Iterable[int]] = ..., default_version: _Optional[int] = ..., task: _Optional[_Union[_model_config_pb2.Task, str]] = ..., embedding_dimension: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., poolings: _Optional[_Iterable[_Union[_model_config_pb2.Pooling, str]]] = ..., default_pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layers: _Optional[_Iterable[int]] = ..., default_pooling_layer: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., platform: _Optional[str] = ..., execution_provider: _Optional[str] = ...) -> None: ...
+    batch_cost: BatchCost
+    priority_levels: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., ready_versions: _Optional[_Iterable[int]] = ..., default_version: _Optional[int] = ..., task: _Optional[_Union[_model_config_pb2.Task, str]] = ..., embedding_dimension: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., poolings: _Optional[_Iterable[_Union[_model_config_pb2.Pooling, str]]] = ..., default_pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layers: _Optional[_Iterable[int]] = ..., default_pooling_layer: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., platform: _Optional[str] = ..., execution_provider: _Optional[str] = ..., batch_cost: _Optional[_Union[BatchCost, _Mapping]] = ..., priority_levels: _Optional[int] = ...) -> None: ...
+
+class BatchCost(_message.Message):
+    __slots__ = ("fixed_us", "per_token_us", "points")
+    FIXED_US_FIELD_NUMBER: _ClassVar[int]
+    PER_TOKEN_US_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    fixed_us: float
+    per_token_us: float
+    points: _containers.RepeatedCompositeFieldContainer[BatchCostPoint]
+    def __init__(self, fixed_us: _Optional[float] = ..., per_token_us: _Optional[float] = ..., points: _Optional[_Iterable[_Union[BatchCostPoint, _Mapping]]] = ...) -> None: ...
+
+class BatchCostPoint(_message.Message):
+    __slots__ = ("batch_size", "tokens", "seconds")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    tokens: int
+    seconds: float
+    def __init__(self, batch_size: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model",)

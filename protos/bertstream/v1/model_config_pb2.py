@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bertstream/v1/model_config.proto\x12\rbertstream.v1\"\x9c\x02\n\x12ModelVersionPolicy\x12:\n\x06latest\x18\x01 \x01(\x0b\x32(.bertstream.v1.ModelVersionPolicy.LatestH\x00\x12\x34\n\x03\x61ll\x18\x02 \x01(\x0b\x32%.bertstream.v1.ModelVersionPolicy.AllH\x00\x12>\n\x08specific\x18\x03 \x01(\x0b\x32*.bertstream.v1.ModelVersionPolicy.SpecificH\x00\x1a\x1e\n\x06Latest\x12\x14\n\x0cnum_versions\x18\x01 \x01(\r\x1a\x05\n\x03\x41ll\x1a\x1c\n\x08Specific\x12\x10\n\x08versions\x18\x01 \x03(\x03\x42\x0f\n\rpolicy_choice\"\xa8\x01\n\x12ModelInstanceGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x04kind\x18\x04 \x01(\x0e\x32&.bertstream.v1.ModelInstanceGroup.Kind\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0c\n\x04gpus\x18\x03 \x03(\x05\"1\n\x04Kind\x12\r\n\tKIND_AUTO\x10\x00\x12\x0c\n\x08KIND_GPU\x10\x01\x12\x0c\n\x08KIND_CPU\x10\x02\"n\n\x14ModelDynamicBatching\x12\x18\n\x10max_batch_tokens\x18\x64 \x01(\x03\x12$\n\x1cmax_queue_delay_microseconds\x18\x02 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x65 \x01(\x03\"\x96\x04\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x39\n\x0eversion_policy\x18\x03 \x01(\x0b\x32!.bertstream.v1.ModelVersionPolicy\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x39\n\x0einstance_group\x18\x07 \x03(\x0b\x32!.bertstream.v1.ModelInstanceGroup\x12=\n\x10\x64ynamic_batching\x18\x0b \x01(\x0b\x32#.bertstream.v1.ModelDynamicBatching\x12!\n\x04task\x18\x64 \x01(\x0e\x32\x13.bertstream.v1.Task\x12\x1b\n\x13max_sequence_length\x18\x65 \x01(\x05\x12\x1b\n\x13\x65mbedding_dimension\x18\x66 \x01(\x05\x12/\n\x0f\x64\x65\x66\x61ult_pooling\x18g \x01(\x0e\x32\x16.bertstream.v1.Pooling\x12\x16\n\x0epooling_layers\x18h \x03(\x05\x12\x1d\n\x15\x64\x65\x66\x61ult_pooling_layer\x18i \x01(\x05\x12\x12\n\nnum_layers\x18j \x01(\x05\x12\x14\n\x0c\x65mbed_prefix\x18k \x01(\t\x12\x17\n\x0f\x63lassify_prefix\x18l \x01(\t\x12\x12\n\nnum_labels\x18m \x01(\x05*\x80\x01\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x0f\n\x0bPOOLING_MAX\x10\x02\x12\x0f\n\x0bPOOLING_CLS\x10\x03\x12\x14\n\x10POOLING_MEAN_MAX\x10\x04\x12\x12\n\x0ePOOLING_TOKENS\x10\x05*?\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_EMBED\x10\x01\x12\x11\n\rTASK_CLASSIFY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bertstream/v1/model_config.proto\x12\rbertstream.v1\"\x9c\x02\n\x12ModelVersionPolicy\x12:\n\x06latest\x18\x01 \x01(\x0b\x32(.bertstream.v1.ModelVersionPolicy.LatestH\x00\x12\x34\n\x03\x61ll\x18\x02 \x01(\x0b\x32%.bertstream.v1.ModelVersionPolicy.AllH\x00\x12>\n\x08specific\x18\x03 \x01(\x0b\x32*.bertstream.v1.ModelVersionPolicy.SpecificH\x00\x1a\x1e\n\x06Latest\x12\x14\n\x0cnum_versions\x18\x01 \x01(\r\x1a\x05\n\x03\x41ll\x1a\x1c\n\x08Specific\x12\x10\n\x08versions\x18\x01 \x03(\x03\x42\x0f\n\rpolicy_choice\"\xa8\x01\n\x12ModelInstanceGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x04kind\x18\x04 \x01(\x0e\x32&.bertstream.v1.ModelInstanceGroup.Kind\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0c\n\x04gpus\x18\x03 \x03(\x05\"1\n\x04Kind\x12\r\n\tKIND_AUTO\x10\x00\x12\x0c\n\x08KIND_GPU\x10\x01\x12\x0c\n\x08KIND_CPU\x10\x02\"\xdf\x01\n\x10ModelQueuePolicy\x12\x45\n\x0etimeout_action\x18\x01 \x01(\x0e\x32-.bertstream.v1.ModelQueuePolicy.TimeoutAction\x12$\n\x1c\x64\x65\x66\x61ult_timeout_microseconds\x18\x02 \x01(\x04\x12\x1e\n\x16\x61llow_timeout_override\x18\x03 \x01(\x08\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\"&\n\rTimeoutAction\x12\n\n\x06REJECT\x10\x00\x12\t\n\x05\x44\x45LAY\x10\x01\"\xe6\x03\n\x14ModelDynamicBatching\x12\x18\n\x10max_batch_tokens\x18\x64 \x01(\x03\x12$\n\x1cmax_queue_delay_microseconds\x18\x02 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x65 \x01(\x03\x12\x17\n\x0fpriority_levels\x18\x04 \x01(\x04\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x05 \x01(\x04\x12=\n\x14\x64\x65\x66\x61ult_queue_policy\x18\x06 \x01(\x0b\x32\x1f.bertstream.v1.ModelQueuePolicy\x12[\n\x15priority_queue_policy\x18\x07 \x03(\x0b\x32<.bertstream.v1.ModelDynamicBatching.PriorityQueuePolicyEntry\x12\'\n\x1fmax_batch_duration_microseconds\x18\x66 \x01(\x04\x12\x1b\n\x13max_skipped_batches\x18g \x01(\r\x1a[\n\x18PriorityQueuePolicyEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.bertstream.v1.ModelQueuePolicy:\x02\x38\x01\"\x96\x04\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x39\n\x0eversion_policy\x18\x03 \x01(\x0b\x32!.bertstream.v1.ModelVersionPolicy\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x39\n\x0einstance_group\x18\x07 \x03(\x0b\x32!.bertstream.v1.ModelInstanceGroup\x12=\n\x10\x64ynamic_batching\x18\x0b \x01(\x0b\x32#.bertstream.v1.ModelDynamicBatching\x12!\n\x04task\x18\x64 \x01(\x0e\x32\x13.bertstream.v1.Task\x12\x1b\n\x13max_sequence_length\x18\x65 \x01(\x05\x12\x1b\n\x13\x65mbedding_dimension\x18\x66 \x01(\x05\x12/\n\x0f\x64\x65\x66\x61ult_pooling\x18g \x01(\x0e\x32\x16.bertstream.v1.Pooling\x12\x16\n\x0epooling_layers\x18h \x03(\x05\x12\x1d\n\x15\x64\x65\x66\x61ult_pooling_layer\x18i \x01(\x05\x12\x12\n\nnum_layers\x18j \x01(\x05\x12\x14\n\x0c\x65mbed_prefix\x18k \x01(\t\x12\x17\n\x0f\x63lassify_prefix\x18l \x01(\t\x12\x12\n\nnum_labels\x18m \x01(\x05*\x80\x01\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x0f\n\x0bPOOLING_MAX\x10\x02\x12\x0f\n\x0bPOOLING_CLS\x10\x03\x12\x14\n\x10POOLING_MEAN_MAX\x10\x04\x12\x12\n\x0ePOOLING_TOKENS\x10\x05*?\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_EMBED\x10\x01\x12\x11\n\rTASK_CLASSIFY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bertstream.v1.model_config_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOLING']._serialized_start=1159
-  _globals['_POOLING']._serialized_end=1287
-  _globals['_TASK']._serialized_start=1289
-  _globals['_TASK']._serialized_end=1352
+  _globals['_MODELDYNAMICBATCHING_PRIORITYQUEUEPOLICYENTRY']._loaded_options = None
+  _globals['_MODELDYNAMICBATCHING_PRIORITYQUEUEPOLICYENTRY']._serialized_options = b'8\001'
+  _globals['_POOLING']._serialized_start=1762
+  _globals['_POOLING']._serialized_end=1890
+  _globals['_TASK']._serialized_start=1892
+  _globals['_TASK']._serialized_end=1955
   _globals['_MODELVERSIONPOLICY']._serialized_start=52
   _globals['_MODELVERSIONPOLICY']._serialized_end=336
   _globals['_MODELVERSIONPOLICY_LATEST']._serialized_start=252
@@ -47,8 +49,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINSTANCEGROUP']._serialized_end=507
   _globals['_MODELINSTANCEGROUP_KIND']._serialized_start=458
   _globals['_MODELINSTANCEGROUP_KIND']._serialized_end=507
-  _globals['_MODELDYNAMICBATCHING']._serialized_start=509
-  _globals['_MODELDYNAMICBATCHING']._serialized_end=619
-  _globals['_MODELCONFIG']._serialized_start=622
-  _globals['_MODELCONFIG']._serialized_end=1156
+  _globals['_MODELQUEUEPOLICY']._serialized_start=510
+  _globals['_MODELQUEUEPOLICY']._serialized_end=733
+  _globals['_MODELQUEUEPOLICY_TIMEOUTACTION']._serialized_start=695
+  _globals['_MODELQUEUEPOLICY_TIMEOUTACTION']._serialized_end=733
+  _globals['_MODELDYNAMICBATCHING']._serialized_start=736
+  _globals['_MODELDYNAMICBATCHING']._serialized_end=1222
+  _globals['_MODELDYNAMICBATCHING_PRIORITYQUEUEPOLICYENTRY']._serialized_start=1131
+  _globals['_MODELDYNAMICBATCHING_PRIORITYQUEUEPOLICYENTRY']._serialized_end=1222
+  _globals['_MODELCONFIG']._serialized_start=1225
+  _globals['_MODELCONFIG']._serialized_end=1759
 # @@protoc_insertion_point(module_scope)
