@@ -122,6 +122,7 @@ class Interactive:
         """Calls every `interval` seconds until `stop()`; the latencies in seconds and how
         many calls failed."""
         latencies: list[float] = []
+        self.server_s: list[tuple[float, float]] = []  # per call: (total, queue) in the server
         failed = 0
         next_at = time.monotonic()
         while not stop():
@@ -131,8 +132,9 @@ class Interactive:
                 continue
             start = time.monotonic()
             try:
-                self.stub.Embed(self.request, timeout=600)
+                timings = self.stub.Embed(self.request, timeout=600).timings
                 latencies.append(time.monotonic() - start)
+                self.server_s.append((timings.total_us / 1e6, timings.queue_us / 1e6))
             except grpc.RpcError as error:
                 failed += 1
                 print(f"mixed: interactive call failed: {error.code()}", file=sys.stderr)
@@ -186,6 +188,16 @@ def _latency_figures(latencies: list[float], failed: int, prefix: str) -> dict[s
             f"{prefix}_calls": len(latencies), f"{prefix}_failed": failed}
 
 
+def _server_figures(server_s: list[tuple[float, float]], prefix: str) -> dict[str, float]:
+    """What the server says the interactive calls spent inside it (EmbedResponse.timings):
+    the rest of their latency is the client, the network stack and the CPU queue."""
+    totals, queues = [t for t, _ in server_s], [q for _, q in server_s]
+    return {f"{prefix}_server_total_p50_ms": percentile(totals, 50) * 1e3,
+            f"{prefix}_server_total_p99_ms": percentile(totals, 99) * 1e3,
+            f"{prefix}_server_queue_p50_ms": percentile(queues, 50) * 1e3,
+            f"{prefix}_server_queue_p99_ms": percentile(queues, 99) * 1e3}
+
+
 def _feed_figures(phase: dict[str, Any], texts: int, prefix: str) -> dict[str, float]:
     elapsed, speeds = phase["elapsed_s"], phase["texts_per_s"]
     figures = {f"{prefix}_texts_per_s": texts / (phase["end"] - phase["go"]),
@@ -228,6 +240,7 @@ def measure(server: ServerProcess, placement: Placement, model: str,
             lambda: time.monotonic() >= deadline), strict=True)), "interactive_alone")
         figures.update(_latency_figures(alone["latencies"], alone["failed"],
                                         "interactive_alone"))
+        figures.update(_server_figures(interactive.server_s, "interactive_alone"))
         feeds_alone = counted(lambda: run_feeds(server.address, model, feeds, args, placement),
                               "feeds_alone")
         figures.update(_feed_figures(feeds_alone, len(texts), "feeds_alone"))
@@ -235,6 +248,7 @@ def measure(server: ServerProcess, placement: Placement, model: str,
                                           interactive), "mixed")
         figures.update(_latency_figures(mixed["latencies"], mixed["failed"],
                                         "interactive_mixed"))
+        figures.update(_server_figures(interactive.server_s, "interactive_mixed"))
         figures.update(_feed_figures(mixed, len(texts), "feeds_mixed"))
     finally:
         interactive.close()
@@ -266,8 +280,14 @@ def table(figures: dict[str, float], feeds: int) -> str:
              f"{'mixed':<20}{latency('interactive_mixed')}{feed('feeds_mixed')}",
              f"feed throughput mixed / alone {figures['feed_throughput_mixed_vs_alone']:.3f}; "
              f"interactive p99 mixed - alone {figures['interactive_p99_added_ms']:.1f} ms"]
+    lines.append("inside the server, interactive p50 / p99 ms: total " + ", ".join(
+        f"{phase} {figures[f'interactive_{phase}_server_total_p50_ms']:.1f} / "
+        f"{figures[f'interactive_{phase}_server_total_p99_ms']:.1f} (queue "
+        f"{figures[f'interactive_{phase}_server_queue_p50_ms']:.1f} / "
+        f"{figures[f'interactive_{phase}_server_queue_p99_ms']:.1f})"
+        for phase in ("alone", "mixed")))
     if feeds > 1:
-        lines[-1] += (f"; slowest / fastest feed elapsed: alone "
+        lines[-2] += (f"; slowest / fastest feed elapsed: alone "
                       f"{figures['feeds_alone_slowest_vs_fastest']:.2f}, mixed "
                       f"{figures['feeds_mixed_slowest_vs_fastest']:.2f}")
     return "\n".join(lines)

@@ -98,6 +98,7 @@ class Batcher:
         self._freed = asyncio.Event()  # a batch ended (a slot is free)
         self._busy_until = 0.0  # when the batches in flight are predicted to end
         self._last_s = 0.0  # the predicted duration of the last batch formed
+        self._predicted: dict[asyncio.Task[None], float] = {}  # batches in flight: seconds
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     @property
@@ -178,14 +179,18 @@ class Batcher:
             await self._slots.acquire()
             await self._until_due()
             texts = await self._next_batch()
-            self._predict(texts)
             task = asyncio.create_task(self._run(texts))
             self._running.add(task)
+            self._predict(task, texts)
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._slots.release()
+        self._predicted.pop(task, None)
+        # The device is free once the batches still in flight have run: the prediction is
+        # remade from now, so a model that over- or under-estimates does not drift.
+        self._busy_until = time.perf_counter() + sum(self._predicted.values())
         self._freed.set()
 
     async def _until_due(self) -> None:
@@ -202,12 +207,13 @@ class Batcher:
             with contextlib.suppress(TimeoutError):  # a batch ended early: form now
                 await asyncio.wait_for(self._freed.wait(), wait_s)
 
-    def _predict(self, texts: list[_Text]) -> None:
+    def _predict(self, task: asyncio.Task[None], texts: list[_Text]) -> None:
         """When the device will be free once this batch has run, by the cost model."""
         cost = self.cost
         if cost is None:
             return
         self._last_s = cost.seconds(len(texts) * max(text[0] for text in texts))
+        self._predicted[task] = self._last_s
         self._busy_until = max(self._busy_until, time.perf_counter()) + self._last_s
 
     async def _next_batch(self) -> list[_Text]:
