@@ -279,3 +279,16 @@ def test_repository_in_explicit_mode_with_tokens(
     assert server.process.stop() == 0
     log = "".join(server.process.lines)
     assert "Traceback" not in log and ADMIN_TOKEN not in log and INFERENCE_TOKEN not in log
+
+
+def test_schedule_policy_over_http(triton: Any, http_server: HttpServer) -> None:
+    """tritonclient.http's `priority` and `timeout`, and the same as plain JSON parameters;
+    a level the model lacks is 400 with the reason."""
+    assert "schedule_policy" in triton.get_server_metadata()["extensions"]
+    result = triton.infer("tiny-embed", [text_input(TEXTS)], priority=1, timeout=5_000_000)
+    assert result.as_numpy("embedding").shape == (len(TEXTS), 64)
+    url = f"{http_server.url}/v2/models/tiny-embed/infer"
+    status, _, body = call(url, json_infer(TEXTS, [len(TEXTS)], parameters={"priority": 2}))
+    assert status == 200, body
+    status, _, body = call(url, json_infer(TEXTS, [len(TEXTS)], parameters={"priority": 3}))
+    assert status == 400 and b"priority 3 is outside 1..2" in body
