@@ -9,10 +9,7 @@ Contract:
   fair turns between callers, sizes by the version's measured cost model, queue timeouts.
   This module only runs its choices: on the event loop, as late as possible (a batch is formed
   when a runtime slot is free, so a text that arrives while batches run can still go first).
-- Up to `instances` batches run at once on worker threads. On one device (`one_device`: a
-  GPU's pipelined slots, the fake device) the next batch is formed shortly before the device is
-  predicted to be free, not as soon as a slot is, so a late interactive text can still go
-  first. The worker that ran a batch also
+- Up to `instances` batches run at once on worker threads. The worker that ran a batch also
   pads it and copies its output rows into each request's arrays (one per output per request),
   so the event loop's share of a request is one future, whatever its number of texts. Futures
   are set on the loop only.
@@ -44,12 +41,6 @@ from .version_format import TOKEN_OUTPUT_PREFIX
 from .workers import Workers
 
 __all__ = ["Batcher", "BatcherOptions", "LevelPolicy", "WorkItem"]
-
-# With one device, the next batch is formed this long (or this share of the last batch's
-# predicted duration, if longer) before the device is predicted to be free: time to pad it
-# and hand it over, so the device does not wait for the host.
-FORM_LEAD_S = 0.002
-FORM_LEAD_SHARE = 0.25
 
 RunFn = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
 # After each batch: the texts' queue times, real tokens, padded tokens, inference seconds.
@@ -95,10 +86,6 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._waiting = 0  # submitters waiting for room in the queue
         self._closed = False
-        self._freed = asyncio.Event()  # a batch ended (a slot is free)
-        self._busy_until = 0.0  # when the batches in flight are predicted to end
-        self._last_s = 0.0  # the predicted duration of the last batch formed
-        self._predicted: dict[asyncio.Task[None], float] = {}  # batches in flight: seconds
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     @property
@@ -177,44 +164,14 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             await self._slots.acquire()
-            await self._until_due()
             texts = await self._next_batch()
             task = asyncio.create_task(self._run(texts))
             self._running.add(task)
-            self._predict(task, texts)
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._slots.release()
-        self._predicted.pop(task, None)
-        # The device is free once the batches still in flight have run: the prediction is
-        # remade from now, so a model that over- or under-estimates does not drift.
-        self._busy_until = time.perf_counter() + sum(self._predicted.values())
-        self._freed.set()
-
-    async def _until_due(self) -> None:
-        """On one device that runs batches one at a time (a GPU, the fake device), form the
-        next batch only shortly before the batches in flight are predicted to end, not as
-        soon as a slot is free: a batch formed early waits on the device with its texts
-        chosen, and an interactive text that arrives meanwhile would wait behind it."""
-        if not self.options.one_device or not self._running or self.cost is None:
-            return
-        lead = max(FORM_LEAD_S, FORM_LEAD_SHARE * self._last_s)
-        wait_s = self._busy_until - lead - time.perf_counter()
-        if wait_s > 0:
-            self._freed.clear()
-            with contextlib.suppress(TimeoutError):  # a batch ended early: form now
-                await asyncio.wait_for(self._freed.wait(), wait_s)
-
-    def _predict(self, task: asyncio.Task[None], texts: list[_Text]) -> None:
-        """When the device will be free once this batch has run, by the cost model."""
-        cost = self.cost
-        if cost is None:
-            return
-        self._last_s = cost.seconds(len(texts) * max(text[0] for text in texts))
-        self._predicted[task] = self._last_s
-        self._busy_until = max(self._busy_until, time.perf_counter()) + self._last_s
 
     async def _next_batch(self) -> list[_Text]:
         scheduler = self._scheduler

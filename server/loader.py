@@ -80,10 +80,7 @@ class OnnxLoader:
         runtime, tokenizer, labels = await asyncio.to_thread(
             _build, path, config, self.options, self.root)
         observer = self.metrics.batch_observer(model, version) if self.metrics else None
-        # CPU sessions run side by side on their share of the cores; a GPU's sessions and
-        # slots (and the fake device's) share one device that runs a batch at a time.
-        options = dataclasses.replace(_batcher_options(config), instances=runtime.concurrency,
-                                      one_device=runtime.provider != "CPUExecutionProvider")
+        options = dataclasses.replace(_batcher_options(config), instances=runtime.concurrency)
         batcher = Batcher(runtime.run, options, observer)
         return Loaded(config, tokenizer, batcher, labels, runtime.provider,
                       runtime.busy_seconds)

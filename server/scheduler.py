@@ -66,7 +66,6 @@ class BatcherOptions:
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 2048  # texts, all levels together
     instances: int = 1
-    one_device: bool = False  # the instances share one device that runs a batch at a time
     lookahead: int = 256  # waiting texts of one caller a batch may pick from, by length
     levels: int = 2
     default_level: int = 2  # stream messages and bulk requests that name no level
