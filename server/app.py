@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--gpu-id", type=int, default=0)
     p.add_argument("--intra-op-threads", type=int, default=0, help="0: the cores available")
+    p.add_argument("--cpu-engine", choices=["onnxruntime", "openvino", "auto"],
+                   default="onnxruntime",
+                   help="the engine for versions whose config.pbtxt names no backend, on a "
+                   "CPU (with CUDA: onnxruntime): auto = OpenVINO where it is installed"),
     p.add_argument("--intra-op-spinning", choices=["on", "off"], default="off",
                    help="let onnxruntime's threads spin-wait between batches (default off: "
                    "spinning takes the cores that tokenize and serve gRPC)")
@@ -184,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
                                intra_op_threads=a.intra_op_threads,
                                intra_op_spinning=a.intra_op_spinning == "on",
-                               fake_device=a.fake_device),
+                               fake_device=a.fake_device, cpu_engine=a.cpu_engine),
         stage_timing=a.stage_timing,
         frontends=a.frontends or default_frontends(a.device, a.fake_device),
         restart_backoff_s=a.restart_backoff,

@@ -12,11 +12,13 @@ from pathlib import Path
 from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 from google.protobuf import text_format
 
+from .openvino_runtime import check_parameters
 from .version_format import CONFIG_FILE
 
 __all__ = ["CONFIG_FILE", "ConfigError", "load", "load_with_digest", "normalize", "validate"]
 
 PLATFORM = "onnxruntime_onnx"
+BACKENDS = ("", "onnxruntime", "openvino")  # "": the server's --cpu-engine decides
 # Upper bounds on values that cost the server at load time or while serving: sessions are built
 # one per instance, the warm-up runs a text of max_sequence_length tokens, and a batch's first
 # text waits up to max_queue_delay. Past these a config is a mistake, not a setting.
@@ -109,6 +111,14 @@ def validate(config: ModelConfig, folder_name: str) -> list[str]:
         problems.append(f"name {config.name!r} differs from its folder {folder_name!r}")
     if config.platform != PLATFORM:
         problems.append(f"platform {config.platform!r} is not supported (only {PLATFORM!r})")
+    if config.backend not in BACKENDS:
+        problems.append(f"backend {config.backend!r} is not supported (one of "
+                        f"{', '.join(repr(b) for b in BACKENDS[1:])}, or none)")
+    elif config.backend == "openvino":
+        problems += check_parameters({k: v.string_value for k, v in config.parameters.items()})
+    elif config.parameters:
+        problems.append(f"parameters {sorted(config.parameters)} are OpenVINO options: they "
+                        "need backend: \"openvino\"")
     if config.task not in (Task.TASK_EMBED, Task.TASK_CLASSIFY):
         problems.append("task must be TASK_EMBED or TASK_CLASSIFY")
     if config.task == Task.TASK_CLASSIFY and config.num_labels <= 0:

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -25,11 +26,13 @@ from . import repository
 from .batcher import Batcher, BatcherOptions, LevelPolicy, WorkItem
 from .fakedevice import FakeDevicePool, parse_spec
 from .metrics import Metrics
-from .runtime import RuntimeOptions, RuntimePool
+from .openvino_runtime import OpenVinoPool
+from .runtime import Batch, RuntimeOptions, RuntimePool, pick_providers
 from .tokenization import Encoded, TextTokenizer
 from .version_format import (
     CONFIG_FILE,
     EXPORT_RECORD,
+    IR_FILE,
     LABELS_FILE,
     MODEL_FILE,
     POOLINGS,
@@ -47,6 +50,12 @@ from .versions import Loaded
 __all__ = ["Loader", "OnnxLoader", "pin_mmap_threshold"]
 
 log = logging.getLogger("bertstream.server.lifecycle")
+CHECK_TEXTS = (
+    "央行宣布降准0.5个百分点，释放长期资金约1万亿元。",
+    "今天股市大涨，沪指收复三千点，两市成交额突破万亿。",
+    "暴雨",
+    "苹果发布iPhone 15，售价5999元起；分析师认为需求将回暖。" * 3,
+)
 
 
 class Loader(Protocol):
@@ -94,7 +103,8 @@ class OnnxLoader:
             await asyncio.to_thread(_release_memory)
 
 
-def _check_outputs(config: ModelConfig, runtime: RuntimePool | FakeDevicePool) -> None:
+def _check_outputs(config: ModelConfig,
+                   runtime: RuntimePool | FakeDevicePool | OpenVinoPool) -> None:
     """The graph must offer what config.pbtxt promises, with the promised sizes."""
     dims = runtime.output_dims
     hidden = config.embedding_dimension
@@ -134,7 +144,7 @@ def _read_labels(path: Path, config: ModelConfig) -> list[str]:
 
 def _build(
     path: Path, config: ModelConfig, options: RuntimeOptions, root: Path
-) -> tuple[RuntimePool | FakeDevicePool, TextTokenizer, list[str]]:
+) -> tuple[RuntimePool | FakeDevicePool | OpenVinoPool, TextTokenizer, list[str]]:
     """Blocking part of a load: files, session, checks. Runs on a worker thread."""
     outside = repository.links_outside(root, path)
     if outside:
@@ -146,18 +156,46 @@ def _build(
             raise ValueError(f"{name} is missing")
     tokenizer = TextTokenizer(path / TOKENIZER_FILE, config.max_sequence_length)
     labels = _read_labels(path, config)
+    engine = pick_engine(config, options)
     try:
         instances = sum(group.count or 1 for group in config.instance_group)
         if options.fake_device:  # benchmarks: GPU timing without a GPU (fakedevice.py)
-            runtime: RuntimePool | FakeDevicePool = FakeDevicePool(
+            runtime: RuntimePool | FakeDevicePool | OpenVinoPool = FakeDevicePool(
                 model_file, parse_spec(options.fake_device), instances, options.gpu_id)
+        elif engine == "openvino":
+            ir = path / IR_FILE
+            runtime = OpenVinoPool(
+                ir if ir.is_file() else model_file,
+                {key: value.string_value for key, value in config.parameters.items()},
+                options.intra_op_threads, _check_batch(tokenizer))
         else:
             runtime = RuntimePool(model_file, options, instances)
     except Exception as exc:
-        raise ValueError(f"onnxruntime cannot load {MODEL_FILE}: {exc}") from None
+        raise ValueError(f"{engine} cannot load {MODEL_FILE}: {exc}") from None
     _check_outputs(config, runtime)
     _warn_if_untrained(path)
     return runtime, tokenizer, labels
+
+
+def pick_engine(config: ModelConfig, options: RuntimeOptions) -> str:
+    """The engine of a version: its config's backend, else --cpu-engine on a CPU
+    (auto: OpenVINO where it is installed), onnxruntime where CUDA serves it."""
+    if config.backend:
+        return config.backend
+    if options.cpu_engine == "onnxruntime":
+        return "onnxruntime"
+    if pick_providers(options)[0] != "CPUExecutionProvider":
+        return "onnxruntime"
+    if options.cpu_engine == "openvino":
+        return "openvino"
+    return "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
+
+
+def _check_batch(tokenizer: TextTokenizer) -> Batch:
+    """What OpenVINO's bf16 is checked against f32 on at load: Chinese news-like texts of a
+    few lengths, and a mixed-script one."""
+    encoded = tokenizer.encode(list(CHECK_TEXTS), truncate=True)
+    return Batch.of(encoded)
 
 
 def _warn_if_untrained(path: Path) -> None:

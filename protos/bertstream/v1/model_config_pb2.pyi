@@ -121,10 +121,25 @@ class ModelDynamicBatching(_message.Message):
     max_skipped_batches: int
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ..., default_queue_policy: _Optional[_Union[ModelQueuePolicy, _Mapping]] = ..., priority_queue_policy: _Optional[_Mapping[int, ModelQueuePolicy]] = ..., max_batch_duration_microseconds: _Optional[int] = ..., max_skipped_batches: _Optional[int] = ...) -> None: ...
 
+class ModelParameter(_message.Message):
+    __slots__ = ("string_value",)
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    string_value: str
+    def __init__(self, string_value: _Optional[str] = ...) -> None: ...
+
 class ModelConfig(_message.Message):
-    __slots__ = ("name", "platform", "version_policy", "max_batch_size", "instance_group", "dynamic_batching", "task", "max_sequence_length", "embedding_dimension", "default_pooling", "pooling_layers", "default_pooling_layer", "num_layers", "embed_prefix", "classify_prefix", "num_labels")
+    __slots__ = ("name", "platform", "backend", "parameters", "version_policy", "max_batch_size", "instance_group", "dynamic_batching", "task", "max_sequence_length", "embedding_dimension", "default_pooling", "pooling_layers", "default_pooling_layer", "num_layers", "embed_prefix", "classify_prefix", "num_labels")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ModelParameter
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ModelParameter, _Mapping]] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +156,8 @@ class ModelConfig(_message.Message):
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     platform: str
+    backend: str
+    parameters: _containers.MessageMap[str, ModelParameter]
     version_policy: ModelVersionPolicy
     max_batch_size: int
     instance_group: _containers.RepeatedCompositeFieldContainer[ModelInstanceGroup]
@@ -155,4 +172,4 @@ class ModelConfig(_message.Message):
     embed_prefix: str
     classify_prefix: str
     num_labels: int
-    def __init__(self, name: _Optional[str] = ..., platform: _Optional[str] = ..., version_policy: _Optional[_Union[ModelVersionPolicy, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., instance_group: _Optional[_Iterable[_Union[ModelInstanceGroup, _Mapping]]] = ..., dynamic_batching: _Optional[_Union[ModelDynamicBatching, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., max_sequence_length: _Optional[int] = ..., embedding_dimension: _Optional[int] = ..., default_pooling: _Optional[_Union[Pooling, str]] = ..., pooling_layers: _Optional[_Iterable[int]] = ..., default_pooling_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., embed_prefix: _Optional[str] = ..., classify_prefix: _Optional[str] = ..., num_labels: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., parameters: _Optional[_Mapping[str, ModelParameter]] = ..., version_policy: _Optional[_Union[ModelVersionPolicy, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., instance_group: _Optional[_Iterable[_Union[ModelInstanceGroup, _Mapping]]] = ..., dynamic_batching: _Optional[_Union[ModelDynamicBatching, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., max_sequence_length: _Optional[int] = ..., embedding_dimension: _Optional[int] = ..., default_pooling: _Optional[_Union[Pooling, str]] = ..., pooling_layers: _Optional[_Iterable[int]] = ..., default_pooling_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., embed_prefix: _Optional[str] = ..., classify_prefix: _Optional[str] = ..., num_labels: _Optional[int] = ...) -> None: ...
