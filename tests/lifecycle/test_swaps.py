@@ -221,3 +221,43 @@ def test_version_policy_and_requests_that_name_a_version(
             embed(2)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
     assert server.stop() == 0
+
+
+def test_a_swap_between_engines_under_load(
+    staged: Path, tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """config.pbtxt edited under load: the version reloads on OpenVINO beside the serving
+    onnxruntime one, routing switches, and back again; no request fails or is misrouted."""
+    pytest.importorskip("openvino")
+    repository = make_repository(staged, tmp_path / "repo", {MODEL: [1]})
+    config = repository / MODEL / "config.pbtxt"
+    plain = config.read_text("utf-8")
+    reference = reference_vector(staged / MODEL / "1")
+    server = start_server(repository, "--model-control-mode", "poll",
+                          "--repository-poll-secs", str(POLL), default_model=MODEL)
+
+    def provider() -> str:
+        with grpc.insecure_channel(server.address) as channel:
+            return pb_grpc.BertServiceStub(channel).GetModel(
+                pb.GetModelRequest(model=MODEL), timeout=10).execution_provider
+
+    load = Load(server.address).start()
+    try:
+        time.sleep(1)
+        for engine, text in (("OpenVINO", plain + 'backend: "openvino"\n'),
+                             ("CPUExecutionProvider", plain)):
+            config.write_text(text, "utf-8")
+            wait_for(lambda engine=engine: provider().startswith(engine), 30,
+                     f"{engine} to serve")
+            time.sleep(2)
+    finally:
+        answers = load.stop()
+    errors = [a.error for a in answers if a.error]
+    assert not errors, f"{len(errors)} failed requests, e.g. {errors[:3]}"
+    assert len(answers) > 100 and {a.kind for a in answers} == {"unary", "stream"}
+    for answer in answers:  # bf16 or f32: the same vector as the graph gives
+        assert answer.version == 1 and answer.vector is not None
+        cosine = answer.vector @ reference / np.linalg.norm(answer.vector) / np.linalg.norm(
+            reference)
+        assert cosine >= 0.999, cosine
+    assert server.stop() == 0
