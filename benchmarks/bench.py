@@ -391,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all)")
     parser.add_argument("--intra-op-spinning", choices=["on", "off"], default="off")
+    parser.add_argument("--cpu-engine", choices=["onnxruntime", "openvino", "auto"],
+                        default="onnxruntime",
+                        help="the server's CPU engine (default onnxruntime, the engine of the "
+                        "raw rows; benchmarks/engines.py compares engines)")
     parser.add_argument("--fake-device", default="", metavar="SPEC",
                         help="time batches with a fake device profile instead of computing "
                         "(server/fakedevice.py), e.g. h100-bert-base-fp16,speed=0.25")
@@ -452,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     del raw  # free the session before the server loads its own
 
     flags = ["--default-model", args.model, "--device", args.device, "--log-level", "WARNING",
-             "--intra-op-spinning", args.intra_op_spinning, "--frontends", str(args.frontends)]
+             "--intra-op-spinning", args.intra_op_spinning, "--frontends", str(args.frontends),
+             "--cpu-engine", args.cpu_engine]
     if args.threads:
         flags += ["--intra-op-threads", str(args.threads)]
     if args.fake_device:

@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-message", type=int, default=8, help="texts per stream message")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all)")
+    parser.add_argument("--cpu-engine", choices=["onnxruntime", "openvino", "auto"],
+                        default="onnxruntime",
+                        help="the server's CPU engine (default onnxruntime: the engine of the "
+                        "results recorded so far)")
     parser.add_argument("--fake-device", default="", metavar="SPEC",
                         help="time batches with a fake device profile (server/fakedevice.py)")
     parser.add_argument("--frontends", type=int, default=1,
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--mixed-window must be >= 1")
 
     flags = ["--default-model", args.model, "--device", args.device, "--log-level", "WARNING",
-             "--frontends", str(args.frontends)]
+             "--frontends", str(args.frontends), "--cpu-engine", args.cpu_engine]
     if args.threads:
         flags += ["--intra-op-threads", str(args.threads)]
     if args.fake_device:

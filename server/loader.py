@@ -163,11 +163,7 @@ def _build(
             runtime: RuntimePool | FakeDevicePool | OpenVinoPool = FakeDevicePool(
                 model_file, parse_spec(options.fake_device), instances, options.gpu_id)
         elif engine == "openvino":
-            ir = path / IR_FILE
-            runtime = OpenVinoPool(
-                ir if ir.is_file() else model_file,
-                {key: value.string_value for key, value in config.parameters.items()},
-                options.intra_op_threads, _check_batch(tokenizer))
+            runtime = _openvino_or_onnxruntime(path, config, options, tokenizer, instances)
         else:
             runtime = RuntimePool(model_file, options, instances)
     except Exception as exc:
@@ -175,6 +171,23 @@ def _build(
     _check_outputs(config, runtime)
     _warn_if_untrained(path)
     return runtime, tokenizer, labels
+
+
+def _openvino_or_onnxruntime(path: Path, config: ModelConfig, options: RuntimeOptions,
+                             tokenizer: TextTokenizer,
+                             instances: int) -> OpenVinoPool | RuntimePool:
+    """OpenVINO; where only `--cpu-engine auto` chose it (the config names no backend) and
+    OpenVINO cannot run this graph, onnxruntime, with the reason in the log."""
+    ir = path / IR_FILE
+    try:
+        return OpenVinoPool(ir if ir.is_file() else path / MODEL_FILE,
+                            {key: value.string_value for key, value in config.parameters.items()},
+                            options.intra_op_threads, _check_batch(tokenizer))
+    except Exception as exc:
+        if config.backend:
+            raise
+        log.warning("%s: OpenVINO cannot run it (%s); serving it on onnxruntime", path, exc)
+        return RuntimePool(path / MODEL_FILE, options, instances)
 
 
 def pick_engine(config: ModelConfig, options: RuntimeOptions) -> str:

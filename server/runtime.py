@@ -38,7 +38,7 @@ class RuntimeOptions:
     # whose cores also tokenize and serve gRPC, that spinning takes CPU they need.
     intra_op_spinning: bool = False
     fake_device: str = ""  # a fakedevice.py spec: benchmarks only; "" runs the real graph
-    cpu_engine: str = "onnxruntime"  # onnxruntime | openvino | auto: versions naming no backend
+    cpu_engine: str = "auto"  # auto | onnxruntime | openvino: versions naming no backend
 
 
 @dataclass(frozen=True)

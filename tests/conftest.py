@@ -60,6 +60,18 @@ def version_dir(repository: Path, model: str, version: int | None = None) -> Pat
     return repository / model / str(version)
 
 
+def openvino_repository(model_repository: Path, destination: Path) -> Path:
+    """The session's models with `backend: "openvino"` at f32 (the tests compare vectors
+    with onnxruntime's at 1e-4; bf16 is checked at cosine level in test_openvino.py)."""
+    for model in ("tiny-embed", "tiny-news"):
+        shutil.copytree(model_repository / model, destination / model)
+        config = destination / model / "config.pbtxt"
+        config.write_text(config.read_text("utf-8") + 'backend: "openvino"\nparameters { key: '
+                          '"INFERENCE_PRECISION_HINT" value { string_value: "f32" } }\n',
+                          "utf-8")
+    return destination
+
+
 def copy_repository(repository: Path, destination: Path) -> Path:
     """A private, writable copy of the shared repository."""
     return Path(shutil.copytree(repository, destination))
@@ -74,6 +86,14 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_model(tiny_options(TINY_EMBED, repository))
     export_model(tiny_options(TINY_NEWS, repository, labels=TINY_NEWS_LABELS))
     return repository
+
+
+@pytest.fixture(scope="session")
+def openvino_model_repository(model_repository: Path,
+                              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared repository's models on OpenVINO at f32 (see `openvino_repository`)."""
+    pytest.importorskip("openvino")
+    return openvino_repository(model_repository, tmp_path_factory.mktemp("openvino"))
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +120,13 @@ class ServerProcess:
     """A real `python -m bertstream.server` on a free loopback port; `address` once ready."""
 
     def __init__(self, repository: Path, *extra: str, default_model: str = "tiny-embed") -> None:
+        # onnxruntime unless a test asks for another engine (a later --cpu-engine wins): the
+        # tests compare vectors with onnxruntime's at tight tolerances, and OpenVINO's own
+        # are tests/integration/test_openvino.py and the `server` fixture's second engine.
         cmd = [sys.executable, "-m", "bertstream.server", "--model-repository", str(repository),
                "--host", "127.0.0.1", "--port", "0", "--default-model", default_model,
-               "--http-port", "0", *extra]  # HTTP off unless a test asks (tests/rest)
+               "--http-port", "0", "--cpu-engine", "onnxruntime", *extra]
+        self.engine = "onnxruntime"  # what its models run on, when a fixture chose another
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -60,3 +61,18 @@ def test_variant_is_verified_and_served(
             assert len(fast.classify(NEWS)[0]) == 3
     finally:
         assert server.stop() == 0 and reference.stop() == 0
+    if importlib.util.find_spec("openvino") is not None:
+        _auto_engine_falls_back(tmp_path, start_server)
+
+
+def _auto_engine_falls_back(repository: Path, start_server: Callable[..., ServerProcess]) -> None:
+    """OpenVINO cannot read onnxruntime's fused contrib operators (QAttention, Attention):
+    `--cpu-engine auto` serves such a graph on onnxruntime and says why."""
+    server = start_server(repository, "--cpu-engine", "auto", default_model="news")
+    try:
+        with BertClient(server.address) as client:
+            assert client.model_info("news").execution_provider == "CPUExecutionProvider"
+            assert client.encode(NEWS).shape[0] == len(NEWS)
+    finally:
+        assert server.stop() == 0
+    assert "OpenVINO cannot run it" in "".join(server.lines)

@@ -18,15 +18,27 @@ if TYPE_CHECKING:
     from conftest import ServerProcess
 
 
-@pytest.fixture(scope="session")
+# Every test on the shared server runs on both CPU engines.
+@pytest.fixture(scope="session", params=["onnxruntime", "openvino"])
 def server(
-    model_repository: Path, start_server: Callable[..., ServerProcess]
+    request: pytest.FixtureRequest, model_repository: Path,
+    start_server: Callable[..., ServerProcess],
 ) -> Iterator[ServerProcess]:
-    proc = start_server(model_repository)
+    repository = model_repository
+    if request.param == "openvino":
+        repository = request.getfixturevalue("openvino_model_repository")
+    proc = start_server(repository)
+    proc.engine = request.param
     yield proc
     code = proc.stop()
     assert code == 0, "".join(proc.lines[-40:])
     assert "Traceback" not in "".join(proc.lines), "".join(proc.lines)
+
+
+@pytest.fixture(scope="session")
+def engine(server: ServerProcess) -> str:
+    """The CPU engine the shared server runs its models on."""
+    return server.engine
 
 
 @pytest.fixture(scope="session")

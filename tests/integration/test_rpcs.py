@@ -89,7 +89,7 @@ def test_tokenize(bc: BertClient) -> None:
     assert len(tok.ids) == len(tok.tokens) and tok.truncated_tokens == 0
 
 
-def test_models_and_metadata(bc: BertClient) -> None:
+def test_models_and_metadata(bc: BertClient, engine: str) -> None:
     models = {(m.model, m.version): m.state for m in bc.models()}
     assert models == {("tiny-embed", 1): "READY", ("tiny-news", 1): "READY"}
     info = bc.model_info("tiny-news")
@@ -97,7 +97,8 @@ def test_models_and_metadata(bc: BertClient) -> None:
                                                                        "negative"]
     assert info.embedding_dimension == 64 and info.max_sequence_length == 64
     assert list(info.pooling_layers) == [1, 2] and info.default_version == 1
-    assert info.execution_provider == "CPUExecutionProvider"
+    assert info.execution_provider == {"onnxruntime": "CPUExecutionProvider",
+                                       "openvino": "OpenVINO CPU f32"}[engine]
     assert bc.model_info("").model == "tiny-embed"  # the server's default model
 
 

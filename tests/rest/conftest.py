@@ -49,10 +49,14 @@ def start_http(start_server: Callable[..., ServerProcess], repository: Path,
     return HttpServer(start_server(repository, "--http-port", str(port), *flags), port)
 
 
-@pytest.fixture(scope="session")
-def http_server(model_repository: Path,
+# Every dialect's test on the shared HTTP server runs on both CPU engines.
+@pytest.fixture(scope="session", params=["onnxruntime", "openvino"])
+def http_server(request: pytest.FixtureRequest, model_repository: Path,
                 start_server: Callable[..., ServerProcess]) -> Iterator[HttpServer]:
-    server = start_http(start_server, model_repository)
+    repository = model_repository
+    if request.param == "openvino":
+        repository = request.getfixturevalue("openvino_model_repository")
+    server = start_http(start_server, repository)
     yield server
     code = server.process.stop()
     assert code == 0, "".join(server.process.lines[-40:])

@@ -98,7 +98,7 @@ class FakeStub:
     streams_opened: ClassVar[int] = 0
 
     def __init__(self, channel: Any) -> None:
-        self._aio = isinstance(channel, grpc.aio.Channel)
+        self._aio = isinstance(channel, FakeAioChannel)
 
     def _unary(self, answer: type) -> Any:
         def call(request: Any, timeout: float, metadata: Any) -> Any:
@@ -128,8 +128,22 @@ class FakeStub:
         return make(answer)
 
 
+class FakeAioChannel:
+    """Stands in for a grpc.aio channel: no real one is opened in this process. grpc.aio
+    keeps process-wide state tied to the event loop that first used it; a real channel here
+    (the sync client's stream thread has a loop of its own, the async client another) left
+    later tests' `asyncio.run` hanging now and then."""
+
+    async def close(self, grace: float | None = None) -> None:
+        return None
+
+    async def channel_ready(self) -> None:
+        return None
+
+
 @pytest.fixture
 def fake_stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakeStub]]:
+    monkeypatch.setattr(client_module, "open_aio_channel", lambda *a, **kw: FakeAioChannel())
     monkeypatch.setattr(client_module.pb_grpc, "BertServiceStub", FakeStub)
     FakeStub.sent = []
     FakeStub.streams_opened = 0

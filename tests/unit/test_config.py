@@ -52,7 +52,31 @@ def test_unparsable_config_names_the_file(tmp_path: Path) -> None:
 
 def test_unknown_field_is_refused(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="does not parse"):
-        config.load(write(tmp_path, GOOD + "\nbackend: \"tensorrt\"\n"))
+        config.load(write(tmp_path, GOOD + "\nmodel_warmup: 1\n"))
+
+
+@pytest.mark.parametrize(("extra", "problem"), [
+    ('backend: "tensorrt"', "backend 'tensorrt' is not supported"),
+    ('backend: "openvino" parameters { key: "NUM_STREAMS" value { string_value: "0" } }',
+     "parameter NUM_STREAMS must be a positive integer"),
+    ('backend: "openvino" parameters { key: "INFERENCE_PRECISION_HINT" '
+     'value { string_value: "fp8" } }', "INFERENCE_PRECISION_HINT must be one of"),
+    ('backend: "openvino" parameters { key: "CACHE_DIR" value { string_value: "/tmp" } }',
+     "'CACHE_DIR' is not an OpenVINO option bertstream knows"),
+    ('parameters { key: "NUM_STREAMS" value { string_value: "2" } }',
+     "need backend: \"openvino\""),
+])
+def test_engines_and_their_options_are_checked(tmp_path: Path, extra: str,
+                                               problem: str) -> None:
+    with pytest.raises(config.ConfigError, match=re.escape(problem)):
+        config.load(write(tmp_path, GOOD + extra + "\n"))
+
+
+def test_an_openvino_config_loads(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, GOOD + 'backend: "openvino"\nparameters { key: '
+                            '"INFERENCE_PRECISION_HINT" value { string_value: "bf16" } }\n'))
+    assert cfg.backend == "openvino"
+    assert cfg.parameters["INFERENCE_PRECISION_HINT"].string_value == "bf16"
 
 
 def test_missing_config(tmp_path: Path) -> None:
