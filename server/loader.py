@@ -180,9 +180,11 @@ def _openvino_or_onnxruntime(path: Path, config: ModelConfig, options: RuntimeOp
     OpenVINO cannot run this graph, onnxruntime, with the reason in the log."""
     ir = path / IR_FILE
     try:
-        return OpenVinoPool(ir if ir.is_file() else path / MODEL_FILE,
+        pool = OpenVinoPool(ir if ir.is_file() else path / MODEL_FILE,
                             {key: value.string_value for key, value in config.parameters.items()},
                             options.intra_op_threads, _check_batch(tokenizer))
+        _check_outputs(config, pool)
+        return pool
     except Exception as exc:
         if config.backend:
             raise

@@ -93,10 +93,10 @@ class OpenVinoPool:
             del reference
         self.compiled = compiled
         self.output_dims: dict[str, tuple[int | None, ...]] = {}
-        for output in compiled.outputs:
+        for output in compiled.outputs:  # by every name: a graph may alias its outputs
             shape = output.get_partial_shape()
-            self.output_dims[output.get_any_name()] = tuple(
-                d.get_length() if d.is_static else None for d in list(shape)[1:])
+            dims = tuple(d.get_length() if d.is_static else None for d in list(shape)[1:])
+            self.output_dims.update(dict.fromkeys(output.get_names(), dims))
         self.concurrency = max(1, streams)
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(self.concurrency):
@@ -134,8 +134,11 @@ def _feeds(batch: Batch, inputs: set[str]) -> dict[str, np.ndarray]:
 def _infer(compiled: Any, inputs: set[str], batch: Batch) -> dict[str, np.ndarray]:
     request = compiled.create_infer_request()
     request.infer(_feeds(batch, inputs))
-    return {output.get_any_name(): np.array(request.get_tensor(output).data, dtype=np.float32)
-            for output in compiled.outputs}
+    arrays = {}
+    for output in compiled.outputs:
+        array = np.array(request.get_tensor(output).data, dtype=np.float32)
+        arrays.update(dict.fromkeys(output.get_names(), array))
+    return arrays
 
 
 def _compare(low: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str:
