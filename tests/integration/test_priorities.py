@@ -76,8 +76,9 @@ def test_the_measured_cost_model_and_levels_are_shown(
     assert info.priority_levels == 2
     cost = info.batch_cost
     assert len(cost.points) >= 4
-    # The warm-up measured the fake device's own model (3 ms + 2 us a token), roughly.
-    assert 2_000 < cost.fixed_us < 6_000 and 1.0 < cost.per_token_us < 3.5, cost
+    # The warm-up measured the fake device's own model (3 ms + 2 us a token), roughly: the
+    # host's padding and copies add to both, more so on a busy machine.
+    assert 2_000 < cost.fixed_us < 8_000 and 1.5 < cost.per_token_us < 8.0, cost
     line = next(line for line in server.lines if line.startswith("bertstream metrics on "))
     with urllib.request.urlopen(f"http://{line.split()[-1]}/metrics", timeout=10) as response:
         text = response.read().decode()
