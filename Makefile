@@ -69,7 +69,7 @@ node-client:
 	@if command -v npm >/dev/null; then cd client/examples/node && npm ci --no-audit --no-fund \
 	  || echo "npm ci failed in client/examples/node: the Node client test will say why"; fi
 
-test: install node-client
+test: install node-client lint-imports
 	$(VENV)/bin/pytest -q
 
 # The edit loop's tier, under a minute on 2 cores: `pytest -m fast`, i.e. every test under
@@ -77,15 +77,21 @@ test: install node-client
 # in tests/conftest.py (FAST_MODULES); no server process, no export beyond the session's two
 # tiny models. `make test` stays the full suite that CI runs.
 .PHONY: test-fast
-test-fast: install
+test-fast: install lint-imports
 	$(VENV)/bin/pytest -q -m fast --timeout 120
+
+# server/'s layering (pyproject.toml [tool.importlinter]): part of test and test-fast, so a
+# wrong-way import fails the build where it is written.
+.PHONY: lint-imports
+lint-imports: install
+	PYTHONPATH=. $(VENV)/bin/lint-imports --no-cache --no-logo
 
 # 200,000 mixed requests against one server: memory, threads, open files and p99 must stay
 # flat (benchmarks/soak.py; tens of minutes on 2 cores, so not part of `make test`).
 soak: install
 	$(PY) benchmarks/soak.py
 
-lint: install
+lint: install lint-imports
 	$(VENV)/bin/ruff check .
 
 clean:

@@ -52,10 +52,12 @@ import numpy as np
 import onnxruntime as ort
 import stage_budget
 from bertstream.client.news import news_text
-from bertstream.server import config as model_config
-from bertstream.server.fakedevice import FakeDevicePool, parse_spec
-from bertstream.server.runtime import Batch, Runtime, RuntimeOptions, pick_providers
-from bertstream.server.tokenization import Encoded, TextTokenizer
+from bertstream.server.engine.backends.base import RuntimeOptions
+from bertstream.server.engine.backends.fake import FakeDevicePool, parse_spec
+from bertstream.server.engine.backends.onnxruntime import Runtime, pick_providers
+from bertstream.server.engine.batch import Batch, Encoded
+from bertstream.server.engine.tokenizer import TextTokenizer
+from bertstream.server.repository import config as model_config
 from bertstream.server.version_format import (
     EXPORT_RECORD,
     MODEL_FILE,

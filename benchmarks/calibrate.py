@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 from bench import device_name
-from bertstream.server import config as model_config
-from bertstream.server.fakedevice import PROFILES, Point, fit
-from bertstream.server.runtime import Batch, Runtime, RuntimeOptions
+from bertstream.server.engine.backends.base import RuntimeOptions
+from bertstream.server.engine.backends.fake import PROFILES, Point, fit
+from bertstream.server.engine.backends.onnxruntime import Runtime
+from bertstream.server.engine.batch import Batch
+from bertstream.server.repository import config as model_config
 from bertstream.server.version_format import MODEL_FILE, TOKENIZER_FILE, output_name
 from tokenizers import Tokenizer
 

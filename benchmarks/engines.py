@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 from bench import RESULTS, Raw, device_name, news_texts, stream_throughput
-from bertstream.server.openvino_runtime import OpenVinoPool
-from bertstream.server.runtime import Batch, RuntimeOptions
+from bertstream.server.engine.backends.base import RuntimeOptions
+from bertstream.server.engine.backends.openvino import OpenVinoPool
+from bertstream.server.engine.batch import Batch
 from bertstream.server.version_format import MODEL_FILE
 from server_process import ServerProcess
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertstream.server.config import PLATFORM
+from bertstream.server.repository.config import PLATFORM
 from bertstream.server.version_format import CONFIG_FILE
 from bertstream.v1 import model_config_pb2 as pb
 from google.protobuf import text_format

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertstream.server import repository, version_format
+from bertstream.server import version_format
 from bertstream.server.errors import InvalidInput
+from bertstream.server.repository import folders
 from bertstream.v1 import model_config_pb2 as pb
 
 from .model_config import CONFIG_FILE, check_compatible, write_model_config
@@ -36,9 +37,9 @@ class VersionExistsError(PublishError):
 
 
 def validate_model_name(name: str) -> str:
-    """The server's naming rule (`repository.check_name`), raised as a PublishError."""
+    """The server's naming rule (`folders.check_name`), raised as a PublishError."""
     try:
-        return repository.check_name(name)
+        return folders.check_name(name)
     except InvalidInput as exc:
         raise PublishError(str(exc)) from None
 

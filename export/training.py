@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bertstream.server import config as model_config
-from bertstream.server.runtime import Batch, Runtime, RuntimeOptions
-from bertstream.server.tokenization import TextTokenizer
+from bertstream.server.engine.backends.base import RuntimeOptions
+from bertstream.server.engine.backends.onnxruntime import Runtime
+from bertstream.server.engine.batch import Batch
+from bertstream.server.engine.tokenizer import TextTokenizer
+from bertstream.server.repository import config as model_config
 from bertstream.server.version_format import MODEL_FILE, TOKENIZER_FILE, output_name
 
 from .datasets import LabelledData

@@ -11,6 +11,7 @@ import logging
 import grpc
 
 __all__ = [
+    "ENGINE_GONE",
     "BertstreamError",
     "EngineUnavailable",
     "InputTooLong",
@@ -92,11 +93,17 @@ class ShuttingDown(BertstreamError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+ENGINE_GONE = "the engine process is restarting; retry"
+
+
 class EngineUnavailable(BertstreamError):
     """A front-end process whose engine process died or restarts (server/frontend.py): calls
     in flight on it end with this, and new ones until the engine serves again; retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str = ENGINE_GONE) -> None:
+        super().__init__(message)
 
 
 class Unauthenticated(BertstreamError):

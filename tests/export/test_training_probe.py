@@ -17,8 +17,8 @@ import pytest
 from bertstream.export import ExportOptions, export_model
 from bertstream.export.head import HeadError, load_head
 from bertstream.export.train_cli import main
-from bertstream.server.runtime import Batch
-from bertstream.server.tokenization import TextTokenizer
+from bertstream.server.engine.batch import Batch
+from bertstream.server.engine.tokenizer import TextTokenizer
 
 PREFIX = "新闻："
 TOPICS = {"sport": "比赛球队进球冠军", "finance": "股市银行利率基金", "weather": "暴雨台风气温降雪"}

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from bertstream.client import BertClient
-from bertstream.server.runtime import Batch, RuntimeOptions, RuntimePool
-from bertstream.server.tokenization import TextTokenizer
+from bertstream.server.engine.backends.base import RuntimeOptions
+from bertstream.server.engine.backends.onnxruntime import RuntimePool
+from bertstream.server.engine.batch import Batch
+from bertstream.server.engine.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:
     from conftest import ServerProcess

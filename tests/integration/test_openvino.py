@@ -1,4 +1,4 @@
-"""The second CPU engine (server/openvino_runtime.py) behind a real server: the same answers
+"""The second CPU engine (server/openvino.py) behind a real server: the same answers
 as onnxruntime's through every kind of call, the engine and precision shown, bad options
 refused with the reason, and bf16 falling back to f32 when its check fails."""
 
@@ -93,17 +93,17 @@ def test_bf16_that_fails_its_check_serves_f32_and_says_why(
     model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In process: a check no bf16 can pass (cosine above 1) makes the version f32."""
-    from bertstream.server import openvino_runtime
-    from bertstream.server.loader import _check_batch
-    from bertstream.server.tokenization import TextTokenizer
+    from bertstream.server.engine.backends import openvino
+    from bertstream.server.engine.loader import _check_batch
+    from bertstream.server.engine.tokenizer import TextTokenizer
 
     folder = model_dir("tiny-news")
     check = _check_batch(TextTokenizer(folder / "tokenizer.json", 64))
-    native = openvino_runtime.OpenVinoPool(folder / "model.onnx", {}, 1, check)
+    native = openvino.OpenVinoPool(folder / "model.onnx", {}, 1, check)
     if native.precision != "bf16":
         pytest.skip(f"this CPU serves f32 only: {native.provider}")
-    monkeypatch.setattr(openvino_runtime, "MIN_COSINE", 1.01)
-    pool = openvino_runtime.OpenVinoPool(folder / "model.onnx", {}, 1, check)
+    monkeypatch.setattr(openvino, "MIN_COSINE", 1.01)
+    pool = openvino.OpenVinoPool(folder / "model.onnx", {}, 1, check)
     assert pool.precision == "f32"
     assert pool.provider.startswith("OpenVINO CPU f32 (bf16 failed: ")
     assert "to f32 (< 1.01)" in pool.provider

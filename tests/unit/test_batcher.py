@@ -8,10 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from bertstream.server.batcher import Batcher, BatcherOptions, WorkItem
+from bertstream.server.engine.batch import Batch, Encoded
+from bertstream.server.engine.batcher import Batcher, BatcherOptions, WorkItem
 from bertstream.server.errors import Overloaded, QueueTimeout
-from bertstream.server.runtime import Batch
-from bertstream.server.tokenization import Encoded
 
 POISON = 666
 

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
-from bertstream.server import config
+from bertstream.server.repository import config
 from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 from google.protobuf import text_format
 
@@ -130,7 +130,7 @@ def test_priority_defaults_put_interactive_and_bulk_calls_apart(tmp_path: Path) 
 
 def test_triton_priority_settings_parse_into_batcher_options(tmp_path: Path) -> None:
     """The operators guide's example, through to what the scheduler gets."""
-    from bertstream.server.loader import _batcher_options
+    from bertstream.server.engine.loader import _batcher_options
 
     options = _batcher_options(config.load(write(tmp_path, PRIORITIES)))
     assert (options.levels, options.default_level) == (3, 2)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from bertstream.server.app import parse_args
+from bertstream.server.options import parse_args
 
 yaml = pytest.importorskip("yaml")
 

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bertstream.server.batcher import WorkItem
-from bertstream.server.engine import Engine
+from bertstream.server.engine.backends.base import RuntimeOptions
+from bertstream.server.engine.batcher import WorkItem
+from bertstream.server.engine.loader import OnnxLoader
+from bertstream.server.engine.workers import Workers
 from bertstream.server.errors import EngineUnavailable, ModelNotFound, ModelNotReady
-from bertstream.server.frontend import EngineModels
-from bertstream.server.inference import EmbedQuery, Limits, Pipeline
-from bertstream.server.ipc import FrameLink, Message, encode_frame
-from bertstream.server.lifecycle import ModelManager
-from bertstream.server.loader import OnnxLoader
-from bertstream.server.runtime import RuntimeOptions
-from bertstream.server.versions import State
-from bertstream.server.workers import Workers
+from bertstream.server.pipeline.inference import EmbedQuery, Limits, Pipeline
+from bertstream.server.processes.engine_process import Engine
+from bertstream.server.processes.frontend_process import EngineModels
+from bertstream.server.processes.link import FrameLink, Message, encode_frame
+from bertstream.server.repository.manager import ModelManager
+from bertstream.server.repository.versions import State
 
 TEXTS = ("今天股市大涨", "央行宣布降准", "hello")
 
@@ -42,7 +42,7 @@ class Link:
     def __init__(self, tmp_path: Path, repository: Path) -> None:
         self.root = Path(shutil.copytree(repository, tmp_path / "repo"))
         self.socket = tmp_path / "engine.sock"
-        self.loader = OnnxLoader(RuntimeOptions(device="cpu", intra_op_threads=1), self.root)
+        self.loader = OnnxLoader(RuntimeOptions(device="cpu", intra_op_threads=1))
         self.manager = ModelManager(self.root, self.loader, on_change=self._changed)
         self.engine = Engine(self.manager, on_control=lambda: None)
         self.front = EngineModels(self.socket, self.root, "frontend-0")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bertstream.server.fakedevice import PROFILES, FakeDevicePool, Point, fit, parse_spec
-from bertstream.server.runtime import Batch
-from bertstream.server.tokenization import TextTokenizer
+from bertstream.server.engine.backends.fake import PROFILES, FakeDevicePool, Point, fit, parse_spec
+from bertstream.server.engine.batch import Batch
+from bertstream.server.engine.tokenizer import TextTokenizer
 
 
 def test_fit_recovers_a_linear_cost_model() -> None:

@@ -8,7 +8,7 @@ import asyncio
 import socket
 
 import pytest
-from bertstream.server.rest.server import _listen
+from bertstream.server.api.http.server import _listen
 
 
 @pytest.mark.parametrize("shared", [False, True])  # one process; front ends sharing the port

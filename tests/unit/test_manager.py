@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bertstream.server import repository
+from bertstream.server.engine.interface import Loaded
 from bertstream.server.errors import LoadFailed, ModelNotFound, ModelNotReady
-from bertstream.server.lifecycle import Loaded, ModelManager, State
-from bertstream.server.snapshot import wire_state
+from bertstream.server.repository import folders
+from bertstream.server.repository.manager import ModelManager, State
+from bertstream.server.repository.snapshot import wire_state
 from bertstream.server.version_format import CONFIG_FILE, required_files
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1.model_config_pb2 import ModelConfig
@@ -74,7 +75,7 @@ class FakeLoader:
 def _version(model_dir: Path, version: int | str, *extra: tuple[str, str]) -> Path:
     folder = model_dir / str(version)
     folder.mkdir(parents=True)
-    config = repository.read_model(model_dir.parent, model_dir).config
+    config = folders.read_model(model_dir.parent, model_dir).config
     for name in required_files(config or ModelConfig()):
         (folder / name).write_text("x")
     for name, text in extra:
@@ -111,7 +112,7 @@ def _manager(root: Path, **kwargs: Any) -> tuple[ModelManager, FakeLoader]:
 
 
 async def _sync(manager: ModelManager, **kwargs: Any) -> None:
-    await manager.sync(repository.scan(manager.root), **kwargs)
+    await manager.sync(folders.scan(manager.root), **kwargs)
 
 
 @_run

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from bertstream.server.planner import Disk, plan, reload_failures, reload_todo, settle
-from bertstream.server.versions import State
+from bertstream.server.repository.planner import Disk, plan, reload_failures, reload_todo, settle
+from bertstream.server.repository.versions import State
 from bertstream.v1.model_config_pb2 import ModelVersionPolicy
 
 R, L, U, N, X = State.READY, State.LOADING, State.UNKNOWN, State.UNLOADING, State.UNAVAILABLE

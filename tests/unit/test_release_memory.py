@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from bertstream.server.loader import _release_memory
+from bertstream.server.engine.loader import _release_memory
 
 
 class Node:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from bertstream.server.errors import InvalidInput
-from bertstream.server.repository import check_name, parse_version, scan, select_versions
+from bertstream.server.repository.folders import check_name, parse_version, scan, select_versions
 from bertstream.v1.model_config_pb2 import ModelVersionPolicy
 
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from bertstream.server.batcher import WorkItem
-from bertstream.server.costmodel import CostModel, Point, fit, measure
-from bertstream.server.scheduler import BatcherOptions, LevelPolicy, Scheduler
-from bertstream.server.tokenization import Encoded
+from bertstream.server.engine.batch import Encoded
+from bertstream.server.engine.batcher import WorkItem
+from bertstream.server.engine.costmodel import CostModel, Point, fit, measure
+from bertstream.server.engine.scheduler import BatcherOptions, LevelPolicy, Scheduler
 
 
 class _Future:

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
-from bertstream.server.handlers import is_probe
-from bertstream.server.shutdown import ShutdownGate
+from bertstream.server.api.handlers import is_probe
+from bertstream.server.api.shutdown import ShutdownGate
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 

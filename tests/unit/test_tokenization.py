@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bertstream.server.engine.tokenizer import TextTokenizer
 from bertstream.server.errors import InputTooLong
-from bertstream.server.tokenization import TextTokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer

@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from bertstream.server.config import ConfigError, load_with_digest
-from bertstream.server.watcher import StabilityTracker, fingerprint, missing_files
+from bertstream.server.repository.config import ConfigError, load_with_digest
+from bertstream.server.repository.watcher import StabilityTracker, fingerprint, missing_files
 from bertstream.v1.model_config_pb2 import ModelConfig, Task
 
 

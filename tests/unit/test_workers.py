@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 import pytest
-from bertstream.server.workers import Workers
+from bertstream.server.engine.workers import Workers
 
 
 def test_results_errors_and_thread_names() -> None:

@@ -1,0 +1,226 @@
+"""The request pipeline: validate -> tokenize -> batch -> pick outputs -> post-process.
+
+The servicer turns protos into the queries below and awaits `Pipeline`; nothing here knows
+about gRPC messages, and nothing in the servicer knows about onnxruntime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
+
+from ..engine.batch import Encoded
+from ..engine.batcher import WorkItem
+from ..engine.workers import Workers
+from ..errors import InvalidInput
+from ..repository.manager import ModelManager, ModelVersion
+from ..stages import CLOCK
+from ..version_format import POOLING_NAMES, PROBABILITIES, output_name, text_prefix
+from .validation import check_texts
+
+__all__ = ["INTERACTIVE_TEXTS", "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result",
+           "Schedule", "TextOptions", "check_timeout", "priority_level"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts_per_request: int = 256
+    max_text_chars: int = 65_536
+    max_request_chars: int = 1_048_576  # all texts of one message together
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    truncate: bool = False
+    direction: str = "right"  # right keeps the start, left keeps the end
+
+
+# A unary call or HTTP request of up to this many texts is someone waiting on an answer: it
+# goes to priority level 1 unless it names a level. Stream messages and larger requests are
+# bulk work (a feed, a file) and go to the model's default level, the lowest unless
+# config.pbtxt says otherwise. 16 covers a page of search results or a chat turn's texts;
+# a larger request takes long enough on a CPU that its caller is not waiting interactively.
+INTERACTIVE_TEXTS = 16
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a request queues (scheduler.py): its level, its queue timeout, whose turn."""
+
+    priority: int = 0  # 1 the highest; 0: the server decides (INTERACTIVE_TEXTS)
+    timeout_s: float = 0.0  # 0: the level's queue policy
+    caller: str | None = None  # a stream or a connection; None: the request alone
+
+
+@dataclass(frozen=True)
+class EmbedQuery:
+    model: str
+    version: int
+    texts: tuple[str, ...]
+    pooling: int = Pooling.POOLING_UNSPECIFIED
+    pooling_layer: int | None = None
+    normalize: bool = False
+    text: TextOptions = TextOptions()
+    schedule: Schedule = Schedule()
+
+
+@dataclass(frozen=True)
+class ClassifyQuery:
+    model: str
+    version: int
+    texts: tuple[str, ...]
+    top_k: int = 0
+    embed: EmbedQuery | None = None  # set when the caller wants the embedding too
+    text: TextOptions = TextOptions()
+    schedule: Schedule = Schedule()
+
+
+@dataclass
+class Result:
+    """What a request's texts came to, as arrays with one row per text."""
+
+    model: str
+    version: int
+    token_counts: list[int]
+    truncated_tokens: list[int]
+    vectors: np.ndarray | list[np.ndarray] | None = None  # [texts, dim]; tokens: per text
+    probabilities: np.ndarray | None = None  # [texts, labels]
+    pooling: int = Pooling.POOLING_UNSPECIFIED
+    pooling_layer: int = 0
+    labels: Sequence[str] = ()
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+    total_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.token_counts)
+
+
+def resolve_pooling(config: ModelConfig, pooling: int, layer: int | None) -> tuple[int, int, str]:
+    """(pooling, absolute layer, output name) for a request, or InvalidInput saying why not."""
+    pooling = pooling or config.default_pooling
+    if pooling not in POOLING_NAMES:
+        raise InvalidInput(f"unknown pooling {pooling}")
+    absolute = config.default_pooling_layer if layer is None else layer
+    if absolute < 0:
+        absolute = config.num_layers + 1 + absolute
+    if absolute not in config.pooling_layers:
+        raise InvalidInput(
+            f"pooling_layer {layer} is not exported by this model; it exports layers "
+            f"{sorted(config.pooling_layers)} of {config.num_layers} (or -1 for the last)"
+        )
+    return pooling, absolute, output_name(POOLING_NAMES[pooling], absolute)
+
+
+class Pipeline:
+    """Runs queries against the manager's READY versions."""
+
+    def __init__(self, manager: ModelManager, limits: Limits, tokenize_pool: Workers) -> None:
+        self.manager = manager
+        self.limits = limits
+        self._pool = tokenize_pool
+
+    async def tokenize(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
+                       task: int = Task.TASK_EMBED) -> tuple[ModelVersion, list[Encoded]]:
+        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
+                    self.limits.max_request_chars)
+        with self.manager.lease(model, version) as mv:
+            assert mv.loaded is not None
+            prefix = text_prefix(mv.loaded.config, task)
+            encoded = await mv.loaded.tokenizer.encode_async(
+                self._pool, [prefix + t for t in texts], text.truncate, text.direction,
+                keep_encoding=True,
+            )
+            return mv, encoded
+
+    async def embed(self, query: EmbedQuery, wait: bool) -> Result:
+        """Pooled (or token) vectors for each text; `wait` makes a full queue slow us down."""
+        return await self._run(query.model, query.version, query.texts, query.text,
+                               Task.TASK_EMBED, query, None, wait, query.schedule)
+
+    async def classify(self, query: ClassifyQuery, wait: bool) -> Result:
+        if query.top_k < 0:
+            raise InvalidInput(f"top_k must be >= 0 (0 = all labels), got {query.top_k}")
+        return await self._run(query.model, query.version, query.texts, query.text,
+                               Task.TASK_CLASSIFY, query.embed, query.top_k, wait,
+                               query.schedule)
+
+    async def _run(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
+                   task: int, embed: EmbedQuery | None, top_k: int | None,
+                   wait: bool, schedule: Schedule) -> Result:
+        start = time.perf_counter()
+        started = CLOCK.start()
+        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
+                    self.limits.max_request_chars)
+        with self.manager.lease(model, version) as mv:
+            loaded = mv.loaded
+            assert loaded is not None
+            config = loaded.config
+            if task == Task.TASK_CLASSIFY and config.task != Task.TASK_CLASSIFY:
+                raise InvalidInput(f"model {mv.model!r} has no classification head; use Embed")
+            pooling, layer, vector_name = (0, 0, "") if embed is None else resolve_pooling(
+                config, embed.pooling, embed.pooling_layer)
+            wanted = {vector_name} if vector_name else set()
+            if top_k is not None:
+                wanted.add(PROBABILITIES)
+            outputs = frozenset(wanted)
+            level = priority_level(config, schedule.priority,
+                                   interactive=not wait and len(texts) <= INTERACTIVE_TEXTS)
+            prefix = text_prefix(config, task)
+            prefixed = [prefix + t for t in texts] if prefix else list(texts)
+            CLOCK.stop("validate", started)
+            encoded = await loaded.tokenizer.encode_async(
+                self._pool, prefixed, text.truncate, text.direction)
+            tokenize_s = time.perf_counter() - start
+            started = CLOCK.start()
+            item = WorkItem(encoded, outputs, asyncio.get_running_loop().create_future(),
+                            level, schedule.caller, schedule.timeout_s)
+            CLOCK.stop("batch", started)
+            try:
+                await loaded.batcher.submit([item], wait=wait)
+                rows = await item.future
+            finally:
+                item.future.cancel()  # no-op when done; drops queued texts otherwise
+        started = CLOCK.start()
+        vectors = rows.get(vector_name) if vector_name else None
+        if vectors is not None and embed is not None and embed.normalize:
+            vectors = _l2_normalize(vectors)
+        result = Result(mv.model, mv.version, encoded.lengths, encoded.truncated_tokens,
+                        vectors, rows.get(PROBABILITIES), pooling, layer, loaded.labels,
+                        tokenize_s, item.queue_s, item.infer_s, time.perf_counter() - start)
+        CLOCK.stop("resolve", started)
+        return result
+
+
+def priority_level(config: ModelConfig, priority: int, interactive: bool) -> int:
+    """The level a request queues at: its own (checked against the model's levels), else 1
+    for an interactive call, else the model's default level."""
+    levels = int(config.dynamic_batching.priority_levels) or 1
+    if priority < 0 or priority > levels:
+        raise InvalidInput(
+            f"priority {priority} is outside 1..{levels}: model {config.name!r} has {levels} "
+            "priority levels (1 is the highest; 0 lets the server choose)")
+    if priority:
+        return priority
+    return 1 if interactive else int(config.dynamic_batching.default_priority_level) or levels
+
+
+def check_timeout(seconds: float) -> float:
+    if seconds < 0:
+        raise InvalidInput(f"timeout must not be negative, got {seconds * 1e6:.0f} us")
+    return seconds
+
+
+def _l2_normalize(vectors: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """Unit length along the last axis: one call for a request's pooled vectors, one per
+    text for token vectors."""
+    if isinstance(vectors, list):
+        return [_l2_normalize(v) for v in vectors]  # type: ignore[misc]
+    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norm, 1e-12)
