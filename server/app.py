@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import grpc
 from bertstream.v1 import bertstream_pb2, bertstream_pb2_grpc
@@ -36,9 +35,12 @@ from .engine.workers import Workers
 from .metrics import Metrics
 from .options import ServerOptions, parse_args
 from .pipeline.inference import Pipeline
+from .processes.engine_process import Engine
+from .processes.frontend_process import EngineModels
 from .processes.supervisor import PROCESSES_FILE, SupervisorOptions, supervise
 from .repository.control import ExplicitMemory, initial_load, poll
 from .repository.manager import ModelManager
+from .repository.models import Models
 from .stages import CLOCK
 
 __all__ = ["ServerOptions", "main", "serve"]
@@ -78,11 +80,10 @@ async def serve(options: ServerOptions) -> None:
 async def serve_single(options: ServerOptions) -> None:
     """Everything in this process: models, batchers, sessions and the gRPC front."""
     metrics = Metrics()
-    front = GrpcFront(options, metrics)
     loader = OnnxLoader(options.runtime, metrics)
     manager = ModelManager(options.model_repository, loader, options.default_model,
-                           on_change=front.publish_health, metrics=metrics)
-    front.models = manager
+                           on_change=lambda: front.publish_health(), metrics=metrics)
+    front = GrpcFront(options, metrics, manager)
     await initial_load(manager, options.model_control_mode, options.load_models,
                        options.model_repository)
     port = await front.start(tokenize_threads=usable_cores())
@@ -105,8 +106,6 @@ async def serve_single(options: ServerOptions) -> None:
 
 async def serve_engine(options: ServerOptions) -> None:
     """The engine process: models, batchers, sessions, control plane (engine.py)."""
-    from .processes.engine_process import Engine
-
     assert options.run_dir is not None
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orders the shutdown
@@ -144,16 +143,13 @@ async def serve_engine(options: ServerOptions) -> None:
 
 async def serve_frontend(options: ServerOptions) -> None:
     """A front-end process: gRPC, validation, tokenization and responses (frontend.py)."""
-    from .processes.frontend_process import EngineModels
-
     assert options.run_dir is not None
     _die_with_parent()
     metrics = Metrics()
-    front = GrpcFront(options, metrics, reuse_port=True)
     models = EngineModels(options.run_dir / ENGINE_SOCKET, options.model_repository,
                           f"frontend-{options.index}", options.default_model,
-                          on_change=front.publish_health)
-    front.models = models
+                          on_change=lambda: front.publish_health())
+    front = GrpcFront(options, metrics, models, reuse_port=True)
     models.start()
     await models.first_snapshot.wait()
     await front.start(tokenize_threads=max(2, usable_cores() // options.frontends))
@@ -171,14 +167,15 @@ ENGINE_SOCKET = "engine.sock"
 
 
 class GrpcFront:
-    """The gRPC server over some models (a `ModelManager`, or the engine's as a front end
-    sees them): servicers, interceptors, health, the port, and the drain on SIGTERM."""
+    """The gRPC (and HTTP) server over some `Models` (a `ModelManager`, or the engine's as a
+    front end sees them): servicers, interceptors, health, the port, the drain on SIGTERM."""
 
-    def __init__(self, options: ServerOptions, metrics: Metrics, reuse_port: bool = False) -> None:
+    def __init__(self, options: ServerOptions, metrics: Metrics, models: Models,
+                 reuse_port: bool = False) -> None:
         self.options = options
         self.metrics = metrics
         self.reuse_port = reuse_port
-        self.models: Any = None
+        self.models = models
         self.health = health.aio.HealthServicer()
         self.serving = False
         self.gate = ShutdownGate()  # counts running calls; refuses new ones once draining

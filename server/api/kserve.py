@@ -45,9 +45,9 @@ from ..pipeline.inference import (
     check_timeout,
 )
 from ..repository import folders
-from ..repository.manager import ModelVersion
+from ..repository.models import Models
 from ..repository.snapshot import wire_state
-from ..repository.versions import State
+from ..repository.versions import ModelVersion, State
 from ..version_format import POOLING_NAMES, PROBABILITIES
 from .servicer import caller, unary
 from .streams import ordered_stream
@@ -235,9 +235,9 @@ def _output_data(tensor: Tensor, result: Result) -> tuple[list[int], bytes]:
 # The protocol's calls as functions of the core, so gRPC (KServeServicer) and HTTP
 # (rest/kserve.py) answer alike: each takes and returns this protocol's messages.
 
-def resolve(manager: Any, name: str, version: str) -> ModelVersion:
+def resolve(models: Models, name: str, version: str) -> ModelVersion:
     """The READY version a request names; ModelNotFound / ModelNotReady / InvalidInput."""
-    mv: ModelVersion = manager.resolve(name, request_version(version))
+    mv: ModelVersion = models.resolve(name, request_version(version))
     assert mv.loaded is not None
     return mv
 
@@ -247,11 +247,11 @@ def server_metadata() -> pb.ServerMetadataResponse:
                                      extensions=list(EXTENSIONS))
 
 
-def model_metadata(manager: Any, name: str, version: str) -> pb.ModelMetadataResponse:
-    mv = resolve(manager, name, version)
+def model_metadata(models: Models, name: str, version: str) -> pb.ModelMetadataResponse:
+    mv = resolve(models, name, version)
     assert mv.loaded is not None
     config = mv.loaded.config
-    ready = [str(v) for v in manager.snapshot.ready_versions(mv.model)]
+    ready = [str(v) for v in models.snapshot.ready_versions(mv.model)]
     return pb.ModelMetadataResponse(
         name=mv.model, versions=ready, platform=config.platform or "onnxruntime_onnx",
         inputs=[Tensor(TEXT_INPUT, "BYTES", (-1,)).metadata()],
@@ -262,7 +262,7 @@ def model_metadata(manager: Any, name: str, version: str) -> pb.ModelMetadataRes
 async def infer(pipeline: Pipeline, request: pb.ModelInferRequest, wait: bool,
                 record: RequestRecord, caller: str | None = None) -> pb.ModelInferResponse:
     """One inference request; `record` learns the model, version and texts for metrics."""
-    mv = resolve(pipeline.manager, request.model_name, request.model_version)
+    mv = resolve(pipeline.models, request.model_name, request.model_version)
     assert mv.loaded is not None
     texts = read_texts(request)
     query = embed_query(request, texts, caller)
@@ -284,15 +284,15 @@ async def infer(pipeline: Pipeline, request: pb.ModelInferRequest, wait: bool,
     return response
 
 
-async def repository_index(manager: Any, ready_only: bool) -> pb.RepositoryIndexResponse:
-    """Every model the manager knows, version by version, plus (unless `ready_only`) the
+async def repository_index(models: Models, ready_only: bool) -> pb.RepositoryIndexResponse:
+    """Every model the server knows, version by version, plus (unless `ready_only`) the
     model folders on disk it has not loaded, as Triton lists them."""
     Index = pb.RepositoryIndexResponse.ModelIndex
     rows: list[pb.RepositoryIndexResponse.ModelIndex] = []
     on_disk: set[str] = set()
     if not ready_only:
-        on_disk = set(await asyncio.to_thread(folders.scan, manager.root))
-    snapshot = manager.snapshot
+        on_disk = set(await asyncio.to_thread(folders.scan, models.root))
+    snapshot = models.snapshot
     for name in sorted({m.name for m in snapshot.models} | on_disk):
         model = snapshot.model(name)
         error = model.error if model is not None else ""
@@ -305,7 +305,7 @@ async def repository_index(manager: Any, ready_only: bool) -> pb.RepositoryIndex
     return pb.RepositoryIndexResponse(models=rows)
 
 
-async def load_model(manager: Any, control_mode: str, name: str,
+async def load_model(models: Models, control_mode: str, name: str,
                      parameters: Iterable[str]) -> None:
     """Explicit mode only; by name from the repository folder (no config or file overrides:
     `parameters` are the names the request sent)."""
@@ -315,14 +315,14 @@ async def load_model(manager: Any, control_mode: str, name: str,
         raise Unsupported("loading with a config override or files is not supported "
                           f"(parameters {names}); put the model in the repository folder "
                           "and load it by name")
-    await manager.load_model(name)
+    await models.load_model(name)
 
 
-async def unload_model(manager: Any, control_mode: str, name: str) -> None:
+async def unload_model(models: Models, control_mode: str, name: str) -> None:
     """`unload_dependents` (which tritonclient always sends) means nothing here: no
     ensembles."""
     check_explicit(control_mode, "RepositoryModelUnload")
-    await manager.unload_model(name)
+    await models.unload_model(name)
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -330,7 +330,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                  control_mode: str = "none", metrics: Metrics | None = None,
                  draining: asyncio.Event | None = None) -> None:
         self.pipeline = pipeline
-        self.manager = pipeline.manager
+        self.models = pipeline.models
         self.metrics = metrics or Metrics()
         self.stream_window = stream_window
         self.control_mode = control_mode
@@ -348,14 +348,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         until it drains on SIGTERM. Per-model readiness is ModelReady's."""
         draining = self.draining is not None and self.draining.is_set()
         # A front end whose engine process is down serves nothing: not ready either.
-        return pb.ServerReadyResponse(ready=not draining and self.manager.connected)
+        return pb.ServerReadyResponse(ready=not draining and self.models.connected)
 
     @unary
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: Any) -> pb.ModelReadyResponse:
         """False, not an error, for a model that is unknown or not serving: probes want a bool."""
         try:
-            resolve(self.manager, request.name, request.version)
+            resolve(self.models, request.name, request.version)
         except (ModelNotFound, ModelNotReady):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -368,7 +368,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: Any) -> pb.ModelMetadataResponse:
-        return model_metadata(self.manager, request.name, request.version)
+        return model_metadata(self.models, request.name, request.version)
 
     async def _infer(self, request: pb.ModelInferRequest, wait: bool,
                      rpc: str, who: str) -> pb.ModelInferResponse:
@@ -407,19 +407,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: Any) -> pb.RepositoryIndexResponse:
         """One repository: its name is not checked."""
-        return await repository_index(self.manager, request.ready)
+        return await repository_index(self.models, request.ready)
 
     @unary
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Any) -> pb.RepositoryModelLoadResponse:
-        await load_model(self.manager, self.control_mode, request.model_name,
+        await load_model(self.models, self.control_mode, request.model_name,
                          request.parameters)
         return pb.RepositoryModelLoadResponse()
 
     @unary
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: Any) -> pb.RepositoryModelUnloadResponse:
-        await unload_model(self.manager, self.control_mode, request.model_name)
+        await unload_model(self.models, self.control_mode, request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 

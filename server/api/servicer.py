@@ -188,7 +188,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
                  draining: asyncio.Event | None = None) -> None:
         self.pipeline = pipeline
         self.metrics = metrics or Metrics()
-        self.manager = pipeline.manager
+        self.models = pipeline.models
         self.stream_window = stream_window
         self.control_mode = control_mode
         self.draining = draining  # set on SIGTERM: streams answer what they read, then end
@@ -285,7 +285,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
     @unary
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: Any) -> pb.ListModelsResponse:
-        snapshot = self.manager.snapshot
+        snapshot = self.models.snapshot
         statuses = []
         for row in snapshot.models:
             if request.ready_only:
@@ -298,10 +298,10 @@ class BertServicer(pb_grpc.BertServiceServicer):
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
         _check_version(request.version)
-        mv = self.manager.resolve(request.model, request.version)
+        mv = self.models.resolve(request.model, request.version)
         assert mv.loaded is not None
         config = mv.loaded.config
-        ready = list(self.manager.snapshot.ready_versions(mv.model))
+        ready = list(self.models.snapshot.ready_versions(mv.model))
         limits = self.pipeline.limits
         return pb.GetModelResponse(
             model=mv.model, version=mv.version, ready_versions=ready,
@@ -320,15 +320,15 @@ class BertServicer(pb_grpc.BertServiceServicer):
     @unary
     async def LoadModel(self, request: pb.LoadModelRequest, context: Any) -> pb.LoadModelResponse:
         check_explicit(self.control_mode, "LoadModel")
-        await self.manager.load_model(request.model)
+        await self.models.load_model(request.model)
         return pb.LoadModelResponse(
-            versions=_statuses(request.model, self.manager.snapshot.model(request.model)))
+            versions=_statuses(request.model, self.models.snapshot.model(request.model)))
 
     @unary
     async def UnloadModel(self, request: pb.UnloadModelRequest,
                           context: Any) -> pb.UnloadModelResponse:
         check_explicit(self.control_mode, "UnloadModel")
-        await self.manager.unload_model(request.model)
+        await self.models.unload_model(request.model)
         return pb.UnloadModelResponse()
 
 

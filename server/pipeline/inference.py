@@ -18,7 +18,8 @@ from ..engine.batch import Encoded
 from ..engine.batcher import WorkItem
 from ..engine.workers import Workers
 from ..errors import InvalidInput
-from ..repository.manager import ModelManager, ModelVersion
+from ..repository.models import Models
+from ..repository.versions import ModelVersion
 from ..stages import CLOCK
 from ..version_format import POOLING_NAMES, PROBABILITIES, output_name, text_prefix
 from .validation import check_texts
@@ -121,8 +122,8 @@ def resolve_pooling(config: ModelConfig, pooling: int, layer: int | None) -> tup
 class Pipeline:
     """Runs queries against the manager's READY versions."""
 
-    def __init__(self, manager: ModelManager, limits: Limits, tokenize_pool: Workers) -> None:
-        self.manager = manager
+    def __init__(self, models: Models, limits: Limits, tokenize_pool: Workers) -> None:
+        self.models = models
         self.limits = limits
         self._pool = tokenize_pool
 
@@ -130,7 +131,7 @@ class Pipeline:
                        task: int = Task.TASK_EMBED) -> tuple[ModelVersion, list[Encoded]]:
         check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
                     self.limits.max_request_chars)
-        with self.manager.lease(model, version) as mv:
+        with self.models.lease(model, version) as mv:
             assert mv.loaded is not None
             prefix = text_prefix(mv.loaded.config, task)
             encoded = await mv.loaded.tokenizer.encode_async(
@@ -158,7 +159,7 @@ class Pipeline:
         started = CLOCK.start()
         check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
                     self.limits.max_request_chars)
-        with self.manager.lease(model, version) as mv:
+        with self.models.lease(model, version) as mv:
             loaded = mv.loaded
             assert loaded is not None
             config = loaded.config

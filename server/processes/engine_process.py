@@ -1,5 +1,5 @@
 """The engine process (`--frontends N`): the models, their batchers and sessions, and the
-control plane, serving front-end processes over a unix socket (ipc.py).
+control plane, serving front-end processes over a unix socket (link.py, messages.py).
 
 Contract:
 - One `ModelManager` here owns every model (repository scans, LoadModel / UnloadModel, poll
@@ -8,13 +8,13 @@ Contract:
   a snapshot once it routes by it; LoadModel and UnloadModel answer only when every front end
   has, so a swap is seen by all of them at once.
 - Cross-process leases: a version sent to a front end is held (`ModelVersion.hold`) for that
-  front end until it says `unpin` (it routes elsewhere and its last request on the version
+  front end until it says `Unpin` (it routes elsewhere and its last request on the version
   ended) or its connection closes. A retired version's session is released only then, so a
   request finishes on the version it started on, whichever process it entered.
-- Requests: `submit` carries one request's packed token ids for a version uid, with its
+- Requests: `Submit` carries one request's packed token ids for a version uid, with its
   priority level, its caller and its queue timeout (the batcher's scheduler decides across
-  every front end's callers); the answer is
-  its rows per output (`result`) or its error by class name (`error`). `cancel` drops it.
+  every front end's callers); the answer is its rows per output (`Result`) or its error by
+  class name (`Error`). `Cancel` drops it. Every message is a record in messages.py.
 """
 
 from __future__ import annotations
@@ -24,39 +24,36 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..engine.batch import Encoded
 from ..engine.batcher import WorkItem
-from ..engine.costmodel import CostModel
 from ..errors import BertstreamError, to_status
 from ..repository.manager import ModelManager
 from ..repository.versions import ModelVersion
-from .link import FrameLink, Message
+from .link import FrameLink
+from .messages import (
+    Ack,
+    Cancel,
+    Error,
+    Hello,
+    LoadModel,
+    Message,
+    Reply,
+    Result,
+    Snapshot,
+    Submit,
+    UnloadModel,
+    Unpin,
+    VersionInfo,
+)
 
-__all__ = ["Engine", "VersionInfo"]
+__all__ = ["Engine"]
 
 log = logging.getLogger("bertstream.engine")
 ACK_TIMEOUT_S = 30.0  # a front end that does not acknowledge a snapshot in this long is stuck
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """What a front end needs to route to and tokenize for one READY version."""
-
-    uid: int
-    model: str
-    version: int
-    path: str
-    config: bytes  # ModelConfig, serialized
-    labels: tuple[str, ...]
-    provider: str
-    cost: CostModel | None  # measured at warm-up, for GetModel
 
 
 class _Link:
@@ -116,7 +113,7 @@ class Engine:
                 mv.hold()
                 link.pins[mv.uid] = mv
             link.sent[mv.uid] = seq
-        link.send(("snapshot", seq, self.manager.snapshot, infos))
+        link.send(Snapshot(seq, self.manager.snapshot, infos))
 
     async def on_change(self) -> None:
         self.broadcast()
@@ -136,39 +133,36 @@ class Engine:
         return link.frames
 
     def _received(self, link: _Link, message: Message) -> None:
-        """A malformed message raises: FrameLink closes the connection, `_drop` logs it."""
-        if message[0] == "hello":  # the first message: the front end's name
-            link.name = str(message[1])
-            self._links.add(link)
-            routable = [mv for ms in self.manager.models.values() for mv in ms.ready()]
-            self._send_snapshot(link, self._last_seq, routable, [_info(mv) for mv in routable])
-            log.info("front end %s connected", link.name)
-        else:
-            self._dispatch(link, message)
-
-    def _dispatch(self, link: _Link, message: Message) -> None:
-        kind = message[0]
-        if kind == "submit":
-            self._submit(link, *message[1:])
-        elif kind == "cancel":
-            item = link.pending.pop(message[1], None)
-            if item is not None:
-                item.future.cancel()
-        elif kind == "unpin":  # (uid, the snapshot the front end decided on)
-            uid, seq = message[1], message[2]
-            if link.sent.get(uid, 0) > seq:
-                return  # a later snapshot offered it again: the front end decides anew
-            link.sent.pop(uid, None)
-            mv = link.pins.pop(uid, None)
-            if mv is not None:
-                mv.release()
-        elif kind == "ack":
-            link.acked = max(link.acked, message[1])
-            self._spawn(self._notify_acked())
-        elif kind in ("load", "unload"):
-            self._spawn(self._control(link, kind, message[1], message[2]))
-        else:
-            raise ValueError(f"unknown message {kind!r}")
+        """One message from a front end (messages.py). A malformed one raises: FrameLink
+        closes the connection, `_drop` logs it."""
+        match message:
+            case Hello(name):  # the first message: the front end's name
+                link.name = str(name)
+                self._links.add(link)
+                routable = [mv for ms in self.manager.models.values() for mv in ms.ready()]
+                self._send_snapshot(link, self._last_seq, routable,
+                                    [_info(mv) for mv in routable])
+                log.info("front end %s connected", link.name)
+            case Submit():
+                self._submit(link, message)
+            case Cancel(rid):
+                item = link.pending.pop(rid, None)
+                if item is not None:
+                    item.future.cancel()
+            case Unpin(uid, seq):
+                if link.sent.get(uid, 0) > seq:
+                    return  # a later snapshot offered it again: the front end decides anew
+                link.sent.pop(uid, None)
+                mv = link.pins.pop(uid, None)
+                if mv is not None:
+                    mv.release()
+            case Ack(seq):
+                link.acked = max(link.acked, seq)
+                self._spawn(self._notify_acked())
+            case LoadModel() | UnloadModel():
+                self._spawn(self._control(link, message))
+            case _:
+                raise ValueError(f"not a message for the engine: {type(message).__name__}")
 
     def _drop(self, link: _Link, exc: BaseException | None) -> None:
         """A front end went away: its requests are cancelled and its pins released."""
@@ -196,24 +190,24 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------
 
-    def _submit(self, link: _Link, rid: int, uid: int, outputs: tuple[str, ...], wait: bool,
-                ids: np.ndarray, lengths: list[int], starts: list[int],
-                type_ids: np.ndarray | None, priority: int, caller: str | None,
-                timeout_s: float) -> None:
-        mv = link.pins.get(uid)
+    def _submit(self, link: _Link, message: Submit) -> None:
+        rid = message.rid
+        mv = link.pins.get(message.uid)
         if mv is None or mv.loaded is None:  # a front end routes only to what it pinned
-            link.send(("error", rid, "ModelNotReady", "this model version is not loaded"))
+            link.send(Error(rid, "ModelNotReady", "this model version is not loaded"))
             return
-        encoded = Encoded(ids, lengths, starts, [0] * len(lengths), type_ids)
+        encoded = Encoded(message.ids, message.lengths, message.starts,
+                          [0] * len(message.lengths), message.type_ids)
         # Callers are named by the front end that saw them: the engine keeps them apart.
-        who = None if caller is None else (link.name, caller)
-        item = WorkItem(encoded, frozenset(outputs), asyncio.get_running_loop().create_future(),
-                        priority, who, timeout_s)
+        who = None if message.caller is None else (link.name, message.caller)
+        item = WorkItem(encoded, frozenset(message.outputs),
+                        asyncio.get_running_loop().create_future(), message.priority, who,
+                        message.timeout_s)
         link.pending[rid] = item
         item.future.add_done_callback(partial(self._answer, link, rid, item))
         batcher = mv.loaded.batcher
         try:
-            if not batcher.offer([item], wait):
+            if not batcher.offer([item], message.wait):
                 self._spawn(_submit_waiting(batcher, item))
         except BertstreamError as exc:
             item.future.set_exception(exc)
@@ -223,22 +217,22 @@ class Engine:
             return  # cancelled by the front end, or its connection is gone
         exc = future.exception()
         if exc is None:
-            link.send(("result", rid, item.queue_s, item.infer_s, future.result()))
+            link.send(Result(rid, item.queue_s, item.infer_s, future.result()))
         elif isinstance(exc, BertstreamError):
-            link.send(("error", rid, type(exc).__name__, str(exc)))
+            link.send(Error(rid, type(exc).__name__, str(exc)))
         else:
             to_status(exc)  # logs the fault with its traceback
-            link.send(("error", rid, "", "internal server error"))
+            link.send(Error(rid, "", "internal server error"))
 
     # -- control ------------------------------------------------------------------------
 
-    async def _control(self, link: _Link, kind: str, rid: int, name: str) -> None:
+    async def _control(self, link: _Link, message: LoadModel | UnloadModel) -> None:
         error: tuple[str, str] | None = None
         try:
-            if kind == "load":
-                await self.manager.load_model(name)
+            if isinstance(message, LoadModel):
+                await self.manager.load_model(message.name)
             else:
-                await self.manager.unload_model(name)
+                await self.manager.unload_model(message.name)
         except BertstreamError as exc:
             error = (type(exc).__name__, str(exc))
         except Exception as exc:
@@ -246,7 +240,7 @@ class Engine:
             error = ("", "internal server error")
         self._on_control()
         await self.seen_everywhere(self.broadcast())
-        link.send(("reply", rid, error))
+        link.send(Reply(message.rid, error))
 
 
 async def _submit_waiting(batcher: Any, item: WorkItem) -> None:

@@ -28,8 +28,22 @@ from ..repository.routing import Router
 from ..repository.snapshot import ModelRow, RepositorySnapshot, VersionRow
 from ..repository.versions import ModelState, ModelVersion, State
 from ..version_format import TOKENIZER_FILE
-from .engine_process import VersionInfo
-from .link import FrameLink, Message
+from .link import FrameLink
+from .messages import (
+    Ack,
+    Cancel,
+    Error,
+    Hello,
+    LoadModel,
+    Message,
+    Reply,
+    Result,
+    Snapshot,
+    Submit,
+    UnloadModel,
+    Unpin,
+    VersionInfo,
+)
 
 __all__ = ["EngineModels", "RemoteBatcher"]
 
@@ -70,7 +84,7 @@ class EngineModels(Router):
         self._replies: dict[int, asyncio.Future[tuple[str, str] | None]] = {}
         self._routable: dict[int, ModelVersion] = {}  # by uid
         self._broken: dict[int, str] = {}  # uids this process could not load, and why
-        self._snapshots: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._snapshots: asyncio.Queue[Snapshot] = asyncio.Queue()
         self.first_snapshot = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unpins: set[asyncio.Task[None]] = set()
@@ -101,31 +115,31 @@ class EngineModels(Router):
         rid = next(self._rids)
         self._pending[rid] = item
         enc = item.encoded
-        link.send(("submit", rid, uid, tuple(item.outputs), wait, enc.ids, enc.lengths,
-                   enc.starts, enc.type_ids, item.priority, item.caller, item.timeout_s))
+        link.send(Submit(rid, uid, tuple(item.outputs), wait, enc.ids, enc.lengths, enc.starts,
+                         enc.type_ids, item.priority, item.caller, item.timeout_s))
         item.future.add_done_callback(lambda f: self._cancelled(rid, f))
         await link.drain()  # waits only above HIGH_WATER bytes queued
 
     def _cancelled(self, rid: int, future: asyncio.Future[Any]) -> None:
         if (future.cancelled() and self._pending.pop(rid, None) is not None
                 and self._link is not None):
-            self._link.send(("cancel", rid))
+            self._link.send(Cancel(rid))
 
     async def load_model(self, name: str) -> ModelVersion:
-        await self._control("load", name)
+        await self._control(LoadModel, name)
         return self.resolve(name, 0)
 
     async def unload_model(self, name: str) -> None:
-        await self._control("unload", name)
+        await self._control(UnloadModel, name)
 
-    async def _control(self, kind: str, name: str) -> None:
+    async def _control(self, kind: type[LoadModel] | type[UnloadModel], name: str) -> None:
         """Ask the engine, the control plane's owner; it answers once every front end
         (this one included) routes by the result."""
         if self._link is None:
             raise EngineUnavailable()
         rid = next(self._rids)
         reply = self._replies[rid] = asyncio.get_running_loop().create_future()
-        self._link.send((kind, rid, name))
+        self._link.send(kind(rid, name))
         error = await asyncio.shield(reply)
         if error is not None:
             raise error_by_name(*error)
@@ -145,7 +159,7 @@ class EngineModels(Router):
                 except OSError:
                     await asyncio.sleep(RECONNECT_S)
                     continue
-                link.send(("hello", self._name))
+                link.send(Hello(self._name))
                 self._link = link
                 self._connection += 1
                 log.info("connected to the engine")
@@ -160,23 +174,24 @@ class EngineModels(Router):
             applier.cancel()
 
     def _received(self, message: Message) -> None:
-        kind = message[0]
-        if kind == "result":
-            _, rid, queue_s, infer_s, rows = message
-            item = self._pending.pop(rid, None)
-            if item is not None and not item.future.done():
-                item.queue_s, item.infer_s = queue_s, infer_s
-                item.future.set_result(rows)
-        elif kind == "error":
-            item = self._pending.pop(message[1], None)
-            if item is not None and not item.future.done():
-                item.future.set_exception(error_by_name(message[2], message[3]))
-        elif kind == "snapshot":
-            self._snapshots.put_nowait(message)
-        elif kind == "reply":
-            reply = self._replies.pop(message[1], None)
-            if reply is not None and not reply.done():
-                reply.set_result(message[2])
+        match message:
+            case Result(rid, queue_s, infer_s, rows):
+                item = self._pending.pop(rid, None)
+                if item is not None and not item.future.done():
+                    item.queue_s, item.infer_s = queue_s, infer_s
+                    item.future.set_result(rows)
+            case Error(rid, name, text):
+                item = self._pending.pop(rid, None)
+                if item is not None and not item.future.done():
+                    item.future.set_exception(error_by_name(name, text))
+            case Snapshot():
+                self._snapshots.put_nowait(message)
+            case Reply(rid, error):
+                reply = self._replies.pop(rid, None)
+                if reply is not None and not reply.done():
+                    reply.set_result(error)
+            case _:
+                raise ValueError(f"not a message for a front end: {type(message).__name__}")
 
     async def _lost(self) -> None:
         """The engine is gone: fail what is in flight, route nothing until a new one."""
@@ -203,12 +218,12 @@ class EngineModels(Router):
         while True:
             message = await self._snapshots.get()
             try:
-                await self._apply(*message[1:])
+                await self._apply(message)
             except Exception:
                 log.exception("cannot apply the engine's snapshot")
 
-    async def _apply(self, seq: int, snapshot: RepositorySnapshot,
-                     infos: list[VersionInfo]) -> None:
+    async def _apply(self, message: Snapshot) -> None:
+        seq, snapshot, infos = message
         link = self._link
         routable: dict[int, ModelVersion] = {}
         broken: dict[int, str] = {}
@@ -232,7 +247,7 @@ class EngineModels(Router):
         self._broken = {uid: why for uid, why in self._broken.items() if uid in broken}
         for uid in broken:  # never routed here: the engine may release it when it retires
             if link is not None:
-                link.send(("unpin", uid, seq))
+                link.send(Unpin(uid, seq))
         for uid, mv in self._routable.items():
             if uid not in routable:
                 self._retire(uid, mv, link, seq)
@@ -242,7 +257,7 @@ class EngineModels(Router):
             if info.uid in broken})
         self.first_snapshot.set()
         if link is not None:
-            link.send(("ack", seq))
+            link.send(Ack(seq))
         await self._changed()
 
     def _build(self, info: VersionInfo) -> ModelVersion:
@@ -258,13 +273,12 @@ class EngineModels(Router):
     def _retire(self, uid: int, mv: ModelVersion, link: FrameLink | None, seq: int) -> None:
         """No new requests here; the engine may release it once the last one here ends
         (`seq`: the snapshot that retired it here)."""
-        mv.state, mv.reason = State.UNLOADING, "retired by the engine"
+        mv.transition(State.UNLOADING, "retired by the engine")
 
         async def unpin() -> None:
-            if mv.leases:
-                await mv._idle.wait()
+            await mv.idle()
             if link is not None and link is self._link:
-                link.send(("unpin", uid, seq))
+                link.send(Unpin(uid, seq))
 
         task = asyncio.get_running_loop().create_task(unpin())
         self._unpins.add(task)  # a reference keeps it alive

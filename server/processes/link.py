@@ -1,7 +1,8 @@
-"""Frames between front-end processes and the engine (server/frontend.py, server/engine.py).
+"""Frames between front-end processes and the engine (frontend_process.py, engine_process.py).
 
-A message is a tuple pickled with protocol 5; its numpy arrays (token ids in, vectors out)
-travel as out-of-band buffers: written from the array's own memory and read back as arrays
+A message is a tuple (a record of messages.py) pickled with protocol 5; its numpy arrays
+(token ids in, vectors out) travel as out-of-band buffers: written from the array's own memory
+and read back as arrays
 over the received bytes, so an array is copied by pickle neither way. Layout: `<II`
 (metadata bytes, buffer count), one `<Q` length per buffer, the metadata, then the buffers.
 
@@ -152,6 +153,6 @@ def _decode(body: bytes, meta_len: int, lengths: tuple[int, ...]) -> Message:
         buffers.append(view[at:at + n])
         at += n
     message = pickle.loads(view[:meta_len], buffers=buffers)
-    if type(message) is not tuple:
+    if not isinstance(message, tuple):  # messages.py's records are NamedTuples
         raise ValueError(f"a frame holds a tuple, not {type(message).__name__}")
     return message

@@ -281,8 +281,7 @@ class ModelManager(Router):
         task.add_done_callback(self._draining.discard)
 
     async def _drain(self, mv: ModelVersion, why: str) -> None:
-        if mv.leases:
-            await mv._idle.wait()
+        await mv.idle()
         loaded, mv.loaded = mv.loaded, None
         if loaded is not None:
             await self.loader.release(loaded, trim=True)

@@ -73,6 +73,11 @@ class ModelVersion:
         if self.leases == 0:
             self._idle.set()
 
+    async def idle(self) -> None:
+        """Return once no request (or front-end process) holds this version."""
+        if self.leases:
+            await self._idle.wait()
+
 
 @dataclass(eq=False)
 class ModelState:

@@ -1,7 +1,7 @@
 """The version state machine: every allowed transition works, every other one raises."""
 
 import pytest
-from bertstream.server.repository.manager import TRANSITIONS, ModelVersion, State
+from bertstream.server.repository.versions import TRANSITIONS, ModelVersion, State
 
 
 @pytest.mark.parametrize("start", list(State))

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from ...errors import BertstreamError
 from ...metrics import Metrics
 from ...pipeline.inference import Pipeline
+from ...repository.models import Models
 from ..security import INFERENCE, TokenTable
 
 __all__ = ["HTTP_STATUS", "Dialect", "HttpContext", "HttpError", "caller", "json_response",
@@ -72,8 +73,8 @@ class HttpContext:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
-    def models(self) -> Any:
-        return self.pipeline.manager
+    def models(self) -> Models:
+        return self.pipeline.models
 
 
 def caller(request: Request) -> str:
