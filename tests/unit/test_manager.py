@@ -14,8 +14,8 @@ from bertstream.server.engine.interface import Loaded
 from bertstream.server.errors import LoadFailed, ModelNotFound, ModelNotReady
 from bertstream.server.repository import folders
 from bertstream.server.repository.manager import ModelManager
-from bertstream.server.repository.versions import State
 from bertstream.server.repository.snapshot import wire_state
+from bertstream.server.repository.versions import State
 from bertstream.server.version_format import CONFIG_FILE, required_files
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1.model_config_pb2 import ModelConfig
