@@ -43,7 +43,7 @@ from .repository.manager import ModelManager
 from .repository.models import Models
 from .stages import CLOCK
 
-__all__ = ["ServerOptions", "main", "serve"]
+__all__ = ["main", "serve"]
 
 log = logging.getLogger("bertstream.server")
 MiB = 1024 * 1024

@@ -48,6 +48,10 @@ class RequestRecord:
     version: int = 0
     texts: int = 0
 
+    def served(self, model: str, version: int, texts: int = 0) -> None:
+        """The version that answered, and how many texts it answered (0: not a text call)."""
+        self.model, self.version, self.texts = model, version, texts
+
 
 class Metrics:
     def __init__(self) -> None:

@@ -274,7 +274,7 @@ async def infer(pipeline: Pipeline, request: pb.ModelInferRequest, wait: bool,
             embed=query if EMBEDDING in names else None, schedule=query.schedule), wait=wait)
     else:
         result = await pipeline.embed(query, wait=wait)
-    record.model, record.version, record.texts = result.model, result.version, len(texts)
+    record.served(result.model, result.version, len(texts))
     response = pb.ModelInferResponse(model_name=result.model,
                                      model_version=str(result.version), id=request.id)
     for tensor in outputs:

@@ -201,8 +201,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
             query = _embed_query(request, _schedule(request, who))
             CLOCK.stop("validate", started)
             result = await self.pipeline.embed(query, wait=wait)
-            record.model, record.version, record.texts = (result.model, result.version,
-                                                          len(result))
+            record.served(result.model, result.version, len(result))
         started = CLOCK.start()
         response = _embed_response(request, result)
         CLOCK.stop("respond", started)
@@ -222,8 +221,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
             )
             CLOCK.stop("validate", started)
             result = await self.pipeline.classify(query, wait=wait)
-            record.model, record.version, record.texts = (result.model, result.version,
-                                                          len(result))
+            record.served(result.model, result.version, len(result))
         started = CLOCK.start()
         response = _classify_response(request, result)
         CLOCK.stop("respond", started)

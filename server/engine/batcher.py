@@ -35,11 +35,11 @@ from ..stages import CLOCK
 from ..version_format import TOKEN_OUTPUT_PREFIX
 from .batch import Batch, Encoded
 from .costmodel import CostModel, measure
-from .scheduler import BatcherOptions, LevelPolicy, Scheduler
+from .scheduler import BatcherOptions, Scheduler
 from .scheduler import Text as _Text
 from .workers import Workers
 
-__all__ = ["Batcher", "BatcherOptions", "LevelPolicy", "WorkItem"]
+__all__ = ["Batcher", "WorkItem"]
 
 RunFn = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
 # After each batch: the texts' queue times, real tokens, padded tokens, inference seconds.

@@ -44,8 +44,9 @@ from .backends.fake import FakeDevicePool, parse_spec
 from .backends.onnxruntime import RuntimePool, pick_providers
 from .backends.openvino import OpenVinoPool
 from .batch import Batch, Encoded
-from .batcher import Batcher, BatcherOptions, LevelPolicy, WorkItem
+from .batcher import Batcher, WorkItem
 from .interface import Loaded
+from .scheduler import BatcherOptions, LevelPolicy
 from .tokenizer import TextTokenizer
 
 __all__ = ["OnnxLoader", "pin_mmap_threshold"]

@@ -191,7 +191,7 @@ class Pipeline:
         started = CLOCK.start()
         vectors = rows.get(vector_name) if vector_name else None
         if vectors is not None and embed is not None and embed.normalize:
-            vectors = _l2_normalize(vectors)
+            vectors = l2_normalize(vectors)
         result = Result(mv.model, mv.version, encoded.lengths, encoded.truncated_tokens,
                         vectors, rows.get(PROBABILITIES), pooling, layer, loaded.labels,
                         tokenize_s, item.queue_s, item.infer_s, time.perf_counter() - start)
@@ -218,10 +218,10 @@ def check_timeout(seconds: float) -> float:
     return seconds
 
 
-def _l2_normalize(vectors: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+def l2_normalize(vectors: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
     """Unit length along the last axis: one call for a request's pooled vectors, one per
     text for token vectors."""
     if isinstance(vectors, list):
-        return [_l2_normalize(v) for v in vectors]  # type: ignore[misc]
+        return [l2_normalize(v) for v in vectors]  # type: ignore[misc]
     norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / np.maximum(norm, 1e-12)

@@ -26,7 +26,7 @@ from ..engine.tokenizer import TextTokenizer
 from ..errors import ENGINE_GONE, EngineUnavailable, error_by_name
 from ..repository.routing import Router
 from ..repository.snapshot import ModelRow, RepositorySnapshot, VersionRow
-from ..repository.versions import ModelState, ModelVersion, State
+from ..repository.versions import ConfigState, ModelState, ModelVersion, State
 from ..version_format import TOKENIZER_FILE
 from .link import FrameLink
 from .messages import (
@@ -291,7 +291,7 @@ class EngineModels(Router):
         by_key = {(mv.model, mv.version): mv for mv in routable.values()}
         models: dict[str, ModelState] = {}
         for row in snapshot.models:
-            ms = models[row.name] = ModelState(row.name, error=row.error)
+            ms = models[row.name] = ModelState(row.name, config=ConfigState(error=row.error))
             for vr in row.versions:
                 mv = by_key.get((row.name, vr.version)) if vr.state is State.READY else None
                 ms.versions[vr.version] = mv or ModelVersion(
@@ -299,7 +299,7 @@ class EngineModels(Router):
                     else State.UNAVAILABLE,
                     reason=(broken or {}).get((row.name, vr.version)) or vr.reason or ENGINE_GONE)
         for name in snapshot.removed:
-            models[name] = ModelState(name, removed=True)
+            models[name] = ModelState(name, config=ConfigState(removed=True))
         self.models = models
         self.snapshot = snapshot
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from ..engine.interface import Loaded, Loader
+from ..engine.interface import Loader
 from ..errors import LoadFailed, ModelNotFound, ModelNotReady
 from ..metrics import Metrics
 from ..version_format import CONFIG_FILE
@@ -28,9 +28,9 @@ from . import folders, watcher
 from .planner import Disk, plan, reload_failures, reload_todo, settle
 from .routing import Router
 from .snapshot import build_snapshot
-from .versions import TRANSITIONS, ModelState, ModelVersion, State
+from .versions import ConfigState, ModelState, ModelVersion, State
 
-__all__ = ["TRANSITIONS", "Loaded", "ModelManager", "ModelState", "ModelVersion", "State"]
+__all__ = ["ModelManager"]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class ModelManager(Router):
         async with ms.lock:
             for mv in ms.ready():
                 self._retire(mv, "unloaded by UnloadModel")
-            ms.error = "unloaded by UnloadModel"
+            ms.config = ms.config.unloaded()
             self._publish()
         await self._changed()
 
@@ -136,20 +136,19 @@ class ModelManager(Router):
 
     async def _sync_model(self, ms: ModelState, entry: folders.ModelEntry,
                           stable: Stable | None) -> None:
-        ms.removed = False
         serving = [mv.version for mv in ms.ready()]
         if entry.config is None:
             still = f"; still serving versions {serving} with the previous config"
-            ms.error = f"{entry.config_error}{still if serving else ''}"
+            ms.config = ms.config.unreadable(f"{entry.config_error}{still if serving else ''}")
             return
         digest = entry.config_digest
-        if serving and (ms.digest or digest) != digest:
+        if serving and (ms.config.digest or digest) != digest:
             # A config change that failed is tried again when the config or a folder changes.
             attempt = (digest, _folders(entry))
-            if ms.failed_reload != attempt:
+            if ms.config.failed_reload != attempt:
                 await self._reload(ms, entry, stable, attempt)
             return
-        ms.error, ms.failed_reload = "", None
+        ms.config = ConfigState(ms.config.digest)  # this config, so far without an error
         on_disk = set(entry.versions)
         tried: set[int] = set()
         while True:
@@ -171,10 +170,7 @@ class ModelManager(Router):
             self._retire(ms.versions[version], why)
         for version in done.forget:
             del ms.versions[version]
-        if done.error:
-            ms.error = done.error
-        if ms.ready():
-            ms.digest = digest
+        ms.config = ConfigState(digest if ms.ready() else ms.config.digest, done.error)
 
     def _look(self, ms: ModelState, entry: folders.ModelEntry,
               stable: Stable | None) -> dict[int, Disk]:
@@ -258,20 +254,19 @@ class ModelManager(Router):
         if failure:
             for mv in fresh.values():
                 await self._close(mv)
-            ms.failed_reload, ms.error = attempt, failure
+            ms.config = ms.config.reload_failed(attempt, failure)
             return
         ms.versions.update(fresh)  # the switch: one dict update on the event loop
         for mv in old_ready.values():
             self._retire(mv, f"{CONFIG_FILE} changed")
         for mv in fresh.values():
             self._watch(mv)
-        ms.digest, ms.failed_reload, ms.error = entry.config_digest, None, ""
+        ms.config = ConfigState(entry.config_digest)
 
     def _remove_model(self, ms: ModelState) -> None:
         for mv in ms.ready():
             self._retire(mv, "its model folder was removed from the repository")
-        ms.versions, ms.error, ms.digest, ms.failed_reload = {}, "", "", None
-        ms.removed = True
+        ms.versions, ms.config = {}, ConfigState(removed=True)
 
     def _retire(self, mv: ModelVersion, why: str) -> None:
         """No new requests from now on; the session goes when the last lease ends."""

@@ -9,6 +9,7 @@ is owned by the `ModelManager` and changed only on the event loop by a holder of
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import itertools
 import logging
@@ -18,7 +19,7 @@ from pathlib import Path
 from ..engine.interface import Loaded
 from . import watcher
 
-__all__ = ["TRANSITIONS", "ModelState", "ModelVersion", "State"]
+__all__ = ["TRANSITIONS", "ConfigState", "ModelState", "ModelVersion", "State"]
 
 log = logging.getLogger("bertstream.server.lifecycle")
 
@@ -79,6 +80,32 @@ class ModelVersion:
             await self._idle.wait()
 
 
+@dataclass(frozen=True)
+class ConfigState:
+    """Where one model's config.pbtxt stands, as one value: the manager replaces it whole at
+    each step of a sync, so no reader sees half of a change (a failed reload's error without
+    the attempt that is not to be retried)."""
+
+    digest: str = ""  # the config.pbtxt its serving versions use ("": none serves yet)
+    error: str = ""  # model-level: config broken, not applied, unloaded ("" when none)
+    # A config change whose reload failed, as (digest, folders): tried again only when the
+    # config or a version folder changes, not on every poll.
+    failed_reload: tuple[str, tuple[object, ...]] | None = None
+    removed: bool = False  # its folder went away (health: NOT_SERVING)
+
+    def unreadable(self, error: str) -> ConfigState:
+        """config.pbtxt cannot be read: the versions serving keep the config they have."""
+        return dataclasses.replace(self, error=error, removed=False)
+
+    def reload_failed(self, attempt: tuple[str, tuple[object, ...]],
+                      error: str) -> ConfigState:
+        """The old config keeps serving; `attempt` is not retried until it changes."""
+        return ConfigState(self.digest, error, attempt)
+
+    def unloaded(self) -> ConfigState:
+        return dataclasses.replace(self, error="unloaded by UnloadModel")
+
+
 @dataclass(eq=False)
 class ModelState:
     """Everything the manager knows about one model. Its own lock: work on one model never
@@ -86,11 +113,16 @@ class ModelState:
 
     name: str
     versions: dict[int, ModelVersion] = field(default_factory=dict)
-    error: str = ""  # model-level: config broken, not applied, unloaded ("" when none)
-    digest: str = ""  # config.pbtxt digest the serving versions use
-    failed_reload: tuple[str, tuple[object, ...]] | None = None  # (digest, folders) that failed
-    removed: bool = False  # its folder went away (health: NOT_SERVING)
+    config: ConfigState = field(default_factory=ConfigState)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def error(self) -> str:
+        return self.config.error
+
+    @property
+    def removed(self) -> bool:
+        return self.config.removed
 
     def ready(self) -> list[ModelVersion]:
         """READY versions, ascending."""

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from bertstream.server.engine.batch import Batch, Encoded
-from bertstream.server.engine.batcher import Batcher, BatcherOptions, WorkItem
+from bertstream.server.engine.batcher import Batcher, WorkItem
+from bertstream.server.engine.scheduler import BatcherOptions
 from bertstream.server.errors import Overloaded, QueueTimeout
 
 POISON = 666

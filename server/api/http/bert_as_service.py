@@ -113,7 +113,7 @@ def routes(context: HttpContext) -> list[Route]:
         finally:
             counts["pending"] -= 1
         record = request.state.record
-        record.model, record.version, record.texts = result.model, result.version, len(texts)
+        record.served(result.model, result.version, len(texts))
         return json_response({"id": body["id"], "result": result.vectors, "status": 200})
 
     @DIALECT.handler(context, "ServerStatus")
@@ -125,7 +125,7 @@ def routes(context: HttpContext) -> list[Route]:
         assert mv.loaded is not None
         config = mv.loaded.config
         pooling, layer, _ = resolve_pooling(config, 0, None)
-        request.state.record.model, request.state.record.version = mv.model, mv.version
+        request.state.record.served(mv.model, mv.version)
         return json_response({
             "model_dir": mv.model, "model_version": mv.version,
             "max_seq_len": config.max_sequence_length, "max_batch_size": config.max_batch_size,

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ...errors import BertstreamError
 from ...metrics import Metrics
-from ...pipeline.inference import Pipeline
+from ...pipeline.inference import Pipeline, Result
 from ...repository.models import Models
 from ..security import INFERENCE, TokenTable
 
@@ -75,6 +76,15 @@ class HttpContext:
     @property
     def models(self) -> Models:
         return self.pipeline.models
+
+
+def pooled(result: Result, route: str, status: int) -> np.ndarray:
+    """A result's pooled vectors [texts, width]; a model whose default output is token
+    vectors (one array per text) cannot answer a route that returns one vector per text."""
+    if not isinstance(result.vectors, np.ndarray):
+        raise HttpError(status, f"model {result.model!r} answers token vectors by default; "
+                        f"{route} needs a pooled model")
+    return result.vectors
 
 
 def caller(request: Request) -> str:

@@ -18,7 +18,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ...pipeline.inference import EmbedQuery, Schedule
-from .common import Dialect, HttpContext, HttpError, caller, json_response, read_json
+from .common import (
+    Dialect,
+    HttpContext,
+    HttpError,
+    caller,
+    json_response,
+    pooled,
+    read_json,
+)
 
 __all__ = ["routes"]
 
@@ -65,12 +73,8 @@ def routes(context: HttpContext) -> list[Route]:
         result = await context.pipeline.embed(
             EmbedQuery(model, 0, texts, normalize=True, schedule=Schedule(caller=caller(request))),
             wait=False)
-        record.model, record.version, record.texts = result.model, result.version, len(texts)
-        vectors = result.vectors
-        if not isinstance(vectors, np.ndarray):
-            raise HttpError(400, f"model {result.model!r} answers token vectors by default; "
-                            "/v1/embeddings needs a pooled model")
-        vectors = vectors.astype(np.float32, copy=False)
+        record.served(result.model, result.version, len(texts))
+        vectors = pooled(result, "/v1/embeddings", 400).astype(np.float32, copy=False)
         if encoding == "base64":
             data = [{"object": "embedding", "index": i,
                      "embedding": base64.b64encode(row.tobytes()).decode()}

@@ -56,9 +56,17 @@ from tokenizers import Encoding
 
 from ... import server_version
 from ...errors import BertstreamError
-from ...pipeline.inference import ClassifyQuery, EmbedQuery, Schedule, TextOptions
+from ...pipeline.inference import ClassifyQuery, EmbedQuery, Schedule, TextOptions, l2_normalize
 from ...version_format import POOLING_NAMES, text_prefix
-from .common import Dialect, HttpContext, HttpError, caller, json_response, read_json
+from .common import (
+    Dialect,
+    HttpContext,
+    HttpError,
+    caller,
+    json_response,
+    pooled,
+    read_json,
+)
 
 __all__ = ["routes"]
 
@@ -238,10 +246,6 @@ def _tokens(text: str, encoding: Encoding, special_tokens: bool) -> list[dict[st
     return tokens
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-
-
 def _model(request: Request) -> str:
     """The model a route serves: `/tei/{model}/...`, else the default ("")."""
     return str(request.path_params.get("model", ""))
@@ -266,17 +270,14 @@ def routes(context: HttpContext) -> list[Route]:
                        text=_text_options(body), schedule=Schedule(caller=caller(request))),
             wait=False)
         record = request.state.record
-        record.model, record.version, record.texts = result.model, result.version, len(texts)
-        vectors = result.vectors
-        if not isinstance(vectors, np.ndarray):
-            raise HttpError(424, f"model {result.model!r} answers token vectors by default; "
-                            "/embed needs a pooled model")
+        record.served(result.model, result.version, len(texts))
+        vectors = pooled(result, "/embed", 424)  # TEI answers a model's failure 424
         if dimensions is not None:
             if dimensions > vectors.shape[1]:
                 raise _invalid(f"`dimensions` {dimensions} is over the model's "
                                f"{vectors.shape[1]}")
             vectors = np.ascontiguousarray(vectors[:, :dimensions])
-            vectors = _unit(vectors) if normalize else vectors
+            vectors = l2_normalize(vectors) if normalize else vectors
         return json_response(vectors.astype(np.float32, copy=False))
 
     @_handler(context, "Predict")
@@ -297,7 +298,7 @@ def routes(context: HttpContext) -> list[Route]:
             ClassifyQuery(mv.model, 0, texts, text=_text_options(body),
                           schedule=Schedule(caller=caller(request))), wait=False)
         record = request.state.record
-        record.model, record.version, record.texts = result.model, result.version, len(texts)
+        record.served(result.model, result.version, len(texts))
         scores = result.probabilities
         assert scores is not None
         if raw:
@@ -321,7 +322,7 @@ def routes(context: HttpContext) -> list[Route]:
         mv, encoded = await context.pipeline.tokenize(
             latest.model, latest.version, texts, TextOptions(), task)
         record = request.state.record
-        record.model, record.version, record.texts = mv.model, mv.version, len(texts)
+        record.served(mv.model, mv.version, len(texts))
         assert encoded.encodings is not None and mv.loaded is not None
         prefix = text_prefix(mv.loaded.config, task)
         return json_response([_tokens(prefix + text, enc, special_tokens)
@@ -334,7 +335,7 @@ def routes(context: HttpContext) -> list[Route]:
         """
         mv = context.models.resolve(_model(request), 0)
         assert mv.loaded is not None
-        request.state.record.model, request.state.record.version = mv.model, mv.version
+        request.state.record.served(mv.model, mv.version)
         return json_response(_info(context, mv.model, mv.loaded.config, mv.loaded.labels))
 
     endpoints = [("/embed", embed, "POST"), ("/predict", predict, "POST"),
