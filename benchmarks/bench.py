@@ -23,8 +23,8 @@ Measures, in one run:
       vectors (http_feed.py), with its own stage budget: what HTTP costs beside the streams;
   (f) with --mixed, last: interactive single-text calls alone, bulk feeds alone, then both
       together (mixed.py, which also runs on its own): interactive latency under load.
-With --fake-device SPEC (server/fakedevice.py) nothing computes: batches sleep for the time a
-profiled GPU would take, so "raw" is the fake device's own capacity and the service's share
+With --fake-device SPEC (server/engine/backends/fake.py) nothing computes: batches sleep for
+the time a profiled GPU would take, so "raw" is the fake device's own capacity and the service's share
 of it says whether the pipeline could feed that card.
 Prints a table and writes JSON (device, CPU count, model, settings, figures) to
 benchmarks/results/. The machines are shared and noisy: compare the ratios of one run.
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                         "raw rows; benchmarks/engines.py compares engines)")
     parser.add_argument("--fake-device", default="", metavar="SPEC",
                         help="time batches with a fake device profile instead of computing "
-                        "(server/fakedevice.py), e.g. h100-bert-base-fp16,speed=0.25")
+                        "(server/engine/backends/fake.py), e.g. h100-bert-base-fp16,speed=0.25")
     parser.add_argument("--frontends", type=int, default=1,
                         help="the server's front-end processes (bertstream-server --frontends; "
                         "1: one process, the default)")

@@ -7,7 +7,7 @@ the `a + b x padded_tokens` model fitted to it, and what the named profile predi
 Batches are synthetic (random ids of the model's vocabulary, every text exactly `tokens`
 long, so padded = real); each shape runs `--runs` times after a warm-up and its median counts.
 Prints one line per shape and writes JSON (the card's name, the measured points, the fitted
-a and b: a profile to paste into server/fakedevice.py).
+a and b: a profile to paste into server/engine/backends/fake.py).
 """
 
 from __future__ import annotations

@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the server's CPU engine (default onnxruntime: the engine of the "
                         "results recorded so far)")
     parser.add_argument("--fake-device", default="", metavar="SPEC",
-                        help="time batches with a fake device profile (server/fakedevice.py)")
+                        help="time batches with a fake device profile "
+                        "(server/engine/backends/fake.py)")
     parser.add_argument("--frontends", type=int, default=1,
                         help="the server's front-end processes (1: one process)")
     parser.add_argument("--tag", default="", help="appended to the result file's name")

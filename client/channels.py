@@ -45,7 +45,7 @@ RECONNECT_OPTIONS: list[tuple[str, object]] = [
 ]
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
-    # "": the server's overall status (server/health.py), NOT_SERVING while it drains.
+    # "": the server's overall status (server/api/health.py), NOT_SERVING while it drains.
     "healthCheckConfig": {"serviceName": ""},
     "methodConfig": [{
         "name": [{"service": "bertstream.v1.BertService"}],
@@ -145,7 +145,7 @@ def tls_credentials(ca: Path | None = None, cert: Path | None = None,
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    """The per-call metadata that carries a bearer token (server/security.py)."""
+    """The per-call metadata that carries a bearer token (server/api/security.py)."""
     return (("authorization", f"Bearer {token}"),) if token else None
 
 

@@ -40,7 +40,7 @@ class FeedOptions:
     progress: bool = True
     tls: TlsFiles | None = None  # None: plaintext
     server_name: str | None = None  # the name in the server's certificate, when not dialled
-    token: str | None = None  # bearer token (server/security.py)
+    token: str | None = None  # bearer token (server/api/security.py)
 
     def __post_init__(self) -> None:
         if self.task not in ("embed", "classify"):

@@ -105,7 +105,8 @@ async def serve_single(options: ServerOptions) -> None:
 
 
 async def serve_engine(options: ServerOptions) -> None:
-    """The engine process: models, batchers, sessions, control plane (engine.py)."""
+    """The engine process: models, batchers, sessions, control plane
+    (processes/engine_process.py)."""
     assert options.run_dir is not None
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orders the shutdown
@@ -142,7 +143,8 @@ async def serve_engine(options: ServerOptions) -> None:
 
 
 async def serve_frontend(options: ServerOptions) -> None:
-    """A front-end process: gRPC, validation, tokenization and responses (frontend.py)."""
+    """A front-end process: gRPC, validation, tokenization and responses
+    (processes/frontend_process.py)."""
     assert options.run_dir is not None
     _die_with_parent()
     metrics = Metrics()

@@ -88,7 +88,8 @@ class QueueTimeout(BertstreamError):
 
 
 class ShuttingDown(BertstreamError):
-    """A call that reached the server after SIGTERM (server/shutdown.py): try another replica."""
+    """A call that reached the server after SIGTERM (server/api/shutdown.py): try another
+    replica."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -97,8 +98,9 @@ ENGINE_GONE = "the engine process is restarting; retry"
 
 
 class EngineUnavailable(BertstreamError):
-    """A front-end process whose engine process died or restarts (server/frontend.py): calls
-    in flight on it end with this, and new ones until the engine serves again; retry."""
+    """A front-end process whose engine process died or restarts
+    (server/processes/frontend_process.py): calls in flight on it end with this, and new ones
+    until the engine serves again; retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -107,7 +109,7 @@ class EngineUnavailable(BertstreamError):
 
 
 class Unauthenticated(BertstreamError):
-    """No bearer token, or one the server does not know (server/security.py)."""
+    """No bearer token, or one the server does not know (server/api/security.py)."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -6,7 +6,7 @@ EmbedQuery or ClassifyQuery for the shared `Pipeline`; the result goes back as F
 tensors in `raw_output_contents` (what tritonclient reads by default). Failures map through
 `errors.to_status`, as for BertService; in ModelStreamInfer a failed request gets a response
 with its `error_message` and the stream goes on. The calls are module functions over these
-messages, which the HTTP form of the protocol (rest/kserve.py) shares.
+messages, which the HTTP form of the protocol (http/kserve.py) shares.
 
 Import this module only in the server process: its stubs register `inference.*` in protobuf's
 default descriptor pool, as tritonclient's do, and one process cannot hold both.
@@ -233,7 +233,7 @@ def _output_data(tensor: Tensor, result: Result) -> tuple[list[int], bytes]:
 
 
 # The protocol's calls as functions of the core, so gRPC (KServeServicer) and HTTP
-# (rest/kserve.py) answer alike: each takes and returns this protocol's messages.
+# (http/kserve.py) answer alike: each takes and returns this protocol's messages.
 
 def resolve(models: Models, name: str, version: str) -> ModelVersion:
     """The READY version a request names; ModelNotFound / ModelNotReady / InvalidInput."""

@@ -1,6 +1,6 @@
 """What a batch costs on one model version's engine: `seconds = a + b x padded tokens`.
 
-One form for every engine: the fake device sleeps by it (fakedevice.py), and each real version
+One form for every engine: the fake device sleeps by it (backends/fake.py), and each real version
 measures it at warm-up (`measure`, through the same `run(Batch, outputs)` the batcher calls),
 so the batcher sizes batches the same way whatever runs them. `a` is what a batch costs
 whatever its size (kernel launches, copies, a synchronisation: ~2.4 ms on an H100), `b` what

@@ -4,7 +4,8 @@ protocol of interface.py): onnxruntime, OpenVINO or the fake device, behind a Ba
 Contract: the manager calls `build` then `warm_up` for a version it is loading, and `release` for
 one it retires or abandons, all on the event loop; `build` does its blocking work (files, session
 creation, checks) on a worker thread. A loader keeps no state about versions: the manager owns
-them (lifecycle.py). A fake loader (tests) or another engine implements the same three calls.
+them (repository/manager.py). A fake loader (tests) or another engine implements the same
+three calls.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _build(
     engine = pick_engine(config, options)
     try:
         instances = sum(group.count or 1 for group in config.instance_group)
-        if options.fake_device:  # benchmarks: GPU timing without a GPU (fakedevice.py)
+        if options.fake_device:  # benchmarks: GPU timing without a GPU (backends/fake.py)
             runtime: RuntimePool | FakeDevicePool | OpenVinoPool = FakeDevicePool(
                 model_file, parse_spec(options.fake_device), instances, options.gpu_id)
         elif engine == "openvino":

@@ -2,7 +2,7 @@
 
 `EngineModels` routes, leases and tokenizes here, exactly as the single process does
 (routing.Router over the same `ModelState`s), and sends each request's token ids to the
-engine process, which batches every front end's requests together (engine.py). It follows
+engine process, which batches every front end's requests together (engine_process.py). It follows
 the engine's snapshots: a version routable here is pinned there until no request here uses
 it any more. If the engine dies, requests in flight end `EngineUnavailable` (UNAVAILABLE),
 nothing routes until a new engine has sent its snapshot, and the link reconnects by itself.

@@ -53,7 +53,7 @@ class ModelVersion:
     config_digest: str = ""  # of the config.pbtxt this version was loaded with
     failed: watcher.Fingerprint | None = None  # the folder as it was when its load failed
     # Names this object (not its version number: a reload loads the same number again) to
-    # front-end processes (engine.py).
+    # front-end processes (processes/engine_process.py).
     uid: int = field(default_factory=itertools.count(1).__next__)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -8,7 +8,7 @@ server internals; the server never dies, never logs a traceback of its own, and 
 normal request correctly at the end (the last test of the module).
 
 Bytes that do not parse as the request message get INVALID_ARGUMENT naming the message type
-(server/decoding.py for unary calls, streams.py for streams).
+(server/api/decoding.py for unary calls, streams.py for streams).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The second CPU engine (server/openvino.py) behind a real server: the same answers
+"""The second CPU engine (server/engine/backends/openvino.py) behind a real server: the same answers
 as onnxruntime's through every kind of call, the engine and precision shown, bad options
 refused with the reason, and bf16 falling back to f32 when its check fails."""
 

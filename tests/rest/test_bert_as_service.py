@@ -1,4 +1,4 @@
-"""bert-as-service's HTTP API (server/rest/bert_as_service.py) against a real server: /encode
+"""bert-as-service's HTTP API (server/api/http/bert_as_service.py) against a real server: /encode
 answers gRPC Embed's raw vectors with the caller's id, pre-split words encode as the tokenizer
 would encode them, and refusals come in Flask-JSON's shape (never a 500)."""
 

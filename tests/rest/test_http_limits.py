@@ -3,8 +3,8 @@ Content-Length before it is read, and part-way through a chunked body), too many
 naming the limit), a full queue (429), the SIGTERM drain (503 while a running request still
 ends 200), tokens (401, 403) and TLS (HTTPS only; mutual TLS wants a client certificate).
 
-The servers run a fake device (server/fakedevice.py: batches sleep, nothing computes) where a
-slow batch is what a test needs; their vectors are made up, which none of these tests reads.
+The servers run a fake device (server/engine/backends/fake.py: batches sleep, nothing
+computes) where a slow batch is what a test needs; their vectors are made up, which none of these tests reads.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def test_admin_endpoints_need_the_admin_scope(limited: HttpServer) -> None:
     with _client(limited, ADMIN_TOKEN) as client:
         reply = client.post("/v2/repository/index", json={})
     if reply.status_code == 404 and reply.text == "Not Found":  # Starlette's: no such route
-        pytest.skip("KServe's /v2/repository routes are not there yet (server/rest/kserve.py): "
+        pytest.skip("KServe's /v2/repository routes are not there yet (server/api/http/kserve.py): "
                     "only the inference scope is tested")
     assert reply.status_code == 200, reply.text
     for token, status in ((None, 401), ("not-a-token", 401), (INFERENCE_TOKEN, 403)):

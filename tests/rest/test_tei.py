@@ -1,5 +1,5 @@
-"""text-embeddings-inference's API (server/rest/tei.py) against a real server: /embed equals gRPC
-Embed, /predict equals gRPC Classify, /tokenize equals the model's tokenizer.json, /info
+"""text-embeddings-inference's API (server/api/http/tei.py) against a real server: /embed equals
+gRPC Embed, /predict equals gRPC Classify, /tokenize equals the model's tokenizer.json, /info
 describes the model, and every refusal has TEI's status and shape (never a 500)."""
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 So tritonclient.http, perf_analyzer over HTTP and KServe's REST clients call bertstream
 unchanged. Translation only: an infer request's JSON (and the binary tensors after it) becomes
-the same `ModelInferRequest` the gRPC servicer gets, answered by server/kserve.py's functions,
+the same `ModelInferRequest` the gRPC servicer gets, answered by server/api/kserve.py's functions,
 so both transports accept, refuse and answer alike; the response's tensors go back as JSON
 `data` or, where the request asks (`binary_data_output`, an output's `binary_data`), as raw
 bytes after the JSON header, which is what tritonclient asks for by default.
 
-server/kserve.py and its protobuf stubs are imported when the routes are built, in the server
+server/api/kserve.py and its protobuf stubs are imported when the routes are built, in the server
 process only: app.py imports this module, and a test process that imports app.py may hold
-tritonclient's stubs of the same `inference.*` names (see server/kserve.py).
+tritonclient's stubs of the same `inference.*` names (see server/api/kserve.py).
 """
 
 from __future__ import annotations

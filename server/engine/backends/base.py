@@ -52,7 +52,7 @@ class RuntimeOptions:
     # onnxruntime's pool threads spin-wait for work between runs by default: on a machine
     # whose cores also tokenize and serve gRPC, that spinning takes CPU they need.
     intra_op_spinning: bool = False
-    fake_device: str = ""  # a fakedevice.py spec: benchmarks only; "" runs the real graph
+    fake_device: str = ""  # a fake.py spec: benchmarks only; "" runs the real graph
     cpu_engine: str = "auto"  # auto | onnxruntime | openvino: versions naming no backend
 
 
