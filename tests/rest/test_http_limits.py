@@ -4,7 +4,8 @@ naming the limit), a full queue (429), the SIGTERM drain (503 while a running re
 ends 200), tokens (401, 403) and TLS (HTTPS only; mutual TLS wants a client certificate).
 
 The servers run a fake device (server/engine/backends/fake.py: batches sleep, nothing
-computes) where a slow batch is what a test needs; their vectors are made up, which none of these tests reads.
+computes) where a slow batch is what a test needs; their vectors are made up, which none of
+these tests reads.
 """
 
 from __future__ import annotations
