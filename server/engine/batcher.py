@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelNotReady, Overloaded, QueueTimeout
+from ..errors import EngineUnavailable, ModelNotReady, Overloaded, QueueTimeout
 from ..stages import CLOCK
 from ..version_format import TOKEN_OUTPUT_PREFIX
 from .batch import Batch, Encoded
@@ -155,6 +155,13 @@ class Batcher:
         """Stop admitting, finish what is queued and running, then free the threads."""
         self._closed = True
         while self._scheduler or self._running:
+            if self._loop_task.done():  # it died: nothing will take what still waits
+                while texts := self._scheduler.take():
+                    for _, item, _ in texts:
+                        if not item.future.done():
+                            item.future.set_exception(EngineUnavailable("the batcher stopped"))
+                if not self._running:
+                    break
             self._wakeup.set()
             await asyncio.sleep(0.005)
         self._loop_task.cancel()

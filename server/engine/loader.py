@@ -40,7 +40,7 @@ from ..version_format import (
     output_name,
     output_width,
 )
-from .backends.base import RuntimeOptions
+from .backends.base import Backend, RuntimeOptions
 from .backends.fake import FakeDevicePool, parse_spec
 from .backends.onnxruntime import RuntimePool, pick_providers
 from .backends.openvino import OpenVinoPool
@@ -88,7 +88,7 @@ class OnnxLoader:
 
 
 def _check_outputs(config: ModelConfig,
-                   runtime: RuntimePool | FakeDevicePool | OpenVinoPool) -> None:
+                   runtime: Backend) -> None:
     """The graph must offer what config.pbtxt promises, with the promised sizes."""
     dims = runtime.output_dims
     hidden = config.embedding_dimension
@@ -128,7 +128,7 @@ def _read_labels(path: Path, config: ModelConfig) -> list[str]:
 
 def _build(
     path: Path, config: ModelConfig, options: RuntimeOptions
-) -> tuple[RuntimePool | FakeDevicePool | OpenVinoPool, TextTokenizer, list[str]]:
+) -> tuple[Backend, TextTokenizer, list[str]]:
     """Blocking part of a load: files, session, checks. Runs on a worker thread."""
     model_file = path / MODEL_FILE
     for name in (MODEL_FILE, TOKENIZER_FILE):
@@ -140,7 +140,7 @@ def _build(
     try:
         instances = sum(group.count or 1 for group in config.instance_group)
         if options.fake_device:  # benchmarks: GPU timing without a GPU (backends/fake.py)
-            runtime: RuntimePool | FakeDevicePool | OpenVinoPool = FakeDevicePool(
+            runtime: Backend = FakeDevicePool(
                 model_file, parse_spec(options.fake_device), instances, options.gpu_id)
         elif engine == "openvino":
             runtime = _openvino_or_onnxruntime(path, config, options, tokenizer, instances)
@@ -155,7 +155,7 @@ def _build(
 
 def _openvino_or_onnxruntime(path: Path, config: ModelConfig, options: RuntimeOptions,
                              tokenizer: TextTokenizer,
-                             instances: int) -> OpenVinoPool | RuntimePool:
+                             instances: int) -> Backend:
     """OpenVINO; where only `--cpu-engine auto` chose it (the config names no backend) and
     OpenVINO cannot run this graph, onnxruntime, with the reason in the log."""
     ir = path / IR_FILE

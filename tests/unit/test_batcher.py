@@ -11,7 +11,7 @@ import pytest
 from bertstream.server.engine.batch import Batch, Encoded
 from bertstream.server.engine.batcher import Batcher, WorkItem
 from bertstream.server.engine.scheduler import BatcherOptions
-from bertstream.server.errors import Overloaded, QueueTimeout
+from bertstream.server.errors import EngineUnavailable, Overloaded, QueueTimeout
 
 POISON = 666
 
@@ -340,5 +340,22 @@ def test_a_text_past_its_queue_timeout_fails_deadline_exceeded() -> None:
         with pytest.raises(QueueTimeout, match="past its timeout"):
             await late.future
         assert all(600 not in b for b in fake.batches)
+
+    run(body)
+
+
+def test_close_fails_what_waits_when_the_batch_loop_has_died() -> None:
+    """A loop task that ended (a bug, a cancel) must not leave close() spinning forever nor
+    callers waiting on futures nothing will ever set."""
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        waiting = item(20, 3)
+        await batcher.submit([waiting], wait=False)
+        batcher._loop_task.cancel()
+        fake.gate.set()
+        await asyncio.wait_for(batcher.close(), 5)
+        assert (await first.future) is not None  # the running batch still answers
+        with pytest.raises(EngineUnavailable, match="the batcher stopped"):
+            await waiting.future
 
     run(body)
