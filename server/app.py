@@ -220,6 +220,7 @@ class GrpcFront:
             ("grpc.max_receive_message_length", options.max_receive_mb * MiB),
             ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),
             ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+            *options.grpc_limits.server_options(),
         ])
         draining = self.gate.draining  # set on SIGTERM: streams stop reading, end after answering
         bertstream_pb2_grpc.add_BertServiceServicer_to_server(
@@ -245,9 +246,10 @@ class GrpcFront:
         if options.http_port:
             self.http = HttpServer(
                 HttpContext(pipeline, self.metrics, options.model_control_mode, draining,
-                            options.max_receive_mb * MiB, options.auth),
+                            options.max_receive_mb * MiB, options.auth,
+                            body_timeout_s=options.http_limits.body_timeout_s),
                 options.host, options.http_port, options.tls_cert, options.tls_key,
-                options.tls_client_ca, shared=self.reuse_port)
+                options.tls_client_ca, shared=self.reuse_port, limits=options.http_limits)
             await self.http.start()
         _freeze_startup_objects()
         self.serving = True

@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .api.grpc_connections import GrpcConnectionLimits
+from .api.http.connections import ConnectionLimits
 from .api.security import TokenTable
 from .engine.backends.base import RuntimeOptions, usable_cores
 from .engine.backends.fake import parse_spec
@@ -38,6 +40,8 @@ class ServerOptions:
     auth: TokenTable | None = None  # None: no token asked
     stream_window: int = 32
     max_receive_mb: int = 64
+    http_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    grpc_limits: GrpcConnectionLimits = field(default_factory=GrpcConnectionLimits)
     limits: Limits = field(default_factory=Limits)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     stage_timing: bool = False  # per-stage CPU clocks (stages.py), for benchmarks
@@ -108,6 +112,36 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                    help="largest request in MiB: one gRPC message, or one HTTP body (refused "
                    "413 from its Content-Length before it is read, or as soon as a chunked "
                    "body passes it); gRPC may send 4 times this back (default 64)")
+    http, rpc = ConnectionLimits(), GrpcConnectionLimits()
+    limits = p.add_argument_group("connection limits (docs/operators.md says why each default)")
+    limits.add_argument("--http-max-connections", type=int, default=http.max_connections,
+                        help="open HTTP connections per front-end process; a new one beyond "
+                        "it is answered 503 with Retry-After and closed")
+    limits.add_argument("--http-header-timeout", type=float, default=http.head_timeout_s,
+                        help="seconds a request head may take to arrive whole (408 and close)")
+    limits.add_argument("--http-body-timeout", type=float, default=http.body_timeout_s,
+                        help="seconds a request body may pause between two pieces (408)")
+    limits.add_argument("--http-keepalive-timeout", type=float,
+                        default=http.keepalive_timeout_s,
+                        help="seconds an idle keep-alive connection stays open")
+    limits.add_argument("--grpc-max-connection-age", type=float,
+                        default=rpc.max_connection_age_s,
+                        help="seconds before a gRPC connection is asked to reconnect (GOAWAY), so "
+                        "round_robin clients find new replicas; 0: never")
+    limits.add_argument("--grpc-max-connection-age-grace", type=float,
+                        default=rpc.max_connection_age_grace_s,
+                        help="seconds calls in flight get after that before the connection "
+                        "closes (clients resume cut streams)")
+    limits.add_argument("--grpc-max-connection-idle", type=float,
+                        default=rpc.max_connection_idle_s,
+                        help="seconds a gRPC connection without calls stays open; 0: no limit")
+    limits.add_argument("--grpc-min-ping-interval", type=float,
+                        default=rpc.min_ping_interval_s,
+                        help="a client pinging more often than this without calls is sent "
+                        "GOAWAY")
+    limits.add_argument("--grpc-max-concurrent-streams", type=int,
+                        default=rpc.max_concurrent_streams,
+                        help="calls and streams one gRPC connection may have open at once")
     p.add_argument("--stream-window", type=int, default=32,
                    help="messages of one stream in flight before the server stops reading")
     p.add_argument("--grace-period", type=float, default=30.0,
@@ -141,6 +175,17 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error("--repository-poll-secs must be > 0")
     if a.frontends < 0:
         p.error("--frontends must be >= 0")
+    for flag in ("http_max_connections", "grpc_max_concurrent_streams"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("http_header_timeout", "http_body_timeout", "http_keepalive_timeout",
+                 "grpc_min_ping_interval"):
+        if not getattr(a, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0")
+    for flag in ("grpc_max_connection_age", "grpc_max_connection_age_grace",
+                 "grpc_max_connection_idle"):
+        if getattr(a, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0")
     if a.max_receive_mb < 1:
         p.error("--max-receive-mb must be >= 1")
     if a.role and (a.run_dir is None or a.status_fd is None):
@@ -159,6 +204,14 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         metrics_port=a.metrics_port, grace_period_s=a.grace_period,
         tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, auth=auth,
         stream_window=a.stream_window, max_receive_mb=a.max_receive_mb,
+        http_limits=ConnectionLimits(a.http_max_connections, a.http_header_timeout,
+                                     a.http_body_timeout, a.http_keepalive_timeout),
+        grpc_limits=GrpcConnectionLimits(
+            max_connection_age_s=a.grpc_max_connection_age,
+            max_connection_age_grace_s=a.grpc_max_connection_age_grace,
+            max_connection_idle_s=a.grpc_max_connection_idle,
+            min_ping_interval_s=a.grpc_min_ping_interval,
+            max_concurrent_streams=a.grpc_max_concurrent_streams),
         limits=Limits(a.max_texts_per_request, a.max_text_chars, a.max_request_chars),
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
                                intra_op_threads=a.intra_op_threads,

@@ -228,3 +228,29 @@ def server_address(model_repository: Path,
     assert proc.stop() == 0
     assert "Traceback" not in "".join(proc.lines), "".join(proc.lines[-40:])
 
+
+
+def test_feed_goes_on_across_connection_ageing(
+    model_repository: Path, start_server: Callable[..., ServerProcess],
+    news_feed: tuple[Path, list[dict[str, object]]], tmp_path: Path,
+) -> None:
+    """A server that ages connections after 3 s (plus 1 s of grace) cuts the feed's streams
+    again and again (server/api/grpc_connections.py); the client reconnects and resumes, and
+    every id comes back once."""
+    _, all_items = news_feed
+    items = all_items[:6000]
+    input_path = write_jsonl(tmp_path / "in.jsonl", items)
+    output = tmp_path / "out.jsonl"
+    server = start_server(model_repository, "--grpc-max-connection-age", "3",
+                          "--grpc-max-connection-age-grace", "1",
+                          "--fake-device", "custom,a_ms=60,b_us=0")
+    started = time.perf_counter()
+    code, report, stderr = run_feed_cli(*feed_command("embed", server.address, input_path,
+                                                      output, "--batch-size", "16"))
+    seconds = time.perf_counter() - started
+    assert code == 0, stderr
+    assert report["answered"] == len(items) and report["errors"] == 0, report
+    _assert_exactly_once(output, items)
+    assert seconds > 5, "the feed ended before a connection could age; slow the fake device"
+    assert report["stream_retries"] >= 1, report  # a stream was cut, and resumed
+    assert server.stop() == 0

@@ -99,7 +99,7 @@ def routes(context: HttpContext) -> list[Route]:
         summary: "bert-as-service: vectors of the default model ({id, texts, is_tokenized,
           truncate} -> {id, result, status})"
         """
-        body = await read_json(request, context.max_body_bytes)
+        body = await read_json(request, context)
         if not isinstance(body, dict) or "id" not in body:
             raise _invalid("the body must be a JSON object with id and texts")
         texts = _texts(body, _flag(body, "is_tokenized"))

@@ -22,6 +22,7 @@ from ...metrics import Metrics
 from ...pipeline.inference import Pipeline, Result
 from ...repository.models import Models
 from ..security import INFERENCE, TokenTable
+from .connections import RETRY_AFTER_S
 
 __all__ = ["HTTP_STATUS", "Dialect", "HttpContext", "HttpError", "caller", "json_response",
            "read_json"]
@@ -70,6 +71,7 @@ class HttpContext:
     draining: asyncio.Event
     max_body_bytes: int
     auth: TokenTable | None = None
+    body_timeout_s: float = 30.0  # the longest gap between two pieces of a body
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -101,15 +103,26 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
                     headers=headers, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused 413 before it is read whole when it is over `limit` bytes: by its
-    Content-Length at once, else (chunked) as soon as the running total passes it."""
+async def read_body(request: Request, context: HttpContext) -> bytes:
+    """The body, refused 413 before it is read whole when it is over the size limit: by its
+    Content-Length at once, else (chunked) as soon as the running total passes it; and 408
+    when it stops arriving (no piece for `body_timeout_s`), so a stalled upload does not hold
+    its connection."""
+    limit, wait_s = context.max_body_bytes, context.body_timeout_s
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpError(413, f"request body of {declared} bytes, over the limit of {limit}")
     chunks, size = [], 0
+    pieces = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(pieces.__anext__(), wait_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise HttpError(408, f"the request body stopped arriving: nothing for "
+                                f"{wait_s:g} s after {size} bytes") from None
             size += len(chunk)
             if size > limit:
                 raise HttpError(413, f"request body over the limit of {limit} bytes")
@@ -119,8 +132,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
+async def read_json(request: Request, context: HttpContext) -> Any:
+    body = await read_body(request, context)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -151,7 +164,9 @@ class Dialect:
                         context.auth.authorize(scope, request.headers.get("authorization"),
                                                rpc, "header")
                     if context.draining.is_set():
-                        return self.error(503, "server is shutting down; send it elsewhere")
+                        response = self.error(503, "server is shutting down; send it elsewhere")
+                        response.headers["connection"] = "close"  # do not send the next here
+                        return response
                     with context.metrics.request(label, request.path_params.get("model", "")
                                                  ) as record:
                         request.state.record = record  # the endpoint says model and texts
@@ -174,4 +189,11 @@ class Dialect:
         return wrap
 
     def error(self, status: int, message: str) -> Response:
-        return json_response(self.error_body(status, message), status)
+        """The dialect's error body; 429 and 503 say when to come back (Retry-After), and a
+        408 closes the connection (its request's bytes may still be on the way)."""
+        response = json_response(self.error_body(status, message), status)
+        if status in (429, 503):
+            response.headers["retry-after"] = str(RETRY_AFTER_S)
+        elif status == 408:
+            response.headers["connection"] = "close"
+        return response

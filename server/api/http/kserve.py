@@ -212,9 +212,9 @@ def _index_row(row: pb.RepositoryIndexResponse.ModelIndex) -> dict[str, str]:
     return {key: value for key, value in fields.items() if value or key == "name"}
 
 
-async def _optional_json(request: Request, limit: int) -> dict[str, Any]:
+async def _optional_json(request: Request, context: HttpContext) -> dict[str, Any]:
     """A repository call's body: empty (as tritonclient sends the index) or a JSON object."""
-    body = await read_body(request, limit)
+    body = await read_body(request, context)
     if not body.strip():
         return {}
     header, _ = _split(body, None)
@@ -288,7 +288,7 @@ def routes(context: HttpContext) -> list[Route]:
         """
         summary: KServe v2 inference (BYTES input TEXT; JSON or binary tensor data)
         """
-        body = await read_body(request, context.max_body_bytes)
+        body = await read_body(request, context)
         header, binary = _split(body, request.headers.get(HEADER_LENGTH))
         query, binary_outputs = infer_request(request.path_params["model"],
                                               version_of(request), header, binary)
@@ -301,7 +301,7 @@ def routes(context: HttpContext) -> list[Route]:
         """
         summary: Triton's model repository index (admin token)
         """
-        ready = (await _optional_json(request, context.max_body_bytes)).get("ready", False)
+        ready = (await _optional_json(request, context)).get("ready", False)
         if not isinstance(ready, bool):
             raise HttpError(400, "ready must be a bool")
         rows = (await core.repository_index(context.models, ready)).models
@@ -312,7 +312,7 @@ def routes(context: HttpContext) -> list[Route]:
         """
         summary: Load a model from the repository folder (explicit mode; admin token)
         """
-        body = await _optional_json(request, context.max_body_bytes)
+        body = await _optional_json(request, context)
         parameters = _object(body.get("parameters", {}), "parameters")
         await core.load_model(context.models, context.control_mode,
                               request.path_params["model"], parameters)
@@ -323,7 +323,7 @@ def routes(context: HttpContext) -> list[Route]:
         """
         summary: Unload a model (explicit mode; admin token)
         """
-        await _optional_json(request, context.max_body_bytes)
+        await _optional_json(request, context)
         await core.unload_model(context.models, context.control_mode,
                                 request.path_params["model"])
         return Response(status_code=200)

@@ -60,7 +60,7 @@ def routes(context: HttpContext) -> list[Route]:
     @DIALECT.handler(context, "Embeddings")
     async def embeddings(request: Request) -> Response:
         """OpenAI embeddings: input a string or a list, encoding_format float or base64."""
-        body = await read_json(request, context.max_body_bytes)
+        body = await read_json(request, context)
         texts = _texts(body)
         model = body.get("model", "")
         if not isinstance(model, str):

@@ -23,10 +23,12 @@ from starlette.schemas import SchemaGenerator
 from ... import ports
 from . import bert_as_service, kserve, openai, tei
 from .common import HttpContext, json_response
+from .connections import ConnectionLimits, guarded_protocol
 
 __all__ = ["HttpServer"]
 
 log = logging.getLogger("bertstream.rest")
+DRAIN_QUIET_S = 1.0  # after the last request of a drain, the port still answers 503 this long
 
 
 class _Schemas(SchemaGenerator):
@@ -68,8 +70,10 @@ def build_app(context: HttpContext) -> Starlette:
 class HttpServer:
     def __init__(self, context: HttpContext, host: str, port: int,
                  tls_cert: Path | None = None, tls_key: Path | None = None,
-                 tls_client_ca: Path | None = None, shared: bool = False) -> None:
+                 tls_client_ca: Path | None = None, shared: bool = False,
+                 limits: ConnectionLimits | None = None) -> None:
         self.context = context
+        limits = limits or ConnectionLimits()
         self._sock = _listen(host, port, shared)
         self.port = int(self._sock.getsockname()[1])
         config = uvicorn.Config(
@@ -78,7 +82,8 @@ class HttpServer:
             ssl_keyfile=str(tls_key) if tls_key else None,
             ssl_ca_certs=str(tls_client_ca) if tls_client_ca else None,
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_ca else ssl.CERT_NONE,
-            timeout_graceful_shutdown=5)
+            timeout_graceful_shutdown=5, http=guarded_protocol(limits),
+            timeout_keep_alive=limits.keepalive_timeout_s)
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
@@ -91,11 +96,15 @@ class HttpServer:
             await asyncio.sleep(0.01)
 
     async def drain(self, grace_s: float) -> None:
-        """New requests get 503 (the draining flag), running ones finish (at most grace_s),
-        then connections close."""
+        """New requests get 503 with `Connection: close` (the draining flag), running ones
+        finish (at most grace_s), and for a quiet moment after that the port still answers,
+        so a keep-alive client's next request reads 503, not a reset; then connections close."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         if self.context.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.context.idle.wait(), grace_s)
+        await asyncio.sleep(max(0.0, min(DRAIN_QUIET_S, deadline - loop.time())))
         self._server.should_exit = True
         if self._task is not None:
             await self._task

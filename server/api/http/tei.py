@@ -55,7 +55,7 @@ from starlette.routing import Route
 from tokenizers import Encoding
 
 from ... import server_version
-from ...errors import BertstreamError
+from ...errors import BertstreamError, EngineUnavailable
 from ...pipeline.inference import ClassifyQuery, EmbedQuery, Schedule, TextOptions, l2_normalize
 from ...version_format import POOLING_NAMES, text_prefix
 from .common import (
@@ -258,7 +258,7 @@ def routes(context: HttpContext) -> list[Route]:
         summary: "TEI: pooled vectors, one list per text (inputs a string or a list; normalize
           (default true), truncate, truncation_direction Right|Left, dimensions)"
         """
-        body = _object(await read_json(request, context.max_body_bytes))
+        body = _object(await read_json(request, context))
         _no_prompt(body)
         texts = _texts(body.get("inputs"))
         normalize = _flag(body, "normalize", True)
@@ -286,7 +286,7 @@ def routes(context: HttpContext) -> list[Route]:
         summary: 'TEI: labels and scores, best first (inputs "a" or ["a"]: one list; a batch
           [["a"], ["b"]]: a list of lists; raw_scores, truncate)'
         """
-        body = _object(await read_json(request, context.max_body_bytes))
+        body = _object(await read_json(request, context))
         texts, batch = _predict_texts(body.get("inputs"))
         raw = _flag(body, "raw_scores", False)
         mv = context.models.resolve(_model(request), 0)
@@ -312,7 +312,7 @@ def routes(context: HttpContext) -> list[Route]:
         summary: "TEI: each text's tokens as the model's task sees them: id, text, special,
           start and stop (UTF-8 byte offsets) (inputs a string or a list; add_special_tokens)"
         """
-        body = _object(await read_json(request, context.max_body_bytes))
+        body = _object(await read_json(request, context))
         _no_prompt(body)
         texts = _texts(body.get("inputs"))
         special_tokens = _flag(body, "add_special_tokens", True)
@@ -338,8 +338,20 @@ def routes(context: HttpContext) -> list[Route]:
         request.state.record.served(mv.model, mv.version)
         return json_response(_info(context, mv.model, mv.loaded.config, mv.loaded.labels))
 
+    @_handler(context, "Health")
+    async def health(request: Request) -> Response:
+        """
+        summary: "TEI: 200 with an empty body while the model serves, else 503 (its error)"
+        """
+        if not context.models.connected:
+            raise EngineUnavailable()
+        mv = context.models.resolve(_model(request), 0)  # ModelNotReady: 503
+        request.state.record.served(mv.model, mv.version)
+        return Response(status_code=200)
+
     endpoints = [("/embed", embed, "POST"), ("/predict", predict, "POST"),
-                 ("/tokenize", tokenize, "POST"), ("/info", info, "GET")]
+                 ("/tokenize", tokenize, "POST"), ("/info", info, "GET"),
+                 ("/health", health, "GET")]
     return [Route(prefix + path, endpoint, methods=[method])
             for prefix in ("", "/tei/{model}") for path, endpoint, method in endpoints]
 
