@@ -176,7 +176,9 @@ def test_a_full_queue_is_429(limited: HttpServer) -> None:
         replies = list(pool.map(lambda _: client.post("/v1/embeddings", json=body), range(8)))
     statuses = sorted(r.status_code for r in replies)
     assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
-    full = next(r for r in replies if r.status_code == 429).json()["error"]
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1"  # when to come back
+    full = refused.json()["error"]
     assert full["type"] == "rate_limit_error" and "queue full" in full["message"]
 
 
@@ -234,6 +236,9 @@ def test_sigterm_drains_http(model_repository: Path, tmp_path: Path,
         refused = client.post("/v1/embeddings", json=EMBED)
         assert refused.status_code == 503
         assert refused.json()["error"]["type"] == "service_unavailable"
+        # Come back later, elsewhere: and not on this connection.
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["connection"] == "close"
         with httpx2.Client(base_url=server.url, timeout=10) as fresh:  # a new connection too
             assert fresh.post("/v1/embeddings", json=EMBED).status_code == 503
         assert running.is_alive()
