@@ -119,6 +119,8 @@ def test_openvino_variant_is_verified_and_served(
                       for op in ov.Core().read_model(version / "model.xml").get_ordered_ops())
         assert ops["FakeQuantize"] > 0, ops
         assert record["openvino_ir"]["calibration"].startswith("300 ")
+        # Per layer the FFN output and attention's two products stay float, and the head.
+        assert record["openvino_ir"]["kept_in_float"] == 3 * record["num_layers"] + 1
         assert (version / "model.bin").stat().st_size < (version / "model.onnx.data").stat(
         ).st_size / 2, "int8 weights"
 
