@@ -5,7 +5,9 @@
 Measures, in one run:
   (a) raw onnxruntime in this process: the same tokenized texts in batches of the model's
       max_batch_size, in arrival order (what the batcher sees) and sorted by length (the best
-      an offline job could do);
+      an offline job could do); on a CPU where OpenVINO is installed, the same batches on
+      OpenVINO f32 and bf16 too (raw_openvino_*), and the service's ratio to the raw row of its
+      own engine (--cpu-engine; stream_vs_raw_engine_*);
   (b) the service over gRPC: a bertstream-server process on loopback, N concurrent
       EmbedStream feeds of Chinese news texts (title + lead, the news policy), each in its
       own process so the load generator is not the bottleneck; the server's /metrics give
@@ -23,9 +25,9 @@ Measures, in one run:
       vectors (http_feed.py), with its own stage budget: what HTTP costs beside the streams;
   (f) with --mixed, last: interactive single-text calls alone, bulk feeds alone, then both
       together (mixed.py, which also runs on its own): interactive latency under load.
-With --fake-device SPEC (server/engine/backends/fake.py) nothing computes: batches sleep for
-the time a profiled GPU would take, so "raw" is the fake device's own capacity and the
-service's share of it says whether the pipeline could feed that card.
+With --fake-device SPEC (server/engine/backends/fake.py) nothing computes: batches sleep for the time a
+profiled GPU would take, so "raw" is the fake device's own capacity and the service's share
+of it says whether the pipeline could feed that card.
 Prints a table and writes JSON (device, CPU count, model, settings, figures) to
 benchmarks/results/. The machines are shared and noisy: compare the ratios of one run.
 """
@@ -55,6 +57,7 @@ from bertstream.client.news import news_text
 from bertstream.server.engine.backends.base import RuntimeOptions
 from bertstream.server.engine.backends.fake import FakeDevicePool, parse_spec
 from bertstream.server.engine.backends.onnxruntime import Runtime, pick_providers
+from bertstream.server.engine.backends.openvino import OpenVinoPool
 from bertstream.server.engine.batch import Batch, Encoded
 from bertstream.server.engine.tokenizer import TextTokenizer
 from bertstream.server.repository import config as model_config
@@ -104,7 +107,7 @@ class Raw:
         self.prefix = self.config.embed_prefix
         self.tokenizer = TextTokenizer(version_dir / TOKENIZER_FILE,
                                        self.config.max_sequence_length)
-        self.runtime: Runtime | FakeDevicePool
+        self.runtime: Runtime | FakeDevicePool | OpenVinoPool
         if options.fake_device:
             self.runtime = FakeDevicePool(version_dir / MODEL_FILE,
                                           parse_spec(options.fake_device))
@@ -371,6 +374,34 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def raw_engines(raw: Raw, version_dir: Path, encoded: Encoded, batch_size: int,
+                args: argparse.Namespace, figures: dict[str, float]) -> str:
+    """OpenVINO f32 and bf16 on the same batches as raw onnxruntime (a CPU with OpenVINO
+    installed; the server's own OpenVinoPool), with their ratios to onnxruntime fp32. Returns
+    the prefix of the raw figures of the engine the service runs (--cpu-engine)."""
+    import importlib.util
+
+    if args.fake_device or raw.provider != "CPUExecutionProvider" \
+            or not importlib.util.find_spec("openvino"):
+        return "raw_"
+    onnxruntime_runtime, served = raw.runtime, "raw_"
+    for precision in ("f32", "bf16"):
+        pool = OpenVinoPool(version_dir / MODEL_FILE, {"INFERENCE_PRECISION_HINT": precision},
+                            args.threads)
+        raw.runtime = pool
+        prefix = f"raw_openvino_{pool.precision}_"
+        for name, sort in (("arrival_order", False), ("sorted", True)):
+            figures[f"{prefix}{name}_texts_per_s"] = raw.throughput(encoded, batch_size,
+                                                                    sort=sort)[0]
+            figures[f"{prefix}{name}_vs_onnxruntime"] = (
+                figures[f"{prefix}{name}_texts_per_s"] / figures[f"raw_{name}_texts_per_s"])
+        figures[f"{prefix}single_p50_ms"] = percentile(raw.latency(args.latency_runs), 50) * 1e3
+        if args.cpu_engine != "onnxruntime" and precision == "bf16":
+            served = prefix  # the server's default parameters: bf16 where native, as here
+    raw.runtime = onnxruntime_runtime
+    return served
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -452,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_latency = raw.latency(args.latency_runs)
     figures["raw_single_p50_ms"] = percentile(raw_latency, 50) * 1e3
     figures["raw_single_p99_ms"] = percentile(raw_latency, 99) * 1e3
+    served_raw = raw_engines(raw, version_dir, encoded, batch_size, args, figures)
     http_texts = raw.fitted(texts) if args.http_connections else []
     if http_texts:
         figures["http_texts_cut"] = sum(a != b for a, b in zip(texts, http_texts, strict=True))
@@ -532,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                                        / figures["raw_sorted_texts_per_s"])
     figures["unary_p50_overhead_ms"] = (figures["service_unary_p50_ms"]
                                         - figures["raw_single_p50_ms"])
+    for order in ("arrival_order", "sorted"):  # the service against its own engine, bare
+        figures[f"stream_vs_raw_engine_{order}"] = (
+            figures["service_stream_texts_per_s"] / figures[f"{served_raw}{order}_texts_per_s"])
     if http_phase is not None:
         figures["http_vs_stream"] = (figures["service_http_texts_per_s"]
                                      / figures["service_stream_texts_per_s"])

@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
     parser.add_argument("--variant", choices=VARIANTS, default="fp32",
                         help="fp16: fused fp16 graph for GPUs; int8: dynamic int8 for CPUs "
-                        "(both checked against PyTorch fp32 by cosine)")
+                        "(onnxruntime); openvino: an f32 OpenVINO IR (model.xml + model.bin) "
+                        "beside model.onnx, served with backend openvino; openvino-int8: the "
+                        "same, quantized by NNCF on news texts (all checked against PyTorch "
+                        "fp32 by cosine)")
     return parser
 
 
@@ -141,6 +144,13 @@ def _summary(target: Path) -> str:
         lines.append(f"{variant['variant']} graph ({variant['runtime']}), min cosine to fp32:")
         for name, cosine in variant["min_cosine"].items():
             lines.append(f"  {name:<24} {cosine:.6f}")
+    bf16 = read_export_record(target).get("bf16_parity")
+    if isinstance(bf16, dict) and bf16.get("measured"):
+        cosines = bf16["min_cosine"].values()
+        lines.append(f"bf16 ({bf16['runtime']}): min cosine to fp32 {min(cosines):.6f}, top "
+                     f"labels equal: {bf16['top_labels_equal']}")
+    elif isinstance(bf16, dict):
+        lines.append(f"bf16 not measured: {bf16['reason']}")
     return "\n".join(lines)
 
 

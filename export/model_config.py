@@ -35,6 +35,7 @@ class ConfigFields:
     max_batch_size: int = 32
     embed_prefix: str = ""
     classify_prefix: str = ""
+    backend: str = ""  # "": the server's --cpu-engine decides; "openvino" for the IR variants
 
     @property
     def task(self) -> int:
@@ -56,6 +57,7 @@ def build_model_config(fields: ConfigFields) -> pb.ModelConfig:
         num_labels=len(fields.labels),
         embed_prefix=fields.embed_prefix,
         classify_prefix=fields.classify_prefix,
+        backend=fields.backend,
     )
     config.version_policy.latest.num_versions = 1
     # 0: a batch leaves as soon as an instance is free (as TEI does); under load the queue

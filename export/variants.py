@@ -9,7 +9,8 @@ per-channel weight scales keep multilingual-e5-small at cosine >= 0.99, per-tens
 not). Reduced precision cannot
 match PyTorch to 1e-4, so a variant is checked by cosine similarity of every pooled vector to
 PyTorch's fp32 ones, per text, at both parity lengths, and by the largest difference in
-class probabilities.
+class probabilities. The OpenVINO IR variants (openvino_ir.py) go through the same check; only
+the runner differs (`Runner`: onnxruntime here, OpenVINO there).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -44,27 +46,64 @@ from .verify import (
     run_torch,
 )
 
-VARIANTS = ("fp32", "fp16", "int8")
-MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
+# openvino, openvino-int8: an OpenVINO IR pair beside the fp32 graph (openvino_ir.py).
+VARIANTS = ("fp32", "fp16", "int8", "openvino", "openvino-int8")
+# openvino is the fp32 graph converted, f32 weights: only float rounding may differ.
+MIN_COSINE = {"fp16": 0.999, "int8": 0.99, "openvino": 0.9999, "openvino-int8": 0.99}
 # int8 moves probabilities more than cosines suggest (multilingual-e5-small news head: 0.058
 # on the parity texts with per-channel weights, 0.19 without), so its bound is looser.
-MAX_PROBABILITY_DIFF = {"fp16": 0.01, "int8": 0.1}
+MAX_PROBABILITY_DIFF = {"fp16": 0.01, "int8": 0.1, "openvino": 0.001, "openvino-int8": 0.1}
+
+
+class Runner(Protocol):
+    """What a variant is checked on: named outputs for token arrays, and words for the record."""
+
+    description: str
+
+    def run(self, names: Sequence[str], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ...
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, onnx_path: Path, variant: str) -> None:
+        check_external_data(onnx_path)
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), providers=_providers(variant))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ExportVerificationError(
+                f"onnxruntime cannot run the {variant} graph here ({exc}); fp16 graphs need a "
+                "GPU build of onnxruntime to verify") from None
+        self.description = f"onnxruntime {ort.__version__} {self.session.get_providers()[0]}"
+
+    def run(self, names: Sequence[str], arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(list(names), arrays)
 
 
 @dataclass(frozen=True)
 class VariantReport:
     variant: str
-    provider: str
+    runtime: str
     min_cosine: dict[str, float] = field(default_factory=dict)
     max_probability_diff: float | None = None
+    top_labels_equal: bool | None = None  # None: an embed model
+
+    def problems(self, min_cosine: float, max_probability_diff: float) -> str:
+        """'' when every pooled output and the probabilities are within the bounds."""
+        low = {n: c for n, c in self.min_cosine.items() if not c >= min_cosine}
+        diff = self.max_probability_diff
+        if not low and (diff is None or diff <= max_probability_diff):
+            return ""
+        return (f"cosine below {min_cosine} for {low or 'none'}; probability diff {diff} "
+                f"(bound {max_probability_diff})")
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "variant": self.variant,
-            "runtime": f"onnxruntime {ort.__version__} {self.provider}",
-            "min_cosine_required": MIN_COSINE[self.variant],
+        record: dict[str, object] = {"variant": self.variant, "runtime": self.runtime}
+        if self.variant in MIN_COSINE:
+            record["min_cosine_required"] = MIN_COSINE[self.variant]
+        return record | {
             "min_cosine": {k: round(v, 6) for k, v in self.min_cosine.items()},
             "max_probability_diff": self.max_probability_diff,
+            "top_labels_equal": self.top_labels_equal,
         }
 
 
@@ -197,6 +236,36 @@ def _cosines(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
     return np.sum(expected * actual, axis=1) / np.maximum(norms, 1e-12)
 
 
+def compare_variant(
+    graph: PoolingGraph,
+    runner: Runner,
+    tokenizer: tokenizers.Tokenizer,
+    max_sequence_length: int,
+    variant: str,
+    texts: Sequence[str] = PARITY_TEXTS,
+) -> VariantReport:
+    """The runner's pooled outputs against PyTorch fp32's on the parity texts, at both parity
+    lengths, one text at a time and all in one padded batch: the smallest cosine per output,
+    the largest probability difference and whether every top label agrees. Judges nothing."""
+    names = [n for n in graph.output_names()
+             if not n.startswith(TOKEN_OUTPUT_PREFIX) and n != LOGITS]
+    worst = dict.fromkeys([n for n in names if n != PROBABILITIES], 1.0)
+    probability_diff = 0.0 if PROBABILITIES in names else None
+    labels_equal = True if PROBABILITIES in names else None
+    for batch_texts, length, pad in _batches(texts, parity_lengths(max_sequence_length)):
+        arrays = encode(tokenizer, batch_texts, length, pad)
+        expected = run_torch(graph, arrays)
+        actual = dict(zip(names, runner.run(names, arrays), strict=True))
+        for name in worst:
+            worst[name] = min(worst[name], float(_cosines(expected[name], actual[name]).min()))
+        if probability_diff is not None:
+            want, got = expected[PROBABILITIES], actual[PROBABILITIES]
+            probability_diff = max(probability_diff, float(np.max(np.abs(want - got))))
+            labels_equal = labels_equal and bool(
+                np.array_equal(want.argmax(axis=1), got.argmax(axis=1)))
+    return VariantReport(variant, runner.description, worst, probability_diff, labels_equal)
+
+
 def verify_variant(
     graph: PoolingGraph,
     onnx_path: Path,
@@ -204,33 +273,14 @@ def verify_variant(
     max_sequence_length: int,
     variant: str,
     texts: Sequence[str] = PARITY_TEXTS,
+    runner: Runner | None = None,
 ) -> VariantReport:
-    """Every pooled output at cosine >= MIN_COSINE[variant] to PyTorch fp32, per text."""
-    check_external_data(onnx_path)
-    try:
-        session = ort.InferenceSession(str(onnx_path), providers=_providers(variant))
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ExportVerificationError(
-            f"onnxruntime cannot run the {variant} graph here ({exc}); fp16 graphs need a GPU "
-            "build of onnxruntime to verify") from None
-    names = [n for n in graph.output_names()
-             if not n.startswith(TOKEN_OUTPUT_PREFIX) and n != LOGITS]
-    worst = dict.fromkeys([n for n in names if n != PROBABILITIES], 1.0)
-    probability_diff = 0.0 if PROBABILITIES in names else None
-    for batch_texts, length, pad in _batches(texts, parity_lengths(max_sequence_length)):
-        arrays = encode(tokenizer, batch_texts, length, pad)
-        expected = run_torch(graph, arrays)
-        actual = dict(zip(names, session.run(names, arrays), strict=True))
-        for name in worst:
-            worst[name] = min(worst[name], float(_cosines(expected[name], actual[name]).min()))
-        if probability_diff is not None:
-            diff = float(np.max(np.abs(expected[PROBABILITIES] - actual[PROBABILITIES])))
-            probability_diff = max(probability_diff, diff)
-    report = VariantReport(variant, session.get_providers()[0], worst, probability_diff)
-    low = {n: c for n, c in worst.items() if not c >= MIN_COSINE[variant]}
-    if low or (probability_diff is not None
-               and not probability_diff <= MAX_PROBABILITY_DIFF[variant]):
-        raise ExportVerificationError(
-            f"the {variant} graph drifts from PyTorch fp32: cosine below "
-            f"{MIN_COSINE[variant]} for {low or 'none'}; probability diff {probability_diff}")
+    """Every pooled output at cosine >= MIN_COSINE[variant] to PyTorch fp32, per text, and
+    probabilities within MAX_PROBABILITY_DIFF[variant]. `runner`: what runs the variant
+    (default: onnxruntime on `onnx_path`; OpenVINO for the IR variants)."""
+    runner = runner or OnnxRuntimeRunner(onnx_path, variant)
+    report = compare_variant(graph, runner, tokenizer, max_sequence_length, variant, texts)
+    why = report.problems(MIN_COSINE[variant], MAX_PROBABILITY_DIFF[variant])
+    if why:
+        raise ExportVerificationError(f"the {variant} graph drifts from PyTorch fp32: {why}")
     return report

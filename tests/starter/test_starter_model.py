@@ -153,7 +153,8 @@ def test_probe_on_a_sample_then_served_as_a_classifier(
             vector = client.encode(texts[0])
         assert vector.shape == (1, 384)
         head = load_head(head_file)
-        features = EncoderFeatures(version)(texts, "mean")  # adds "query: " itself
+        # The server fixture's engine (onnxruntime); adds "query: " itself.
+        features = EncoderFeatures(version, engine="onnxruntime")(texts, "mean")
         logits = features @ head.weight.numpy().T + head.bias.numpy()
         for labels, row in zip(ranked, logits, strict=True):
             assert labels[0].label == head.labels[int(row.argmax())]
