@@ -55,11 +55,12 @@ def test_a_clients_excess_is_refused_at_once_and_others_go_on(capped: HttpServer
     assert time.monotonic() - started < 0.5, "refused at once, not after a wait"
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert "cap of 4" in refused.json()["error"]["message"]
-    with grpc.insecure_channel(capped.address) as channel:  # the same token over gRPC
-        with pytest.raises(grpc.RpcError) as over:
-            pb_grpc.BertServiceStub(channel).Embed(
-                pb.EmbedRequest(model="tiny-embed", texts=["股市", "央行"]), timeout=30,
-                metadata=[("authorization", f"Bearer {GREEDY}")])
+    # The same token over gRPC.
+    with grpc.insecure_channel(capped.address) as channel, \
+            pytest.raises(grpc.RpcError) as over:
+        pb_grpc.BertServiceStub(channel).Embed(
+            pb.EmbedRequest(model="tiny-embed", texts=["股市", "央行"]), timeout=30,
+            metadata=[("authorization", f"Bearer {GREEDY}")])
     assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _post(capped, OTHER).status_code == 200  # another client is not held back
     running.join(30)
