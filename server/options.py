@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     limits.add_argument("--grpc-max-connection-age-grace", type=float,
                         default=rpc.max_connection_age_grace_s,
                         help="seconds calls in flight get after that before the connection "
-                        "closes (clients resume cut streams)")
+                        "closes; default 0: they finish however long they take (the bulk feed "
+                        "resumes a cut stream; other stream clients may not)")
     limits.add_argument("--grpc-max-connection-idle", type=float,
                         default=rpc.max_connection_idle_s,
                         help="seconds a gRPC connection without calls stays open; 0: no limit")
