@@ -46,7 +46,7 @@ from .feed_options import DEFAULT_STREAMS, FeedError, FeedOptions, FeedReport
 from .feed_output import Output, progress_bar
 from .feed_work import Work
 from .messages import ClientError, classify_request, embed_request
-from .retry import RETRYABLE, Failure, RetryPolicy, Step, Verdict, decide, item_step
+from .retry import RETRYABLE, Failure, RetryPolicy, Step, Verdict, aged_out, decide, item_step
 from .windowed import WindowedStream
 
 __all__ = ["FeedError", "FeedOptions", "FeedReport", "run_feed"]
@@ -89,8 +89,15 @@ class _Feed:
                         established = True
                         await self._answered(items, response)
             except ClientError as error:
-                failed = 0 if established else failed + 1
-                failure = Failure(error.code, established, failed, self.output.idle_s())
+                # The server ageing the connection out of a stream that was answering is no
+                # failure: no backoff, the streak of failed streams and the texts' attempts
+                # stay as they were (retry.py). One that answered nothing in the connection's
+                # life counts as failed: its messages are more than the server does in that
+                # time, and the attempts that send lost texts alone are what gets them through.
+                aged = established and aged_out(error.code, error.message)
+                if not aged:
+                    failed = 0 if established else failed + 1
+                failure = Failure(error.code, established, failed, self.output.idle_s(), aged)
                 await self._broken(stream.unanswered(), error, failure)
                 continue
             if ran_out.is_set():
@@ -134,9 +141,10 @@ class _Feed:
         next stream opens after a backoff (or the feed stops: retry.decide)."""
         delay = self._backoff(failure, error)
         for items in lost:
-            await self._settle_failed(items, error, lost=True)
+            await self._settle_failed(items, error, lost=True, aged=failure.aged)
         self.report.stream_retries += 1
-        await asyncio.sleep(delay)
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def _backoff(self, failure: Failure, error: ClientError) -> float:
         decision = decide(failure, self.policy, random.random())
@@ -146,11 +154,12 @@ class _Feed:
             raise FeedError(_stalled(failure.idle_s))
         return decision.delay_s
 
-    async def _settle_failed(self, items: list[Item], error: ClientError, lost: bool) -> None:
+    async def _settle_failed(self, items: list[Item], error: ClientError, lost: bool,
+                             aged: bool = False) -> None:
         """The one place failed texts are counted: each goes back to the queue (alone, when
         it may be the text at fault) or, its attempts spent, gets an error line."""
         steps = [item_step(error.code, lost=lost, texts=len(items), attempts=item.attempts,
-                           policy=self.policy) for item in items]
+                           policy=self.policy, aged=aged) for item in items]
         if any(step.step is Step.STOP for step in steps):
             raise FeedError(f"server refused the feed: {error}; rerun to resume")
         again: list[Item] = []

@@ -108,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--max-text-chars", type=int, default=Limits.max_text_chars)
     p.add_argument("--max-request-chars", type=int, default=Limits.max_request_chars,
                    help="characters in all texts of one message together")
+    p.add_argument("--max-texts-in-flight-per-client", type=int,
+                   default=Limits.max_client_texts,
+                   help="texts one client (its bearer token, else its host) may have in flight "
+                   "at once, over every model and connection; the excess is refused at once "
+                   "(RESOURCE_EXHAUSTED / 429 with Retry-After). Default 0: no cap")
     p.add_argument("--max-receive-mb", type=int, default=ServerOptions.max_receive_mb,
                    help="largest request in MiB: one gRPC message, or one HTTP body (refused "
                    "413 from its Content-Length before it is read, or as soon as a chunked "
@@ -131,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     limits.add_argument("--grpc-max-connection-age-grace", type=float,
                         default=rpc.max_connection_age_grace_s,
                         help="seconds calls in flight get after that before the connection "
-                        "closes (clients resume cut streams)")
+                        "closes; default 0: they finish however long they take (the bulk feed "
+                        "resumes a cut stream; other stream clients may not)")
     limits.add_argument("--grpc-max-connection-idle", type=float,
                         default=rpc.max_connection_idle_s,
                         help="seconds a gRPC connection without calls stays open; 0: no limit")
@@ -175,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         p.error("--repository-poll-secs must be > 0")
     if a.frontends < 0:
         p.error("--frontends must be >= 0")
+    if a.max_texts_in_flight_per_client < 0:
+        p.error("--max-texts-in-flight-per-client must be >= 0")
     for flag in ("http_max_connections", "grpc_max_concurrent_streams"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -212,7 +220,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
             max_connection_idle_s=a.grpc_max_connection_idle,
             min_ping_interval_s=a.grpc_min_ping_interval,
             max_concurrent_streams=a.grpc_max_concurrent_streams),
-        limits=Limits(a.max_texts_per_request, a.max_text_chars, a.max_request_chars),
+        limits=Limits(a.max_texts_per_request, a.max_text_chars, a.max_request_chars,
+                      a.max_texts_in_flight_per_client),
         runtime=RuntimeOptions(device=a.device, gpu_id=a.gpu_id,
                                intra_op_threads=a.intra_op_threads,
                                intra_op_spinning=a.intra_op_spinning == "on",

@@ -21,7 +21,8 @@ from __future__ import annotations
 from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 
 __all__ = [
-    "CONFIG_FILE", "EXPORT_RECORD", "INPUT_NAMES", "IR_FILE", "LABELS_FILE", "LOGITS",
+    "CONFIG_FILE", "EXPORT_RECORD", "INPUT_NAMES", "IR_FILE", "IR_WEIGHTS_FILE", "LABELS_FILE",
+    "LOGITS",
     "MODEL_DATA_FILE",
     "MODEL_FILE", "POOLINGS", "POOLING_NAMES", "PROBABILITIES", "RECORD_FUSED_ATTENTION",
     "RECORD_HEAD", "RECORD_HEAD_ORIGIN", "RECORD_SOURCE", "RECORD_SOURCE_KIND",
@@ -33,6 +34,7 @@ CONFIG_FILE = "config.pbtxt"
 MODEL_FILE = "model.onnx"
 MODEL_DATA_FILE = "model.onnx.data"
 IR_FILE = "model.xml"  # an OpenVINO IR pair (model.xml + model.bin); read instead of model.onnx
+IR_WEIGHTS_FILE = "model.bin"  # the IR's weights: model.xml is incomplete without them
 TOKENIZER_FILE = "tokenizer.json"
 LABELS_FILE = "labels.txt"
 EXPORT_RECORD = "export.json"

@@ -42,6 +42,7 @@ from ..pipeline.inference import (
     Result,
     Schedule,
     TextOptions,
+    Who,
     check_timeout,
 )
 from ..repository import folders
@@ -179,7 +180,7 @@ def _count_param(params: Any, name: str) -> int:
 
 
 def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...],
-                caller: str | None = None) -> EmbedQuery:
+                who: Who | None = None) -> EmbedQuery:
     """Parameters bertstream understands (others are ignored, as KServe servers do):
     truncate, truncation_direction ("right" / "left"), pooling, pooling_layer, normalize, and
     Triton's schedule policy: priority (1 the highest level) and timeout (microseconds)."""
@@ -201,7 +202,8 @@ def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...],
         text=TextOptions(truncate=bool(_param(p, "truncate", "bool")), direction=direction),
         schedule=Schedule(priority=_count_param(p, "priority"),
                           timeout_s=check_timeout(_count_param(p, "timeout") / 1e6),
-                          caller=caller),
+                          caller=who.turn if who else None,
+                          client=who.client if who else ""),
     )
 
 
@@ -260,12 +262,12 @@ def model_metadata(models: Models, name: str, version: str) -> pb.ModelMetadataR
 
 
 async def infer(pipeline: Pipeline, request: pb.ModelInferRequest, wait: bool,
-                record: RequestRecord, caller: str | None = None) -> pb.ModelInferResponse:
+                record: RequestRecord, who: Who | None = None) -> pb.ModelInferResponse:
     """One inference request; `record` learns the model, version and texts for metrics."""
     mv = resolve(pipeline.models, request.model_name, request.model_version)
     assert mv.loaded is not None
     texts = read_texts(request)
-    query = embed_query(request, texts, caller)
+    query = embed_query(request, texts, who)
     outputs = _requested(request, model_outputs(mv.loaded.config, mv.loaded.labels), mv.model)
     names = {t.name for t in outputs}
     if mv.loaded.config.task == Task.TASK_CLASSIFY:
@@ -371,7 +373,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return model_metadata(self.models, request.name, request.version)
 
     async def _infer(self, request: pb.ModelInferRequest, wait: bool,
-                     rpc: str, who: str) -> pb.ModelInferResponse:
+                     rpc: str, who: Who) -> pb.ModelInferResponse:
         with self.metrics.request(rpc, request.model_name) as record:
             return await infer(self.pipeline, request, wait, record, who)
 

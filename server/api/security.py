@@ -26,7 +26,8 @@ import grpc
 from ..errors import PermissionDenied, Unauthenticated
 from .handlers import is_probe, refusal
 
-__all__ = ["ADMIN", "INFERENCE", "OPEN", "AuthInterceptor", "TokenTable", "server_credentials"]
+__all__ = ["ADMIN", "INFERENCE", "OPEN", "AuthInterceptor", "TokenTable", "client_of",
+           "server_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ def required_scope(method: str) -> str:
     if is_probe(method):
         return OPEN
     return ADMIN if method in _ADMIN_METHODS else INFERENCE
+
+
+def client_of(authorization: str | None, host: str) -> str:
+    """Who a request's texts in flight are charged to (Limits.max_client_texts): its bearer
+    token (by digest: never the token itself), else the host it came from."""
+    kind, _, token = (authorization or "").partition(" ")
+    if kind.lower() == "bearer" and token.strip():
+        return "token:" + _digest(token.strip()).hex()[:16]
+    return "host:" + host
 
 
 def _digest(token: str | bytes) -> bytes:

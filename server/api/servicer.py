@@ -28,11 +28,13 @@ from ..pipeline.inference import (
     Result,
     Schedule,
     TextOptions,
+    Who,
     check_timeout,
 )
 from ..repository.snapshot import ModelRow, wire_state
 from ..stages import CLOCK
 from ..version_format import POOLING_NAMES
+from .security import client_of
 from .streams import ordered_stream
 
 __all__ = ["BertServicer"]
@@ -75,16 +77,19 @@ def _embed_query(r: pb.EmbedRequest | pb.ClassifyRequest,
     )
 
 
-def caller(context: Any, stream: bool) -> str:
+def caller(context: Any, stream: bool) -> Who:
     """Whose turn a request's texts take (scheduler.py): each stream is a caller of its own;
-    unary calls are their connection's (a client's channel)."""
+    unary calls are their connection's (a client's channel). Charged to its token, else its
+    host (the peer without its port)."""
     peer = context.peer()
-    return f"{peer}#{id(context)}" if stream else peer
+    token = dict(context.invocation_metadata() or ()).get("authorization")
+    return Who(f"{peer}#{id(context)}" if stream else peer,
+               client_of(token, peer.rsplit(":", 1)[0]))
 
 
-def _schedule(r: pb.EmbedRequest | pb.ClassifyRequest, who: str) -> Schedule:
+def _schedule(r: pb.EmbedRequest | pb.ClassifyRequest, who: Who) -> Schedule:
     return Schedule(priority=r.priority, timeout_s=check_timeout(r.timeout_us / 1e6),
-                    caller=who)
+                    caller=who.turn, client=who.client)
 
 
 def _check_version(version: int) -> None:
@@ -194,7 +199,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
         self.draining = draining  # set on SIGTERM: streams answer what they read, then end
 
     async def _embed(self, request: pb.EmbedRequest, wait: bool,
-                     who: str) -> pb.EmbedResponse:
+                     who: Who) -> pb.EmbedResponse:
         with self.metrics.request("EmbedStream" if wait else "Embed", request.model) as record:
             started = CLOCK.start()
             _check_version(request.version)
@@ -208,7 +213,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
         return response
 
     async def _classify(self, request: pb.ClassifyRequest, wait: bool,
-                        who: str) -> pb.ClassifyResponse:
+                        who: Who) -> pb.ClassifyResponse:
         with self.metrics.request("ClassifyStream" if wait else "Classify",
                                   request.model) as record:
             started = CLOCK.start()

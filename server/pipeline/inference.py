@@ -7,9 +7,11 @@ about gRPC messages, and nothing in the servicer knows about onnxruntime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
@@ -17,7 +19,7 @@ from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 from ..engine.batch import Encoded
 from ..engine.batcher import WorkItem
 from ..engine.workers import Workers
-from ..errors import InvalidInput
+from ..errors import InvalidInput, Overloaded
 from ..repository.models import Models
 from ..repository.versions import ModelVersion
 from ..stages import CLOCK
@@ -25,7 +27,7 @@ from ..version_format import POOLING_NAMES, PROBABILITIES, output_name, text_pre
 from .validation import check_texts
 
 __all__ = ["INTERACTIVE_TEXTS", "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result",
-           "Schedule", "TextOptions", "check_timeout", "priority_level"]
+           "Schedule", "TextOptions", "Who", "check_timeout", "priority_level"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class Limits:
     max_texts_per_request: int = 256
     max_text_chars: int = 65_536
     max_request_chars: int = 1_048_576  # all texts of one message together
+    # Texts one client (a token, else a host: Schedule.client) may have in flight at once,
+    # over every model and connection; the excess is refused Overloaded at once. 0: no cap.
+    max_client_texts: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,14 @@ class Schedule:
     priority: int = 0  # 1 the highest; 0: the server decides (INTERACTIVE_TEXTS)
     timeout_s: float = 0.0  # 0: the level's queue policy
     caller: str | None = None  # a stream or a connection; None: the request alone
+    client: str = ""  # who is charged for its texts in flight (Limits.max_client_texts)
+
+
+class Who(NamedTuple):
+    """Who sent a request, as the front end that took it names them."""
+
+    turn: str  # whose turn its texts take in the scheduler: a stream, or a connection
+    client: str  # who is charged for its texts in flight: a token, else a host
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,30 @@ class Pipeline:
         self.models = models
         self.limits = limits
         self._pool = tokenize_pool
+        self._client_texts: dict[str, int] = {}  # texts in flight per client
+
+    @contextlib.contextmanager
+    def _charged(self, client: str, texts: int) -> Iterator[None]:
+        """Count a request's texts against its client's cap while it runs; refuse it at once
+        (Overloaded: RESOURCE_EXHAUSTED, HTTP 429 with Retry-After) when they would pass it,
+        so one client's flood leaves the queue to the others."""
+        cap = self.limits.max_client_texts
+        if not cap or not client:
+            yield
+            return
+        now = self._client_texts.get(client, 0)
+        if now + texts > cap:
+            raise Overloaded(f"this client has {now} texts in flight; {texts} more would pass "
+                             f"its cap of {cap}: retry when answers come back")
+        self._client_texts[client] = now + texts
+        try:
+            yield
+        finally:
+            left = self._client_texts[client] - texts
+            if left:
+                self._client_texts[client] = left
+            else:
+                del self._client_texts[client]
 
     async def tokenize(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
                        task: int = Task.TASK_EMBED) -> tuple[ModelVersion, list[Encoded]]:
@@ -159,7 +196,8 @@ class Pipeline:
         started = CLOCK.start()
         check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
                     self.limits.max_request_chars)
-        with self.models.lease(model, version) as mv:
+        with self._charged(schedule.client, len(texts)), \
+                self.models.lease(model, version) as mv:
             loaded = mv.loaded
             assert loaded is not None
             config = loaded.config

@@ -3,6 +3,6 @@ starts an engine process (engine_process.py: the manager, batchers, sessions) an
 processes (frontend_process.py: gRPC, HTTP, validation, tokenization), which talk over a Unix
 socket (link.py frames, messages.py the typed messages); procmetrics.py merges their /metrics.
 
-May import: api is not needed here (front ends are composed in app.py); pipeline, repository,
-engine and the root modules.
+May import: pipeline, repository, engine and the root modules; not api (a front-end process's
+servicers are composed in app.py), which in turn never imports processes.
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bertstream.v1.model_config_pb2 import ModelConfig
 
-from ..version_format import required_files
+from ..version_format import IR_FILE, IR_WEIGHTS_FILE, required_files
 
 __all__ = ["Fingerprint", "StabilityTracker", "fingerprint", "missing_files"]
 
@@ -42,8 +42,12 @@ def fingerprint(folder: Path) -> Fingerprint:
 
 
 def missing_files(folder: Path, config: ModelConfig) -> list[str]:
-    """Files a version of this model cannot load without."""
-    return [name for name in required_files(config) if not (folder / name).is_file()]
+    """Files a version of this model cannot load without; an OpenVINO IR's model.xml that has
+    arrived without its model.bin (a copy still landing) waits for it too."""
+    missing = [name for name in required_files(config) if not (folder / name).is_file()]
+    if (folder / IR_FILE).is_file() and not (folder / IR_WEIGHTS_FILE).is_file():
+        missing.append(IR_WEIGHTS_FILE)
+    return missing
 
 
 @dataclass

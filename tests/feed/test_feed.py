@@ -236,14 +236,16 @@ def test_feed_goes_on_across_connection_ageing(
 ) -> None:
     """A server that ages connections after 3 s (plus 1 s of grace) cuts the feed's streams
     again and again (server/api/grpc_connections.py); the client reconnects and resumes, and
-    every id comes back once."""
+    every id comes back once. The fake device's 40 ms per batch stays under the default
+    max_batch_duration (50 ms): over it, stream batches are cut to one text (16 texts/s) and
+    a connection's 4 s of life cannot finish a message of 16 while 4 x 4 are in flight."""
     _, all_items = news_feed
     items = all_items[:6000]
     input_path = write_jsonl(tmp_path / "in.jsonl", items)
     output = tmp_path / "out.jsonl"
     server = start_server(model_repository, "--grpc-max-connection-age", "3",
                           "--grpc-max-connection-age-grace", "1",
-                          "--fake-device", "custom,a_ms=60,b_us=0")
+                          "--fake-device", "custom,a_ms=40,b_us=0")
     started = time.perf_counter()
     code, report, stderr = run_feed_cli(*feed_command("embed", server.address, input_path,
                                                       output, "--batch-size", "16"))

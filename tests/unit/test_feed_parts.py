@@ -16,6 +16,7 @@ from bertstream.client.feed_output import Output
 from bertstream.client.feed_work import Work
 from bertstream.client.messages import ClientError
 from bertstream.client.retry import MAX_ITEM_ATTEMPTS
+from bertstream.v1 import bertstream_pb2 as pb
 
 
 def _items(n: int) -> list[Item]:
@@ -114,5 +115,73 @@ def test_an_item_error_splits_the_message_then_answers_the_bad_text(tmp_path: Pa
         with pytest.raises(FeedError, match="NOT_FOUND"):
             await feed._failed(await work.take(),
                                ClientError(grpc.StatusCode.NOT_FOUND, "no model x"))
+
+    asyncio.run(run())
+
+
+class _AgedOut(grpc.RpcError):
+    """What grpc core raises on the streams of a connection the server aged out
+    (max_connection_age, then its grace period)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "max connection age"
+
+
+class _AgeingCall:
+    """An EmbedStream whose connection is aged out after it answered `answers` messages."""
+
+    def __init__(self, answers: int) -> None:
+        self._sent: asyncio.Queue[pb.EmbedRequest | None] = asyncio.Queue()
+        self._left = answers
+
+    async def write(self, request: pb.EmbedRequest) -> None:
+        await self._sent.put(request)
+
+    async def done_writing(self) -> None:
+        await self._sent.put(None)
+
+    async def read(self) -> object:
+        if self._left == 0:
+            raise _AgedOut()
+        request = await self._sent.get()
+        if request is None:
+            return grpc.aio.EOF
+        self._left -= 1
+        return pb.EmbedResponse(request_id=request.request_id, embeddings=[
+            pb.Embedding(values=[1.0], shape=[1]) for _ in request.texts])
+
+    def cancel(self) -> bool:
+        return True
+
+
+def test_streams_cut_by_connection_ageing_cost_the_texts_no_attempts(tmp_path: Path) -> None:
+    """Every stream answers one message and is then aged out with the rest of its window in
+    flight: the last messages are cut more often than MAX_ITEM_ATTEMPTS, yet every id is
+    answered once, nothing is split, and no backoff is slept."""
+    calls: list[_AgeingCall] = []
+
+    class Stub:
+        def EmbedStream(self, **_: object) -> _AgeingCall:
+            calls.append(_AgeingCall(answers=1))
+            return calls[-1]
+
+    async def run() -> None:
+        items = _items(24)
+        work = Work(iter(items), batch_size=2)
+        out = io.StringIO()
+        report = FeedReport()
+        options = FeedOptions(input=tmp_path / "in", output=tmp_path / "out", window=12)
+        feed = _Feed(options, Output(out, True, set(), report), work, report)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(feed.stream(Stub()), 30)
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert sorted(line["id"] for line in lines) == list(range(24))
+        assert report.errors == 0 and all("embedding" in line for line in lines)
+        assert report.stream_retries > MAX_ITEM_ATTEMPTS
+        assert all(item.attempts == 0 and not item.solo for item in items)
+        assert asyncio.get_running_loop().time() - started < report.stream_retries * 0.05
 
     asyncio.run(run())

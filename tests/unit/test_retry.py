@@ -11,6 +11,7 @@ from bertstream.client.retry import (
     RetryPolicy,
     Step,
     Verdict,
+    aged_out,
     decide,
     item_step,
 )
@@ -51,6 +52,11 @@ POLICY = RetryPolicy(first_s=0.2, cap_s=5.0, give_up_s=300.0, max_item_attempts=
     (Failure(C.CANCELLED, False, 1, 0.0), 1.0, Decision(Verdict.RETRY, 0.4)),
     (Failure(C.UNKNOWN, False, 1, 0.0), 1.0, Decision(Verdict.RETRY, 0.4)),
     (Failure(C.INTERNAL, True, 0, 0.0), 1.0, Decision(Verdict.RETRY, 0.4)),
+    # The server aged the connection out: reopen at once, however many failed before.
+    (Failure(C.UNAVAILABLE, True, 0, 1.0, aged=True), 1.0, Decision(Verdict.RETRY, 0.0)),
+    (Failure(C.UNAVAILABLE, False, 6, 1.0, aged=True), 1.0, Decision(Verdict.RETRY, 0.0)),
+    # ... but a feed that answers nothing for give_up_s still stops.
+    (Failure(C.UNAVAILABLE, False, 1, 300.5, aged=True), 1.0, Decision(Verdict.STALLED)),
 ])
 def test_decide(failure: Failure, jitter: float, want: Decision) -> None:
     got = decide(failure, POLICY, jitter)
@@ -87,6 +93,24 @@ def test_decide(failure: Failure, jitter: float, want: Decision) -> None:
 def test_item_step(code: grpc.StatusCode, lost: bool, texts: int, attempts: int,
                    want: ItemStep) -> None:
     assert item_step(code, lost=lost, texts=texts, attempts=attempts, policy=POLICY) == want
+
+
+@pytest.mark.parametrize(("attempts", "texts"), [(0, 32), (1, 16), (7, 1)])
+def test_a_loss_to_connection_ageing_is_not_an_attempt(attempts: int, texts: int) -> None:
+    assert item_step(C.UNAVAILABLE, lost=True, texts=texts, attempts=attempts, policy=POLICY,
+                     aged=True) == ItemStep(Step.RETRY, attempts)
+
+
+@pytest.mark.parametrize(("code", "details", "want"), [
+    (C.UNAVAILABLE, "max connection age", True),
+    (C.UNAVAILABLE, "Max Connection Age", True),
+    (C.UNAVAILABLE, "Socket closed", False),
+    (C.UNAVAILABLE, "stream ended early", False),
+    (C.CANCELLED, "max connection age", False),
+    (C.INTERNAL, "max connection age", False),
+])
+def test_aged_out(code: grpc.StatusCode, details: str, want: bool) -> None:
+    assert aged_out(code, details) is want
 
 
 def test_item_attempts_follow_the_policy() -> None:

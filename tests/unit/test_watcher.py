@@ -53,6 +53,16 @@ def test_required_files_depend_on_the_task(tmp_path: Path) -> None:
     assert missing_files(tmp_path, classify) == ["labels.txt"]
 
 
+def test_an_openvino_ir_waits_for_its_weights(tmp_path: Path) -> None:
+    """model.xml landed, model.bin not yet (a copy in progress): not loadable until it has."""
+    embed = ModelConfig(task=Task.TASK_EMBED)
+    for name in ("model.onnx", "tokenizer.json", "model.xml"):
+        (tmp_path / name).write_bytes(b"")
+    assert missing_files(tmp_path, embed) == ["model.bin"]
+    (tmp_path / "model.bin").write_bytes(b"")
+    assert missing_files(tmp_path, embed) == []
+
+
 def test_config_digest_is_of_the_bytes_parsed(tmp_path: Path) -> None:
     folder = tmp_path / "m"
     folder.mkdir()

@@ -35,8 +35,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ... import server_version
-from ...pipeline.inference import EmbedQuery, Schedule, TextOptions, resolve_pooling
-from .common import Dialect, HttpContext, HttpError, caller, json_response, read_json
+from ...pipeline.inference import EmbedQuery, TextOptions, resolve_pooling
+from .common import Dialect, HttpContext, HttpError, json_response, read_json, schedule
 
 __all__ = ["routes"]
 
@@ -108,7 +108,7 @@ def routes(context: HttpContext) -> list[Route]:
         try:
             result = await context.pipeline.embed(
                 EmbedQuery("", 0, texts, text=TextOptions(truncate=_flag(body, "truncate")),
-                           schedule=Schedule(caller=caller(request))),
+                           schedule=schedule(request)),
                 wait=False)
         finally:
             counts["pending"] -= 1

@@ -19,9 +19,9 @@ from starlette.responses import Response
 
 from ...errors import BertstreamError
 from ...metrics import Metrics
-from ...pipeline.inference import Pipeline, Result
+from ...pipeline.inference import Pipeline, Result, Schedule, Who
 from ...repository.models import Models
-from ..security import INFERENCE, TokenTable
+from ..security import INFERENCE, TokenTable, client_of
 from .connections import RETRY_AFTER_S
 
 __all__ = ["HTTP_STATUS", "Dialect", "HttpContext", "HttpError", "caller", "json_response",
@@ -89,11 +89,20 @@ def pooled(result: Result, route: str, status: int) -> np.ndarray:
     return result.vectors
 
 
-def caller(request: Request) -> str:
+def caller(request: Request) -> Who:
     """Whose turn a request's texts take (scheduler.py): its connection, so a keep-alive
-    client's requests queue behind each other and beside other clients'."""
+    client's requests queue behind each other and beside other clients'; charged to its
+    token, else its host."""
     client = request.client
-    return f"http:{client.host}:{client.port}" if client else f"http:{id(request)}"
+    turn = f"http:{client.host}:{client.port}" if client else f"http:{id(request)}"
+    return Who(turn, client_of(request.headers.get("authorization"),
+                               client.host if client else turn))
+
+
+def schedule(request: Request) -> Schedule:
+    """An HTTP request's place in the queues: the server's default level, its caller."""
+    who = caller(request)
+    return Schedule(caller=who.turn, client=who.client)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None

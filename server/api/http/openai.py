@@ -17,15 +17,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ...pipeline.inference import EmbedQuery, Schedule
+from ...pipeline.inference import EmbedQuery
 from .common import (
     Dialect,
     HttpContext,
     HttpError,
-    caller,
     json_response,
     pooled,
     read_json,
+    schedule,
 )
 
 __all__ = ["routes"]
@@ -71,7 +71,7 @@ def routes(context: HttpContext) -> list[Route]:
         record = request.state.record
         record.model = model
         result = await context.pipeline.embed(
-            EmbedQuery(model, 0, texts, normalize=True, schedule=Schedule(caller=caller(request))),
+            EmbedQuery(model, 0, texts, normalize=True, schedule=schedule(request)),
             wait=False)
         record.served(result.model, result.version, len(texts))
         vectors = pooled(result, "/v1/embeddings", 400).astype(np.float32, copy=False)

@@ -56,16 +56,16 @@ from tokenizers import Encoding
 
 from ... import server_version
 from ...errors import BertstreamError, EngineUnavailable
-from ...pipeline.inference import ClassifyQuery, EmbedQuery, Schedule, TextOptions, l2_normalize
+from ...pipeline.inference import ClassifyQuery, EmbedQuery, TextOptions, l2_normalize
 from ...version_format import POOLING_NAMES, text_prefix
 from .common import (
     Dialect,
     HttpContext,
     HttpError,
-    caller,
     json_response,
     pooled,
     read_json,
+    schedule,
 )
 
 __all__ = ["routes"]
@@ -267,7 +267,7 @@ def routes(context: HttpContext) -> list[Route]:
             raise _invalid(f"`dimensions` must be a positive integer, got {dimensions!r}")
         result = await context.pipeline.embed(
             EmbedQuery(_model(request), 0, texts, normalize=normalize and dimensions is None,
-                       text=_text_options(body), schedule=Schedule(caller=caller(request))),
+                       text=_text_options(body), schedule=schedule(request)),
             wait=False)
         record = request.state.record
         record.served(result.model, result.version, len(texts))
@@ -296,7 +296,7 @@ def routes(context: HttpContext) -> list[Route]:
                             "needs a classification model")
         result = await context.pipeline.classify(
             ClassifyQuery(mv.model, 0, texts, text=_text_options(body),
-                          schedule=Schedule(caller=caller(request))), wait=False)
+                          schedule=schedule(request)), wait=False)
         record = request.state.record
         record.served(result.model, result.version, len(texts))
         scores = result.probabilities
