@@ -25,9 +25,9 @@ Measures, in one run:
       vectors (http_feed.py), with its own stage budget: what HTTP costs beside the streams;
   (f) with --mixed, last: interactive single-text calls alone, bulk feeds alone, then both
       together (mixed.py, which also runs on its own): interactive latency under load.
-With --fake-device SPEC (server/engine/backends/fake.py) nothing computes: batches sleep for the time a
-profiled GPU would take, so "raw" is the fake device's own capacity and the service's share
-of it says whether the pipeline could feed that card.
+With --fake-device SPEC (server/engine/backends/fake.py) nothing computes: batches sleep for
+the time a profiled GPU would take, so "raw" is the fake device's own capacity and the
+service's share of it says whether the pipeline could feed that card.
 Prints a table and writes JSON (device, CPU count, model, settings, figures) to
 benchmarks/results/. The machines are shared and noisy: compare the ratios of one run.
 """

@@ -595,8 +595,8 @@ def raw_graphs(args: argparse.Namespace, texts: list[str]) -> dict[str, float]:
         speeds[label] = _bare(functools.partial(session.run, [output]), batches)
         print(f"  {label:<30}{speeds[label]:>8.1f} texts/s", flush=True)
     if "openvino" in args.bertstream_engines:
-        from bertstream.server.openvino_runtime import OpenVinoPool
-        from bertstream.server.runtime import Batch
+        from bertstream.server.engine.backends.openvino import OpenVinoPool
+        from bertstream.server.engine.batch import Batch
 
         graph = args.repository / args.fp32_model / "1" / "model.onnx"
         for precision in ("f32", "bf16"):
