@@ -8,6 +8,7 @@ runs batched on a worker thread (`tokenizers` releases the GIL), never on the ev
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +28,16 @@ class TextTokenizer:
 
     def __init__(self, path: Path, max_length: int) -> None:
         self.max_length = max_length
-        self._truncating = {}
-        for side in ("right", "left"):
-            tok = self._load(path)
-            tok.enable_truncation(max_length, direction=side)
-            self._truncating[side] = tok
-        tok = self._truncating["right"]
+        tok = self._load(path)
+        # Left truncation gets a tokenizer of its own (truncation is a tokenizer's setting,
+        # and several threads encode at once), built on its first use from the JSON kept
+        # here: a large vocabulary's tokenizer takes hundreds of MB (e5's: ~280), and most
+        # versions never truncate on the left. The JSON, not the file: the folder may be
+        # gone by then (a retired version still answering).
+        self._json = tok.to_str()
+        tok.enable_truncation(max_length, direction="right")
+        self._truncating = {"right": tok}
+        self._lock = threading.Lock()
         # Special tokens the template adds to each piece ([CLS] x [SEP]: 2); overflowing
         # pieces get them too, so they are not part of what truncation cut.
         self._specials = tok.num_special_tokens_to_add(is_pair=False)
@@ -40,6 +45,15 @@ class TextTokenizer:
         # all 0, and then no type ids need converting at all.
         probe = tok.encode_batch_fast(["a", "今天 b"])
         self._zero_types = all(t == 0 for enc in probe for t in enc.type_ids)
+
+    def _truncating_on(self, direction: str) -> Tokenizer:
+        with self._lock:  # encode runs on several threads
+            tok = self._truncating.get(direction)
+            if tok is None:
+                tok = Tokenizer.from_str(self._json)
+                tok.enable_truncation(self.max_length, direction=direction)
+                self._truncating[direction] = tok
+            return tok
 
     @staticmethod
     def _load(path: Path) -> Tokenizer:
@@ -64,7 +78,7 @@ class TextTokenizer:
         offsets and the Encoding objects are freed here, on the tokenizer thread: freeing
         them later on the event loop cost it a quarter of its time at high rates.
         """
-        tokenizer = self._truncating[direction]
+        tokenizer = self._truncating.get(direction) or self._truncating_on(direction)
         encode_batch = tokenizer.encode_batch if keep_encoding else tokenizer.encode_batch_fast
         started = CLOCK.start()
         encodings = encode_batch(list(texts))

@@ -63,3 +63,23 @@ def test_too_long_without_truncate_names_the_full_length(tokenizer_path: Path) -
     with pytest.raises(InputTooLong, match=rf"texts\[1\] is {full} tokens, over .* of 16"):
         tokenizer.encode(["短文本", text], False)
     assert tokenizer.encode(["短文本", text], True).truncated_tokens == [0, full - 16]
+
+
+def test_the_left_truncating_tokenizer_is_built_on_first_use_even_without_the_file(
+        tokenizer_path: Path, tmp_path: Path) -> None:
+    """Most versions never truncate on the left: that tokenizer (hundreds of MB for a large
+    vocabulary) is built when first asked for, from memory: a retired version's folder may be
+    gone by then."""
+    copy = tmp_path / "tokenizer.json"
+    copy.write_bytes(tokenizer_path.read_bytes())
+    tok = TextTokenizer(copy, 8)
+    assert set(tok._truncating) == {"right"}
+    copy.unlink()
+    text = "央行宣布降准0.5个百分点，释放长期资金约1万亿元。"
+    left = tok.encode([text], truncate=True, direction="left")
+    right = tok.encode([text], truncate=True, direction="right")
+    assert set(tok._truncating) == {"right", "left"}
+    full = Tokenizer.from_file(str(tokenizer_path)).encode(text).ids
+    assert list(left.text_ids(0)[1:-1]) == full[-7:-1]  # the end kept, specials around it
+    assert list(right.text_ids(0)[1:-1]) == full[1:7]
+    assert left.truncated_tokens == right.truncated_tokens == [len(full) - 8]
