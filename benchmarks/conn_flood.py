@@ -22,6 +22,7 @@ import argparse
 import http.client
 import json
 import os
+import selectors
 import socket
 import statistics
 import threading
@@ -125,8 +126,6 @@ class Flood:
         return sock
 
     def _run(self) -> None:
-        import selectors
-
         selector = selectors.DefaultSelector()
         for slow in self.plan:
             sock = self._open(slow)

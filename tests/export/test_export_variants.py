@@ -50,17 +50,7 @@ def test_variant_is_verified_and_served(
         assert ops["SkipLayerNormalization"] == 2 * record["num_layers"], ops
 
     # The same encoder and head in fp32 (tiny-news, same seed) against the served variant.
-    server = start_server(tmp_path, default_model="news")
-    reference = start_server(model_repository, default_model="tiny-news")
-    try:
-        with BertClient(server.address) as fast, BertClient(reference.address) as exact:
-            vectors, expected = fast.encode(NEWS), exact.encode(NEWS)
-            cosine = np.sum(vectors * expected, axis=1) / (
-                np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1))
-            assert cosine.min() >= 0.99, cosine
-            assert len(fast.classify(NEWS)[0]) == 3
-    finally:
-        assert server.stop() == 0 and reference.stop() == 0
+    _served_like_fp32(tmp_path, model_repository, start_server)
     if importlib.util.find_spec("openvino") is not None:
         _served_under_auto(tmp_path, start_server, variant)
 
@@ -124,18 +114,7 @@ def test_openvino_variant_is_verified_and_served(
         assert (version / "model.bin").stat().st_size < (version / "model.onnx.data").stat(
         ).st_size / 2, "int8 weights"
 
-    server = start_server(tmp_path, default_model="news")
-    reference = start_server(model_repository, default_model="tiny-news")
-    try:
-        with BertClient(server.address) as fast, BertClient(reference.address) as exact:
-            assert fast.model_info("news").execution_provider.startswith("OpenVINO CPU")
-            vectors, expected = fast.encode(NEWS), exact.encode(NEWS)
-            cosine = np.sum(vectors * expected, axis=1) / (
-                np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1))
-            assert cosine.min() >= 0.99, cosine
-            assert len(fast.classify(NEWS)[0]) == 3
-    finally:
-        assert server.stop() == 0 and reference.stop() == 0
+    _served_like_fp32(tmp_path, model_repository, start_server, provider="OpenVINO CPU")
 
 
 def test_bf16_parity_says_why_it_was_not_measured(
@@ -152,3 +131,21 @@ def test_bf16_parity_says_why_it_was_not_measured(
     (tmp_path / "model.onnx").write_bytes(b"\x00garbage")
     record = openvino_ir.bf16_parity(None, tmp_path, None, 16)  # type: ignore[arg-type]
     assert not record["measured"] and "OpenVINO cannot compile model.onnx" in record["reason"]
+
+
+def _served_like_fp32(repository: Path, fp32_repository: Path,
+                      start_server: Callable[..., ServerProcess], provider: str = "") -> None:
+    """The variant `news` in `repository`, served, against the same encoder and head in fp32
+    (tiny-news, same seed): every vector at cosine >= 0.99, three labels ranked."""
+    server = start_server(repository, default_model="news")
+    reference = start_server(fp32_repository, default_model="tiny-news")
+    try:
+        with BertClient(server.address) as fast, BertClient(reference.address) as exact:
+            assert fast.model_info("news").execution_provider.startswith(provider)
+            vectors, expected = fast.encode(NEWS), exact.encode(NEWS)
+            cosine = np.sum(vectors * expected, axis=1) / (
+                np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1))
+            assert cosine.min() >= 0.99, cosine
+            assert len(fast.classify(NEWS)[0]) == 3
+    finally:
+        assert server.stop() == 0 and reference.stop() == 0

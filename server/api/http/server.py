@@ -104,7 +104,8 @@ class HttpServer:
         if self.context.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.context.idle.wait(), grace_s)
-        await asyncio.sleep(max(0.0, min(DRAIN_QUIET_S, deadline - loop.time())))
+        if self._server.server_state.connections:  # a keep-alive client may send again
+            await asyncio.sleep(max(0.0, min(DRAIN_QUIET_S, deadline - loop.time())))
         self._server.should_exit = True
         if self._task is not None:
             await self._task
