@@ -14,6 +14,19 @@ class TruncationDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_DIRECTION_RIGHT: _ClassVar[TruncationDirection]
     TRUNCATION_DIRECTION_LEFT: _ClassVar[TruncationDirection]
 
+class TruncationStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRUNCATION_STRATEGY_UNSPECIFIED: _ClassVar[TruncationStrategy]
+    TRUNCATION_STRATEGY_LONGEST_FIRST: _ClassVar[TruncationStrategy]
+    TRUNCATION_STRATEGY_ONLY_FIRST: _ClassVar[TruncationStrategy]
+    TRUNCATION_STRATEGY_ONLY_SECOND: _ClassVar[TruncationStrategy]
+
+class RerankMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RERANK_METHOD_UNSPECIFIED: _ClassVar[RerankMethod]
+    RERANK_METHOD_CROSS_ENCODER: _ClassVar[RerankMethod]
+    RERANK_METHOD_COSINE: _ClassVar[RerankMethod]
+
 class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     VERSION_STATE_UNKNOWN: _ClassVar[VersionState]
@@ -24,6 +37,13 @@ class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TRUNCATION_DIRECTION_UNSPECIFIED: TruncationDirection
 TRUNCATION_DIRECTION_RIGHT: TruncationDirection
 TRUNCATION_DIRECTION_LEFT: TruncationDirection
+TRUNCATION_STRATEGY_UNSPECIFIED: TruncationStrategy
+TRUNCATION_STRATEGY_LONGEST_FIRST: TruncationStrategy
+TRUNCATION_STRATEGY_ONLY_FIRST: TruncationStrategy
+TRUNCATION_STRATEGY_ONLY_SECOND: TruncationStrategy
+RERANK_METHOD_UNSPECIFIED: RerankMethod
+RERANK_METHOD_CROSS_ENCODER: RerankMethod
+RERANK_METHOD_COSINE: RerankMethod
 VERSION_STATE_UNKNOWN: VersionState
 VERSION_STATE_LOADING: VersionState
 VERSION_STATE_READY: VersionState
@@ -61,7 +81,7 @@ class TextUsage(_message.Message):
     def __init__(self, token_count: _Optional[int] = ..., truncated: _Optional[bool] = ..., truncated_tokens: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "texts", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values", "priority", "timeout_us")
+    __slots__ = ("request_id", "model", "version", "texts", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values", "priority", "timeout_us", "text_pairs", "truncation_strategy")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +94,8 @@ class EmbedRequest(_message.Message):
     RAW_VALUES_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
@@ -86,7 +108,9 @@ class EmbedRequest(_message.Message):
     raw_values: bool
     priority: int
     timeout_us: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ...) -> None: ...
+    text_pairs: _containers.RepeatedScalarFieldContainer[str]
+    truncation_strategy: TruncationStrategy
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., text_pairs: _Optional[_Iterable[str]] = ..., truncation_strategy: _Optional[_Union[TruncationStrategy, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values", "shape", "usage", "raw")
@@ -121,7 +145,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "texts", "top_k", "return_embedding", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values", "priority", "timeout_us")
+    __slots__ = ("request_id", "model", "version", "texts", "top_k", "return_embedding", "pooling", "pooling_layer", "normalize", "truncate", "truncation_direction", "raw_values", "priority", "timeout_us", "text_pairs", "truncation_strategy")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +160,8 @@ class ClassifyRequest(_message.Message):
     RAW_VALUES_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
@@ -150,7 +176,9 @@ class ClassifyRequest(_message.Message):
     raw_values: bool
     priority: int
     timeout_us: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., return_embedding: _Optional[bool] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ...) -> None: ...
+    text_pairs: _containers.RepeatedScalarFieldContainer[str]
+    truncation_strategy: TruncationStrategy
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., return_embedding: _Optional[bool] = ..., pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layer: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., raw_values: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., text_pairs: _Optional[_Iterable[str]] = ..., truncation_strategy: _Optional[_Union[TruncationStrategy, str]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "index", "probability")
@@ -189,34 +217,40 @@ class ClassifyResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
-    __slots__ = ("model", "version", "texts", "truncate", "truncation_direction", "task")
+    __slots__ = ("model", "version", "texts", "truncate", "truncation_direction", "task", "text_pairs", "truncation_strategy")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     texts: _containers.RepeatedScalarFieldContainer[str]
     truncate: bool
     truncation_direction: TruncationDirection
     task: _model_config_pb2.Task
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., task: _Optional[_Union[_model_config_pb2.Task, str]] = ...) -> None: ...
+    text_pairs: _containers.RepeatedScalarFieldContainer[str]
+    truncation_strategy: TruncationStrategy
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., truncate: _Optional[bool] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ..., task: _Optional[_Union[_model_config_pb2.Task, str]] = ..., text_pairs: _Optional[_Iterable[str]] = ..., truncation_strategy: _Optional[_Union[TruncationStrategy, str]] = ...) -> None: ...
 
 class TokenizedText(_message.Message):
-    __slots__ = ("tokens", "ids", "offset_starts", "offset_ends", "usage")
+    __slots__ = ("tokens", "ids", "offset_starts", "offset_ends", "usage", "type_ids")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_STARTS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_ENDS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TYPE_IDS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[str]
     ids: _containers.RepeatedScalarFieldContainer[int]
     offset_starts: _containers.RepeatedScalarFieldContainer[int]
     offset_ends: _containers.RepeatedScalarFieldContainer[int]
     usage: TextUsage
-    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[int]] = ..., offset_starts: _Optional[_Iterable[int]] = ..., offset_ends: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[TextUsage, _Mapping]] = ...) -> None: ...
+    type_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[int]] = ..., offset_starts: _Optional[_Iterable[int]] = ..., offset_ends: _Optional[_Iterable[int]] = ..., usage: _Optional[_Union[TextUsage, _Mapping]] = ..., type_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("model", "version", "results", "max_sequence_length")
@@ -229,6 +263,62 @@ class TokenizeResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[TokenizedText]
     max_sequence_length: int
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TokenizedText, _Mapping]]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("request_id", "model", "version", "query", "texts", "raw_scores", "return_text", "truncate", "truncation_strategy", "priority", "timeout_us", "top_n")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    version: int
+    query: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    raw_scores: bool
+    return_text: bool
+    truncate: bool
+    truncation_strategy: TruncationStrategy
+    priority: int
+    timeout_us: int
+    top_n: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., query: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., raw_scores: _Optional[bool] = ..., return_text: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_strategy: _Optional[_Union[TruncationStrategy, str]] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., top_n: _Optional[int] = ...) -> None: ...
+
+class RerankResult(_message.Message):
+    __slots__ = ("index", "score", "text", "usage")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    score: float
+    text: str
+    usage: TextUsage
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[TextUsage, _Mapping]] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("request_id", "model", "version", "results", "method", "timings")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    version: int
+    results: _containers.RepeatedCompositeFieldContainer[RerankResult]
+    method: RerankMethod
+    timings: Timings
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., method: _Optional[_Union[RerankMethod, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class ModelVersionStatus(_message.Message):
     __slots__ = ("model", "version", "state", "reason")

@@ -59,6 +59,11 @@ class BertServiceStub:
                 request_serializer=bertstream_dot_v1_dot_bertstream__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=bertstream_dot_v1_dot_bertstream__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/bertstream.v1.BertService/Rerank',
+                request_serializer=bertstream_dot_v1_dot_bertstream__pb2.RerankRequest.SerializeToString,
+                response_deserializer=bertstream_dot_v1_dot_bertstream__pb2.RerankResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/bertstream.v1.BertService/ListModels',
                 request_serializer=bertstream_dot_v1_dot_bertstream__pb2.ListModelsRequest.SerializeToString,
@@ -114,6 +119,14 @@ class BertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Texts ordered by relevance to a query: a pair model's score of (query, text), or on an
+        embedding model the cosine of their vectors (RerankResponse.method says which).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -165,6 +178,11 @@ def add_BertServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=bertstream_dot_v1_dot_bertstream__pb2.TokenizeRequest.FromString,
                     response_serializer=bertstream_dot_v1_dot_bertstream__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=bertstream_dot_v1_dot_bertstream__pb2.RerankRequest.FromString,
+                    response_serializer=bertstream_dot_v1_dot_bertstream__pb2.RerankResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -322,6 +340,33 @@ class BertService:
             '/bertstream.v1.BertService/Tokenize',
             bertstream_dot_v1_dot_bertstream__pb2.TokenizeRequest.SerializeToString,
             bertstream_dot_v1_dot_bertstream__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bertstream.v1.BertService/Rerank',
+            bertstream_dot_v1_dot_bertstream__pb2.RerankRequest.SerializeToString,
+            bertstream_dot_v1_dot_bertstream__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,

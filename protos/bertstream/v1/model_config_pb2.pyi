@@ -128,7 +128,7 @@ class ModelParameter(_message.Message):
     def __init__(self, string_value: _Optional[str] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("name", "platform", "backend", "parameters", "version_policy", "max_batch_size", "instance_group", "dynamic_batching", "task", "max_sequence_length", "embedding_dimension", "default_pooling", "pooling_layers", "default_pooling_layer", "num_layers", "embed_prefix", "classify_prefix", "num_labels")
+    __slots__ = ("name", "platform", "backend", "parameters", "version_policy", "max_batch_size", "instance_group", "dynamic_batching", "task", "max_sequence_length", "embedding_dimension", "default_pooling", "pooling_layers", "default_pooling_layer", "num_layers", "embed_prefix", "classify_prefix", "num_labels", "text_pairs")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class ModelConfig(_message.Message):
     EMBED_PREFIX_FIELD_NUMBER: _ClassVar[int]
     CLASSIFY_PREFIX_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PAIRS_FIELD_NUMBER: _ClassVar[int]
     name: str
     platform: str
     backend: str
@@ -172,4 +173,5 @@ class ModelConfig(_message.Message):
     embed_prefix: str
     classify_prefix: str
     num_labels: int
-    def __init__(self, name: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., parameters: _Optional[_Mapping[str, ModelParameter]] = ..., version_policy: _Optional[_Union[ModelVersionPolicy, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., instance_group: _Optional[_Iterable[_Union[ModelInstanceGroup, _Mapping]]] = ..., dynamic_batching: _Optional[_Union[ModelDynamicBatching, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., max_sequence_length: _Optional[int] = ..., embedding_dimension: _Optional[int] = ..., default_pooling: _Optional[_Union[Pooling, str]] = ..., pooling_layers: _Optional[_Iterable[int]] = ..., default_pooling_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., embed_prefix: _Optional[str] = ..., classify_prefix: _Optional[str] = ..., num_labels: _Optional[int] = ...) -> None: ...
+    text_pairs: bool
+    def __init__(self, name: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., parameters: _Optional[_Mapping[str, ModelParameter]] = ..., version_policy: _Optional[_Union[ModelVersionPolicy, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., instance_group: _Optional[_Iterable[_Union[ModelInstanceGroup, _Mapping]]] = ..., dynamic_batching: _Optional[_Union[ModelDynamicBatching, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., max_sequence_length: _Optional[int] = ..., embedding_dimension: _Optional[int] = ..., default_pooling: _Optional[_Union[Pooling, str]] = ..., pooling_layers: _Optional[_Iterable[int]] = ..., default_pooling_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., embed_prefix: _Optional[str] = ..., classify_prefix: _Optional[str] = ..., num_labels: _Optional[int] = ..., text_pairs: _Optional[bool] = ...) -> None: ...
