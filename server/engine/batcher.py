@@ -133,12 +133,10 @@ class Batcher:
         for room (wait=True), Overloaded when it may not (wait=False)."""
         if self._closed:
             raise ModelNotReady("this model version is unloading; retry")
-        if not self._scheduler.room(items):
+        refusal = self._scheduler.refusal(items)
+        if refusal is not None:
             if not wait:
-                level = self._scheduler.level_of(items[0])
-                raise Overloaded(
-                    f"queue full ({len(self._scheduler)} texts waiting, "
-                    f"{self._scheduler.waiting(level)} at priority level {level}); retry later")
+                raise Overloaded(f"{refusal}; retry later")
             return False
         self._enqueue(items)
         return True

@@ -262,6 +262,7 @@ def _batcher_options(config: ModelConfig) -> BatcherOptions:
         max_batch_tokens=batching.max_batch_tokens,
         max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
         max_queue_size=batching.max_queue_size,
+        max_queue_wait_s=batching.max_queue_wait_microseconds / 1e6,
         levels=levels,
         default_level=int(batching.default_priority_level),
         policies=policies,

@@ -23,6 +23,12 @@ The rules (Triton's priority levels and queue policies, plus what Triton lacks):
   One text always goes, however long.
 - **Waiting.** The first text of a batch waits up to `max_queue_delay` for others to join
   unless its level already has enough for a full batch.
+- **Admission by time.** Once the cost model is measured, a request is refused at once when
+  the work already waiting at its level and above would take longer than `max_queue_wait` to
+  run (or than the request's own queue timeout): under overload the excess is told to come
+  back (RESOURCE_EXHAUSTED / 429) instead of queueing into timeouts, and what is admitted
+  waits a bounded time. `max_queue_size` (texts) still bounds memory. Streams wait for room
+  instead of being refused, so a feed is slowed, never failed.
 - **Queue policy.** A text that waited past its request's timeout fails the request
   (REJECT: DEADLINE_EXCEEDED) or moves to the lowest level with no timeout (DELAY). Timeouts are
   checked when a batch is formed, so a request fails at most one batch late. Cancelled
@@ -65,6 +71,7 @@ class BatcherOptions:
     max_batch_tokens: int = 32 * 512
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 2048  # texts, all levels together
+    max_queue_wait_s: float = 2.0  # predicted wait past which a request is refused; 0: none
     instances: int = 1
     lookahead: int = 256  # waiting texts of one caller a batch may pick from, by length
     levels: int = 2
@@ -82,6 +89,7 @@ class BatcherOptions:
 class _Level:
     callers: dict[Hashable, deque[Text]] = field(default_factory=dict)  # ring: first's turn
     count: int = 0  # texts waiting, cancelled ones included until they are met
+    tokens: int = 0  # their tokens
     skipped: int = 0  # batches in a row that went elsewhere while this level waited
     next_deadline: float = math.inf
 
@@ -108,11 +116,16 @@ class Scheduler:
     # -- admission ----------------------------------------------------------------------
 
     def room(self, items: Sequence[WorkItem]) -> bool:
-        """Whether `items` fit the model's queue limit and their levels' limits. An empty
-        queue (or level) admits any request, however large, so none waits forever."""
+        return self.refusal(items) is None
+
+    def refusal(self, items: Sequence[WorkItem]) -> str | None:
+        """Why `items` may not queue now (None: they may). Over the model's or a level's text
+        limit, or (cost model measured) when the work waiting ahead of them would take longer
+        than `max_queue_wait` or their own queue timeout. An empty queue (or level) admits any
+        request, however large, so none waits forever."""
         count = sum(len(item.encoded) for item in items)
         if self._count and self._count + count > self.options.max_queue_size:
-            return False
+            return f"queue full ({self._count} texts waiting)"
         per_level: dict[int, int] = {}
         for item in items:
             level = self.level_of(item)
@@ -121,8 +134,38 @@ class Scheduler:
             limit = self.options.policy(level).max_queue_size
             waiting = self._levels[level - 1].count
             if limit and waiting and waiting + added > limit:
-                return False
-        return True
+                return f"queue full ({waiting} texts waiting at priority level {level})"
+        if self.cost is None:
+            return None
+        for item in items:
+            level = self.level_of(item)
+            bound = _timeout(self.options.policy(level), item.timeout_s)
+            if self.options.policy(level).delay:  # a timeout that moves texts never fails them
+                bound = 0.0
+            limits = [x for x in (self.options.max_queue_wait_s, bound) if x > 0]
+            if not limits:
+                continue
+            ahead = self.backlog_s(level)
+            if ahead > min(limits):
+                return (f"the work waiting at priority level {level} and above needs "
+                        f"~{ahead:.1f} s to run, over the {min(limits):.1f} s a text may wait")
+        return None
+
+    def backlog_s(self, level: int) -> float:
+        """Predicted seconds to run every text waiting at `level` and above, by the cost
+        model, in batches as large as `_cap` allows at their mean length, spread over the
+        version's instances. 0 before the cost model is measured."""
+        if self.cost is None:
+            return 0.0
+        seconds = 0.0
+        for number, lv in enumerate(self._levels[:level], start=1):
+            if lv.count <= 0:
+                continue
+            mean = max(1, math.ceil(lv.tokens / lv.count))
+            size = self._cap(number, mean)
+            batches = math.ceil(lv.count / size)
+            seconds += batches * self.cost.a_s + self.cost.b_s * max(lv.tokens, 0)
+        return seconds / max(1, self.options.instances)
 
     def add(self, item: WorkItem, now: float) -> None:
         """Queue all of the item's texts at its level, behind its caller's earlier texts."""
@@ -144,6 +187,7 @@ class Scheduler:
             queue = lv.callers[key] = deque()
         queue.extend(texts)
         lv.count += len(texts)
+        lv.tokens += sum(text[0] for text in texts)
         self._count += len(texts)
         lv.next_deadline = min(lv.next_deadline, texts[0][1].deadline)
 
@@ -173,7 +217,8 @@ class Scheduler:
                         moved.append(text)
                     else:
                         failed[id(item)] = item
-                self._recount(lv, len(queue) - len(kept))
+                self._recount(lv, len(queue) - len(kept),
+                              _tokens(queue) - _tokens(kept))
                 if kept:
                     lv.callers[key] = kept
                 else:
@@ -182,8 +227,9 @@ class Scheduler:
                 self._put(lowest, list(group))
         return list(failed.values())
 
-    def _recount(self, lv: _Level, removed: int) -> None:
+    def _recount(self, lv: _Level, removed: int, tokens: int) -> None:
         lv.count -= removed
+        lv.tokens -= tokens
         self._count -= removed
 
     # -- batches ------------------------------------------------------------------------
@@ -223,8 +269,7 @@ class Scheduler:
         for key in list(lv.callers):
             queue = lv.callers[key]
             while queue and queue[0][1].future.done():
-                queue.popleft()
-                self._recount(lv, 1)
+                self._recount(lv, 1, queue.popleft()[0])
             if not queue:
                 del lv.callers[key]
         return bool(lv.callers)
@@ -292,9 +337,13 @@ class Scheduler:
             head = [queue.popleft() for _ in range(min(window, len(queue)))]
             kept = [t for t in head if id(t) not in taken and not t[1].future.done()]
             queue.extendleft(reversed(kept))
-            self._recount(lv, len(head) - len(kept))
+            self._recount(lv, len(head) - len(kept), _tokens(head) - _tokens(kept))
             if not queue:
                 del lv.callers[key]
+
+
+def _tokens(texts: Iterable[Text]) -> int:
+    return sum(text[0] for text in texts)
 
 
 def _timeout(policy: LevelPolicy, requested: float) -> float:

@@ -30,6 +30,10 @@ MAX_BATCH_DURATION_US = 60_000_000
 # Defaults of the scheduler's settings (scheduler.py says what each does and why).
 DEFAULT_PRIORITY_LEVELS = 2
 DEFAULT_MAX_BATCH_DURATION_US = 50_000
+# What a unary call may be predicted to wait before it is refused (scheduler.py): long enough
+# for a burst to queue and batch well, short enough that under overload the excess hears
+# RESOURCE_EXHAUSTED at once and the queue drains within seconds of the load stopping.
+DEFAULT_MAX_QUEUE_WAIT_US = 2_000_000
 DEFAULT_MAX_SKIPPED_BATCHES = 4
 
 
@@ -101,6 +105,8 @@ def normalize(config: ModelConfig, default_name: str) -> ModelConfig:
         batching.max_batch_duration_microseconds = DEFAULT_MAX_BATCH_DURATION_US
     if batching.max_skipped_batches == 0:
         batching.max_skipped_batches = DEFAULT_MAX_SKIPPED_BATCHES
+    if batching.max_queue_wait_microseconds == 0:
+        batching.max_queue_wait_microseconds = DEFAULT_MAX_QUEUE_WAIT_US
     return out
 
 

@@ -204,6 +204,63 @@ def test_an_empty_queue_admits_any_request() -> None:
     assert scheduler.room([make(Req("big", (10,) * 50))])
 
 
+def test_admission_by_predicted_wait() -> None:
+    """With a cost model, a request is refused once the work ahead of it at its level and above
+    would run longer than max_queue_wait; a level-1 request does not count level 2's work."""
+    # 10 ms a batch + 1 ms a token; 1 text a batch at most: each 10-token text costs 20 ms.
+    scheduler, _ = queue([Req("feed", (10,) * 40, level=2, caller="F"),
+                          Req("ui", (10,) * 20, level=1, caller="U")],
+                         max_queue_wait_s=0.5, max_batch_size=1)
+    scheduler.cost = CostModel(0.010, 0.001)
+    assert scheduler.backlog_s(1) == pytest.approx(20 * 0.020)
+    assert scheduler.backlog_s(2) == pytest.approx(60 * 0.020)
+    assert scheduler.room([make(Req("ui2", (10,), level=1))])  # 0.4 s ahead
+    refusal = scheduler.refusal([make(Req("bulk", (10,), level=2))])  # 1.2 s ahead
+    assert refusal is not None and "priority level 2" in refusal and "1.2 s" in refusal
+    scheduler.add(make(Req("ui3", (10,) * 6, level=1, caller="V")), 0.0)  # 0.52 s ahead now
+    assert not scheduler.room([make(Req("ui4", (10,), level=1))])
+    while scheduler.backlog_s(1) > 0.5:  # batches drain the level: room again
+        scheduler.take()
+    assert scheduler.room([make(Req("ui4", (10,), level=1))])
+
+
+def test_a_request_s_own_timeout_refuses_it_at_once_when_the_queue_cannot_meet_it() -> None:
+    scheduler, _ = queue([Req("a", (10,) * 10, level=1, caller="A")],
+                         max_queue_wait_s=60.0, max_batch_size=1)
+    scheduler.cost = CostModel(0.010, 0.001)  # 0.2 s ahead
+    assert not scheduler.room([make(Req("hurry", (10,), level=1, timeout=0.1))])
+    assert scheduler.room([make(Req("calm", (10,), level=1, timeout=0.5))])
+    assert scheduler.room([make(Req("none", (10,), level=1))])
+
+
+def test_no_time_limit_before_the_cost_model_or_when_turned_off() -> None:
+    scheduler, _ = queue([Req("a", (100,) * 100, level=1, caller="A")], max_queue_wait_s=0.001)
+    assert scheduler.room([make(Req("b", (10,), level=1))])  # not measured yet
+    scheduler.cost = CostModel(0.010, 0.001)
+    assert not scheduler.room([make(Req("b", (10,), level=1))])
+    off, _ = queue([Req("a", (100,) * 100, level=1, caller="A")], max_queue_wait_s=0.0)
+    off.cost = CostModel(0.010, 0.001)
+    assert off.room([make(Req("b", (10,), level=1))])
+
+
+def test_waiting_tokens_follow_every_way_texts_leave() -> None:
+    """backlog_s reads a running count of tokens: batches, cancellations and timeouts must all
+    take theirs out, or the server would refuse calls forever after one burst."""
+    scheduler, items = queue([Req("a", (10, 20, 30), level=1, caller="A"),
+                              Req("b", (40,), level=1, caller="B", timeout=1.0),
+                              Req("c", (50, 60), level=1, caller="C")], max_batch_size=1)
+    scheduler.cost = CostModel(0.0, 0.001)
+    assert scheduler.backlog_s(1) == pytest.approx(0.210)
+    scheduler.take()
+    assert scheduler.backlog_s(1) == pytest.approx(0.200)
+    assert scheduler.expire(5.0) == [items["b"]]
+    assert scheduler.backlog_s(1) == pytest.approx(0.160)
+    items["c"].future.cancelled = True  # type: ignore[attr-defined]
+    while scheduler.take():
+        pass
+    assert len(scheduler) == 0 and scheduler.backlog_s(1) == 0.0
+
+
 def test_ready_in_waits_for_company_unless_the_level_can_fill_a_batch() -> None:
     scheduler, _ = queue([Req("a", (10,), caller="A", at=1.0)],
                          max_queue_delay_s=0.01, max_batch_size=2)

@@ -93,7 +93,7 @@ class ModelQueuePolicy(_message.Message):
     def __init__(self, timeout_action: _Optional[_Union[ModelQueuePolicy.TimeoutAction, str]] = ..., default_timeout_microseconds: _Optional[int] = ..., allow_timeout_override: _Optional[bool] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
 
 class ModelDynamicBatching(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_queue_delay_microseconds", "max_queue_size", "priority_levels", "default_priority_level", "default_queue_policy", "priority_queue_policy", "max_batch_duration_microseconds", "max_skipped_batches")
+    __slots__ = ("max_batch_tokens", "max_queue_delay_microseconds", "max_queue_size", "priority_levels", "default_priority_level", "default_queue_policy", "priority_queue_policy", "max_batch_duration_microseconds", "max_skipped_batches", "max_queue_wait_microseconds")
     class PriorityQueuePolicyEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class ModelDynamicBatching(_message.Message):
     PRIORITY_QUEUE_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_DURATION_MICROSECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_SKIPPED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_WAIT_MICROSECONDS_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_queue_delay_microseconds: int
     max_queue_size: int
@@ -119,7 +120,8 @@ class ModelDynamicBatching(_message.Message):
     priority_queue_policy: _containers.MessageMap[int, ModelQueuePolicy]
     max_batch_duration_microseconds: int
     max_skipped_batches: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ..., default_queue_policy: _Optional[_Union[ModelQueuePolicy, _Mapping]] = ..., priority_queue_policy: _Optional[_Mapping[int, ModelQueuePolicy]] = ..., max_batch_duration_microseconds: _Optional[int] = ..., max_skipped_batches: _Optional[int] = ...) -> None: ...
+    max_queue_wait_microseconds: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ..., default_queue_policy: _Optional[_Union[ModelQueuePolicy, _Mapping]] = ..., priority_queue_policy: _Optional[_Mapping[int, ModelQueuePolicy]] = ..., max_batch_duration_microseconds: _Optional[int] = ..., max_skipped_batches: _Optional[int] = ..., max_queue_wait_microseconds: _Optional[int] = ...) -> None: ...
 
 class ModelParameter(_message.Message):
     __slots__ = ("string_value",)
