@@ -25,6 +25,8 @@ from ..pipeline.inference import (
     ClassifyQuery,
     EmbedQuery,
     Pipeline,
+    Reranked,
+    RerankQuery,
     Result,
     Schedule,
     TextOptions,
@@ -45,6 +47,12 @@ _DIRECTIONS = {
     pb.TRUNCATION_DIRECTION_RIGHT: "right",
     pb.TRUNCATION_DIRECTION_LEFT: "left",
 }
+_STRATEGIES = {
+    pb.TRUNCATION_STRATEGY_UNSPECIFIED: "longest_first",
+    pb.TRUNCATION_STRATEGY_LONGEST_FIRST: "longest_first",
+    pb.TRUNCATION_STRATEGY_ONLY_FIRST: "only_first",
+    pb.TRUNCATION_STRATEGY_ONLY_SECOND: "only_second",
+}
 
 
 def unary(method: F) -> F:
@@ -61,11 +69,18 @@ def unary(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _text_options(request: Any) -> TextOptions:
+def _text_options(request: Any, default_strategy: int = 0) -> TextOptions:
     direction = _DIRECTIONS.get(request.truncation_direction)
     if direction is None:
         raise InvalidInput(f"unknown truncation_direction {request.truncation_direction}")
-    return TextOptions(truncate=request.truncate, direction=direction)
+    strategy = _STRATEGIES.get(request.truncation_strategy or default_strategy)
+    if strategy is None:
+        raise InvalidInput(f"unknown truncation_strategy {request.truncation_strategy}")
+    return TextOptions(truncate=request.truncate, direction=direction, strategy=strategy)
+
+
+def _pairs(request: Any) -> tuple[str, ...] | None:
+    return tuple(request.text_pairs) if request.text_pairs else None
 
 
 def _embed_query(r: pb.EmbedRequest | pb.ClassifyRequest,
@@ -74,6 +89,7 @@ def _embed_query(r: pb.EmbedRequest | pb.ClassifyRequest,
         model=r.model, version=r.version, texts=tuple(r.texts), pooling=r.pooling,
         pooling_layer=r.pooling_layer if r.HasField("pooling_layer") else None,
         normalize=r.normalize, text=_text_options(r), schedule=schedule or Schedule(),
+        pairs=_pairs(r),
     )
 
 
@@ -87,7 +103,8 @@ def caller(context: Any, stream: bool) -> Who:
                client_of(token, peer.rsplit(":", 1)[0]))
 
 
-def _schedule(r: pb.EmbedRequest | pb.ClassifyRequest, who: Who) -> Schedule:
+def _schedule(r: pb.EmbedRequest | pb.ClassifyRequest | pb.RerankRequest,
+              who: Who) -> Schedule:
     return Schedule(priority=r.priority, timeout_s=check_timeout(r.timeout_us / 1e6),
                     caller=who.turn, client=who.client)
 
@@ -105,7 +122,7 @@ def _batch_cost(cost: CostModel | None) -> pb.BatchCost | None:
         for p in cost.points])
 
 
-def _timings(result: Result) -> pb.Timings:
+def _timings(result: Result | Reranked) -> pb.Timings:
     return pb.Timings(
         tokenize_us=int(result.tokenize_s * 1e6), queue_us=int(result.queue_s * 1e6),
         inference_us=int(result.infer_s * 1e6), total_us=int(result.total_s * 1e6),
@@ -222,7 +239,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
                 model=request.model, version=request.version, texts=tuple(request.texts),
                 top_k=request.top_k, text=_text_options(request),
                 embed=_embed_query(request) if request.return_embedding else None,
-                schedule=_schedule(request, who),
+                schedule=_schedule(request, who), pairs=_pairs(request),
             )
             CLOCK.stop("validate", started)
             result = await self.pipeline.classify(query, wait=wait)
@@ -269,11 +286,12 @@ class BertServicer(pb_grpc.BertServiceServicer):
         if task not in (Task.TASK_EMBED, Task.TASK_CLASSIFY):
             raise InvalidInput(f"unknown task {request.task}")
         mv, encoded = await self.pipeline.tokenize(
-            request.model, request.version, request.texts, _text_options(request), task)
+            request.model, request.version, request.texts, _text_options(request), task,
+            _pairs(request))
         assert encoded.encodings is not None, "Pipeline.tokenize keeps the encodings"
         results = [
             pb.TokenizedText(
-                tokens=enc.tokens, ids=enc.ids,
+                tokens=enc.tokens, ids=enc.ids, type_ids=enc.type_ids,
                 offset_starts=[s for s, _ in enc.offsets],
                 offset_ends=[t for _, t in enc.offsets],
                 usage=pb.TextUsage(token_count=length, truncated=cut > 0, truncated_tokens=cut),
@@ -284,6 +302,35 @@ class BertServicer(pb_grpc.BertServiceServicer):
         assert mv.loaded is not None
         return pb.TokenizeResponse(model=mv.model, version=mv.version, results=results,
                                    max_sequence_length=mv.loaded.config.max_sequence_length)
+
+    @unary
+    async def Rerank(self, request: pb.RerankRequest, context: Any) -> pb.RerankResponse:
+        with self.metrics.request("Rerank", request.model) as record:
+            _check_version(request.version)
+            if request.top_n < 0:
+                raise InvalidInput(f"top_n must be >= 0 (0 = all), got {request.top_n}")
+            who = caller(context, stream=False)
+            query = RerankQuery(
+                model=request.model, version=request.version, query=request.query,
+                texts=tuple(request.texts), raw_scores=request.raw_scores,
+                text=_text_options(request, pb.TRUNCATION_STRATEGY_ONLY_SECOND),
+                schedule=_schedule(request, who))
+            ranked = await self.pipeline.rerank(query)
+            record.served(ranked.model, ranked.version, len(ranked.scores))
+        order = np.argsort(-ranked.scores, kind="stable")
+        if request.top_n:
+            order = order[:request.top_n]
+        response = pb.RerankResponse(
+            request_id=request.request_id, model=ranked.model, version=ranked.version,
+            method=pb.RERANK_METHOD_CROSS_ENCODER if ranked.cross_encoder
+            else pb.RERANK_METHOD_COSINE,
+            timings=_timings(ranked))
+        for index in order.tolist():
+            item = response.results.add(index=index, score=float(ranked.scores[index]))
+            if request.return_text:
+                item.text = request.texts[index]
+            _set_usage(item.usage, ranked.token_counts[index], ranked.truncated_tokens[index])
+        return response
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest,
@@ -318,6 +365,7 @@ class BertServicer(pb_grpc.BertServiceServicer):
             max_text_chars=limits.max_text_chars, platform=config.platform,
             execution_provider=mv.loaded.provider, batch_cost=_batch_cost(mv.loaded.cost),
             priority_levels=config.dynamic_batching.priority_levels,
+            text_pairs=config.text_pairs,
         )
 
     @unary

@@ -23,11 +23,12 @@ from ..errors import InvalidInput, Overloaded
 from ..repository.models import Models
 from ..repository.versions import ModelVersion
 from ..stages import CLOCK
-from ..version_format import POOLING_NAMES, PROBABILITIES, output_name, text_prefix
-from .validation import check_texts
+from ..version_format import LOGITS, POOLING_NAMES, PROBABILITIES, output_name, text_prefix
+from .validation import check_pairs, check_texts
 
-__all__ = ["INTERACTIVE_TEXTS", "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline", "Result",
-           "Schedule", "TextOptions", "Who", "check_timeout", "priority_level"]
+__all__ = ["INTERACTIVE_TEXTS", "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline",
+           "RerankQuery", "Reranked", "Result", "Schedule", "TextOptions", "Who",
+           "check_timeout", "priority_level"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Limits:
 class TextOptions:
     truncate: bool = False
     direction: str = "right"  # right keeps the start, left keeps the end
+    strategy: str = "longest_first"  # which half of a pair is cut (Hugging Face's names)
 
 
 # A unary call or HTTP request of up to this many texts is someone waiting on an answer: it
@@ -81,6 +83,7 @@ class EmbedQuery:
     normalize: bool = False
     text: TextOptions = TextOptions()
     schedule: Schedule = Schedule()
+    pairs: tuple[str, ...] | None = None  # second segments, one per text
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,36 @@ class ClassifyQuery:
     embed: EmbedQuery | None = None  # set when the caller wants the embedding too
     text: TextOptions = TextOptions()
     schedule: Schedule = Schedule()
+    pairs: tuple[str, ...] | None = None  # second segments: a pair model needs them
+
+
+@dataclass(frozen=True)
+class RerankQuery:
+    """Texts ordered by relevance to a query (TEI's /rerank)."""
+
+    model: str
+    version: int
+    query: str
+    texts: tuple[str, ...]
+    raw_scores: bool = False
+    text: TextOptions = TextOptions(strategy="only_second")
+    schedule: Schedule = Schedule()
+
+
+@dataclass
+class Reranked:
+    """Each text's score against the query, in request order, and how it was scored."""
+
+    model: str
+    version: int
+    scores: np.ndarray  # [texts]
+    cross_encoder: bool  # a pair model's score, else cosine of embeddings
+    token_counts: list[int]
+    truncated_tokens: list[int]
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+    total_s: float = 0.0
 
 
 @dataclass
@@ -104,6 +137,7 @@ class Result:
     truncated_tokens: list[int]
     vectors: np.ndarray | list[np.ndarray] | None = None  # [texts, dim]; tokens: per text
     probabilities: np.ndarray | None = None  # [texts, labels]
+    logits: np.ndarray | None = None  # [texts, labels], when asked for (rerank's raw scores)
     pooling: int = Pooling.POOLING_UNSPECIFIED
     pooling_layer: int = 0
     labels: Sequence[str] = ()
@@ -164,38 +198,89 @@ class Pipeline:
             else:
                 del self._client_texts[client]
 
+    def _check(self, texts: Sequence[str], pairs: Sequence[str] | None) -> None:
+        limits = self.limits
+        check_texts(texts, limits.max_texts_per_request, limits.max_text_chars,
+                    limits.max_request_chars)
+        if pairs is not None:
+            check_pairs(texts, pairs, limits.max_text_chars, limits.max_request_chars)
+
     async def tokenize(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
-                       task: int = Task.TASK_EMBED) -> tuple[ModelVersion, list[Encoded]]:
-        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
-                    self.limits.max_request_chars)
+                       task: int = Task.TASK_EMBED, pairs: Sequence[str] | None = None,
+                       ) -> tuple[ModelVersion, Encoded]:
+        self._check(texts, pairs)
         with self.models.lease(model, version) as mv:
             assert mv.loaded is not None
             prefix = text_prefix(mv.loaded.config, task)
             encoded = await mv.loaded.tokenizer.encode_async(
                 self._pool, [prefix + t for t in texts], text.truncate, text.direction,
-                keep_encoding=True,
+                keep_encoding=True, pairs=pairs, strategy=text.strategy,
             )
             return mv, encoded
 
     async def embed(self, query: EmbedQuery, wait: bool) -> Result:
         """Pooled (or token) vectors for each text; `wait` makes a full queue slow us down."""
         return await self._run(query.model, query.version, query.texts, query.text,
-                               Task.TASK_EMBED, query, None, wait, query.schedule)
+                               Task.TASK_EMBED, query, None, wait, query.schedule, query.pairs)
 
     async def classify(self, query: ClassifyQuery, wait: bool) -> Result:
         if query.top_k < 0:
             raise InvalidInput(f"top_k must be >= 0 (0 = all labels), got {query.top_k}")
         return await self._run(query.model, query.version, query.texts, query.text,
                                Task.TASK_CLASSIFY, query.embed, query.top_k, wait,
-                               query.schedule)
+                               query.schedule, query.pairs)
+
+    async def rerank(self, query: RerankQuery) -> Reranked:
+        """A pair model scores each (query, text) with its head: the last label's probability
+        (label 1 = match), or a one-label head's sigmoid; `raw_scores` the logit (with several
+        labels, the log-odds of the last: l_last - logsumexp(others), l1 - l0 for two). Any other
+        model ranks by the cosine of the query's and each text's embedding (the default
+        pooling), so an embedding model serves a retrieval pipeline's rerank step too."""
+        self._check(query.texts, None)
+        self._check((query.query,), None)
+        with self.models.lease(query.model, query.version) as mv:
+            assert mv.loaded is not None
+            cross = mv.loaded.config.text_pairs
+        if cross:
+            result = await self._run(
+                query.model, query.version, query.texts, query.text, Task.TASK_CLASSIFY, None,
+                0, False, query.schedule, (query.query,) * len(query.texts),
+                checked=True, logits=True, pairs_first=False)
+            assert result.logits is not None and result.probabilities is not None
+            logits, probabilities = result.logits, result.probabilities
+            if logits.shape[1] == 1:
+                scores = logits[:, 0] if query.raw_scores else 1 / (1 + np.exp(-logits[:, 0]))
+            elif query.raw_scores:  # the log-odds of "match": orders as its probability does
+                others = np.logaddexp.reduce(logits[:, :-1], axis=1)
+                scores = logits[:, -1] - others
+            else:
+                scores = probabilities[:, -1]
+            counts, cut = result.token_counts, result.truncated_tokens
+        else:
+            options = TextOptions(query.text.truncate, query.text.direction)
+            result = await self._run(
+                query.model, query.version, (query.query, *query.texts), options,
+                Task.TASK_EMBED, EmbedQuery(query.model, query.version, ()), None, False,
+                query.schedule, None, checked=True)
+            vectors = l2_normalize(result.vectors)  # type: ignore[arg-type]
+            assert isinstance(vectors, np.ndarray)
+            scores = vectors[1:] @ vectors[0]
+            counts, cut = result.token_counts[1:], result.truncated_tokens[1:]
+        return Reranked(result.model, result.version, np.asarray(scores, dtype=np.float32),
+                        bool(cross), list(counts), list(cut), result.tokenize_s,
+                        result.queue_s, result.infer_s, result.total_s)
 
     async def _run(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
                    task: int, embed: EmbedQuery | None, top_k: int | None,
-                   wait: bool, schedule: Schedule) -> Result:
+                   wait: bool, schedule: Schedule, pairs: Sequence[str] | None = None,
+                   checked: bool = False, logits: bool = False,
+                   pairs_first: bool = True) -> Result:
+        """`pairs_first=False` reads `pairs` as the first halves (rerank's query) and `texts`
+        as the second."""
         start = time.perf_counter()
         started = CLOCK.start()
-        check_texts(texts, self.limits.max_texts_per_request, self.limits.max_text_chars,
-                    self.limits.max_request_chars)
+        if not checked:
+            self._check(texts, pairs)
         with self._charged(schedule.client, len(texts)), \
                 self.models.lease(model, version) as mv:
             loaded = mv.loaded
@@ -203,19 +288,26 @@ class Pipeline:
             config = loaded.config
             if task == Task.TASK_CLASSIFY and config.task != Task.TASK_CLASSIFY:
                 raise InvalidInput(f"model {mv.model!r} has no classification head; use Embed")
+            if task == Task.TASK_CLASSIFY:
+                _check_pair_model(mv.model, config, pairs is not None)
             pooling, layer, vector_name = (0, 0, "") if embed is None else resolve_pooling(
                 config, embed.pooling, embed.pooling_layer)
             wanted = {vector_name} if vector_name else set()
             if top_k is not None:
                 wanted.add(PROBABILITIES)
+            if logits:
+                wanted.add(LOGITS)
             outputs = frozenset(wanted)
             level = priority_level(config, schedule.priority,
                                    interactive=not wait and len(texts) <= INTERACTIVE_TEXTS)
             prefix = text_prefix(config, task)
-            prefixed = [prefix + t for t in texts] if prefix else list(texts)
+            firsts, seconds = (texts, pairs) if pairs_first or pairs is None else (pairs, texts)
+            # The model's prefix goes before the first half only ("query: a", b).
+            prefixed = [prefix + t for t in firsts] if prefix else list(firsts)
             CLOCK.stop("validate", started)
             encoded = await loaded.tokenizer.encode_async(
-                self._pool, prefixed, text.truncate, text.direction)
+                self._pool, prefixed, text.truncate, text.direction,
+                pairs=seconds, strategy=text.strategy)
             tokenize_s = time.perf_counter() - start
             started = CLOCK.start()
             item = WorkItem(encoded, outputs, asyncio.get_running_loop().create_future(),
@@ -231,10 +323,21 @@ class Pipeline:
         if vectors is not None and embed is not None and embed.normalize:
             vectors = l2_normalize(vectors)
         result = Result(mv.model, mv.version, encoded.lengths, encoded.truncated_tokens,
-                        vectors, rows.get(PROBABILITIES), pooling, layer, loaded.labels,
-                        tokenize_s, item.queue_s, item.infer_s, time.perf_counter() - start)
+                        vectors, rows.get(PROBABILITIES), rows.get(LOGITS), pooling, layer,
+                        loaded.labels, tokenize_s, item.queue_s, item.infer_s,
+                        time.perf_counter() - start)
         CLOCK.stop("resolve", started)
         return result
+
+
+def _check_pair_model(model: str, config: ModelConfig, has_pairs: bool) -> None:
+    """A pair model classifies pairs only, a single-text model single texts only."""
+    if config.text_pairs and not has_pairs:
+        raise InvalidInput(f"model {model!r} classifies text pairs: send text_pairs, one "
+                           "second text for each text")
+    if has_pairs and not config.text_pairs:
+        raise InvalidInput(f"model {model!r} classifies single texts: text_pairs is only for "
+                           "pair models (its config.pbtxt would say text_pairs: true)")
 
 
 def priority_level(config: ModelConfig, priority: int, interactive: bool) -> int:

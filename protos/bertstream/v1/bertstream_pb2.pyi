@@ -265,7 +265,7 @@ class TokenizeResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[TokenizedText, _Mapping]]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "query", "texts", "raw_scores", "return_text", "truncate", "truncation_strategy", "priority", "timeout_us", "top_n")
+    __slots__ = ("request_id", "model", "version", "query", "texts", "raw_scores", "return_text", "truncate", "truncation_strategy", "priority", "timeout_us", "top_n", "truncation_direction")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,7 @@ class RerankRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
@@ -290,7 +291,8 @@ class RerankRequest(_message.Message):
     priority: int
     timeout_us: int
     top_n: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., query: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., raw_scores: _Optional[bool] = ..., return_text: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_strategy: _Optional[_Union[TruncationStrategy, str]] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., top_n: _Optional[int] = ...) -> None: ...
+    truncation_direction: TruncationDirection
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., query: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., raw_scores: _Optional[bool] = ..., return_text: _Optional[bool] = ..., truncate: _Optional[bool] = ..., truncation_strategy: _Optional[_Union[TruncationStrategy, str]] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., top_n: _Optional[int] = ..., truncation_direction: _Optional[_Union[TruncationDirection, str]] = ...) -> None: ...
 
 class RerankResult(_message.Message):
     __slots__ = ("index", "score", "text", "usage")
@@ -355,7 +357,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("model", "version", "ready_versions", "default_version", "task", "embedding_dimension", "labels", "max_sequence_length", "poolings", "default_pooling", "pooling_layers", "default_pooling_layer", "max_texts_per_request", "max_text_chars", "platform", "execution_provider", "batch_cost", "priority_levels")
+    __slots__ = ("model", "version", "ready_versions", "default_version", "task", "embedding_dimension", "labels", "max_sequence_length", "poolings", "default_pooling", "pooling_layers", "default_pooling_layer", "max_texts_per_request", "max_text_chars", "platform", "execution_provider", "batch_cost", "priority_levels", "text_pairs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -374,6 +376,7 @@ class GetModelResponse(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     BATCH_COST_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PAIRS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     ready_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -392,7 +395,8 @@ class GetModelResponse(_message.Message):
     execution_provider: str
     batch_cost: BatchCost
     priority_levels: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., ready_versions: _Optional[_Iterable[int]] = ..., default_version: _Optional[int] = ..., task: _Optional[_Union[_model_config_pb2.Task, str]] = ..., embedding_dimension: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., poolings: _Optional[_Iterable[_Union[_model_config_pb2.Pooling, str]]] = ..., default_pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layers: _Optional[_Iterable[int]] = ..., default_pooling_layer: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., platform: _Optional[str] = ..., execution_provider: _Optional[str] = ..., batch_cost: _Optional[_Union[BatchCost, _Mapping]] = ..., priority_levels: _Optional[int] = ...) -> None: ...
+    text_pairs: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., ready_versions: _Optional[_Iterable[int]] = ..., default_version: _Optional[int] = ..., task: _Optional[_Union[_model_config_pb2.Task, str]] = ..., embedding_dimension: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., poolings: _Optional[_Iterable[_Union[_model_config_pb2.Pooling, str]]] = ..., default_pooling: _Optional[_Union[_model_config_pb2.Pooling, str]] = ..., pooling_layers: _Optional[_Iterable[int]] = ..., default_pooling_layer: _Optional[int] = ..., max_texts_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., platform: _Optional[str] = ..., execution_provider: _Optional[str] = ..., batch_cost: _Optional[_Union[BatchCost, _Mapping]] = ..., priority_levels: _Optional[int] = ..., text_pairs: _Optional[bool] = ...) -> None: ...
 
 class BatchCost(_message.Message):
     __slots__ = ("fixed_us", "per_token_us", "points")
