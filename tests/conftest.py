@@ -72,6 +72,21 @@ def openvino_repository(model_repository: Path, destination: Path) -> Path:
     return destination
 
 
+TINY_PAIR = "tiny-pair"
+
+
+def pair_repository(model_repository: Path, destination: Path) -> Path:
+    """The shared tiny models plus `tiny-pair`: tiny-news's graph served as a pair model (its
+    config says text_pairs: true; the graph takes token_type_ids like every BERT graph)."""
+    for model in (TINY_EMBED, TINY_NEWS):
+        shutil.copytree(model_repository / model, destination / model)
+    shutil.copytree(model_repository / TINY_NEWS, destination / TINY_PAIR)
+    config = destination / TINY_PAIR / "config.pbtxt"
+    text = config.read_text("utf-8").replace(f'name: "{TINY_NEWS}"', f'name: "{TINY_PAIR}"')
+    config.write_text(text + "text_pairs: true\n", "utf-8")
+    return destination
+
+
 def copy_repository(repository: Path, destination: Path) -> Path:
     """A private, writable copy of the shared repository."""
     return Path(shutil.copytree(repository, destination))
@@ -94,6 +109,13 @@ def openvino_model_repository(model_repository: Path,
     """The shared repository's models on OpenVINO at f32 (see `openvino_repository`)."""
     pytest.importorskip("openvino")
     return openvino_repository(model_repository, tmp_path_factory.mktemp("openvino"))
+
+
+@pytest.fixture(scope="session")
+def pair_model_repository(model_repository: Path,
+                          tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-embed, tiny-news and tiny-pair (see `pair_repository`)."""
+    return pair_repository(model_repository, tmp_path_factory.mktemp("pairs"))
 
 
 @pytest.fixture(scope="session")

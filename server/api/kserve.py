@@ -1,8 +1,9 @@
 """The KServe v2 / Triton gRPC protocol (`inference.GRPCInferenceService`) over the same core.
 
 So tritonclient, Triton's perf_analyzer and other KServe clients can call bertstream unchanged.
-Translation only, as in servicer.py: a ModelInferRequest's BYTES tensor "TEXT" becomes an
-EmbedQuery or ClassifyQuery for the shared `Pipeline`; the result goes back as FP32 / BYTES
+Translation only, as in servicer.py: a ModelInferRequest's BYTES tensor "TEXT" (and, for
+pairs, a second BYTES tensor "TEXT_PAIR" of the same length) becomes an EmbedQuery or
+ClassifyQuery for the shared `Pipeline`; the result goes back as FP32 / BYTES
 tensors in `raw_output_contents` (what tritonclient reads by default). Failures map through
 `errors.to_status`, as for BertService; in ModelStreamInfer a failed request gets a response
 with its `error_message` and the stream goes on. The calls are module functions over these
@@ -36,6 +37,7 @@ from ..errors import (
 )
 from ..metrics import Metrics, RequestRecord
 from ..pipeline.inference import (
+    STRATEGIES,
     ClassifyQuery,
     EmbedQuery,
     Pipeline,
@@ -55,6 +57,7 @@ from .streams import ordered_stream
 
 __all__ = [
     "TEXT_INPUT",
+    "TEXT_PAIR_INPUT",
     "KServeServicer",
     "add_to_server",
     "infer",
@@ -67,6 +70,7 @@ __all__ = [
 ]
 
 TEXT_INPUT = "TEXT"
+TEXT_PAIR_INPUT = "TEXT_PAIR"  # second segments: one per TEXT element
 EMBEDDING, LABEL = "embedding", "label"  # and PROBABILITIES: the graph's own output name
 # "parameters": the request parameters below; "model_repository": index, load, unload.
 EXTENSIONS = ("model_repository", "parameters", "schedule_policy")
@@ -130,31 +134,43 @@ def pack_bytes(items: Iterable[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(item)) + item for item in items)
 
 
-def read_texts(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    """The texts of the one BYTES input, from raw_input_contents or contents.bytes_contents."""
-    if [i.name for i in request.inputs] != [TEXT_INPUT]:
-        raise InvalidInput(f"expected one input named {TEXT_INPUT!r} (BYTES, shape [N] or "
-                           f"[N, 1]), got {[i.name for i in request.inputs]}")
-    tensor = request.inputs[0]
+def read_texts(request: pb.ModelInferRequest) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """The texts of the BYTES input TEXT, and of TEXT_PAIR when the request sends pairs, from
+    raw_input_contents (one per input, in the inputs' order) or contents.bytes_contents."""
+    names = [i.name for i in request.inputs]
+    if sorted(names) not in ([TEXT_INPUT], sorted([TEXT_INPUT, TEXT_PAIR_INPUT])):
+        raise InvalidInput(f"expected an input named {TEXT_INPUT!r} (BYTES, shape [N] or "
+                           f"[N, 1]), and {TEXT_PAIR_INPUT!r} beside it for pairs; got {names}")
+    if request.raw_input_contents and len(request.raw_input_contents) != len(names):
+        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for "
+                           f"{len(names)} inputs")
+    read = {tensor.name: _read_bytes(request, i, tensor) for i, tensor in enumerate(request.inputs)}
+    texts, pairs = read[TEXT_INPUT], read.get(TEXT_PAIR_INPUT)
+    if pairs is not None and len(pairs) != len(texts):
+        raise InvalidInput(f"input {TEXT_PAIR_INPUT!r} holds {len(pairs)} elements for "
+                           f"{len(texts)} in {TEXT_INPUT!r}: one second text per text")
+    return texts, pairs
+
+
+def _read_bytes(request: pb.ModelInferRequest, index: int,
+                tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[str, ...]:
+    name = tensor.name
     if tensor.datatype != "BYTES":
-        raise InvalidInput(f"input {TEXT_INPUT!r} must have datatype BYTES (UTF-8 text), "
+        raise InvalidInput(f"input {name!r} must have datatype BYTES (UTF-8 text), "
                            f"got {tensor.datatype or 'none'}")
     shape = list(tensor.shape)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
-        raise InvalidInput(f"input {TEXT_INPUT!r} must have shape [N] or [N, 1], got {shape}")
+        raise InvalidInput(f"input {name!r} must have shape [N] or [N, 1], got {shape}")
     if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for 1 input")
-        items = unpack_bytes(request.raw_input_contents[0])
+        items = unpack_bytes(request.raw_input_contents[index])
     else:
         items = list(tensor.contents.bytes_contents)
     if len(items) != shape[0]:
-        raise InvalidInput(f"input {TEXT_INPUT!r} has shape {shape} but holds {len(items)} "
-                           "elements")
+        raise InvalidInput(f"input {name!r} has shape {shape} but holds {len(items)} elements")
     try:
         return tuple(item.decode("utf-8") for item in items)
     except UnicodeDecodeError as exc:
-        raise InvalidInput(f"input {TEXT_INPUT!r} holds bytes that are not UTF-8: {exc}") from None
+        raise InvalidInput(f"input {name!r} holds bytes that are not UTF-8: {exc}") from None
 
 
 def _param(params: Any, name: str, kind: str) -> Any:
@@ -180,14 +196,19 @@ def _count_param(params: Any, name: str) -> int:
 
 
 def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...],
-                who: Who | None = None) -> EmbedQuery:
+                who: Who | None = None, pairs: tuple[str, ...] | None = None) -> EmbedQuery:
     """Parameters bertstream understands (others are ignored, as KServe servers do):
-    truncate, truncation_direction ("right" / "left"), pooling, pooling_layer, normalize, and
+    truncate, truncation_direction ("right" / "left"), truncation_strategy for pairs
+    ("longest_first", "only_first", "only_second"), pooling, pooling_layer, normalize, and
     Triton's schedule policy: priority (1 the highest level) and timeout (microseconds)."""
     p = request.parameters
     direction = _param(p, "truncation_direction", "string") or "right"
     if direction not in ("right", "left"):
         raise InvalidInput(f"truncation_direction must be 'right' or 'left', got {direction!r}")
+    strategy = _param(p, "truncation_strategy", "string") or "longest_first"
+    if strategy not in STRATEGIES:
+        raise InvalidInput(f"truncation_strategy must be one of {list(STRATEGIES)}, "
+                           f"got {strategy!r}")
     pooling_name = _param(p, "pooling", "string")
     pooling = Pooling.POOLING_UNSPECIFIED
     if pooling_name is not None:
@@ -199,7 +220,9 @@ def embed_query(request: pb.ModelInferRequest, texts: tuple[str, ...],
         model=request.model_name, version=request_version(request.model_version), texts=texts,
         pooling=pooling, pooling_layer=_param(p, "pooling_layer", "int64"),
         normalize=bool(_param(p, "normalize", "bool")),
-        text=TextOptions(truncate=bool(_param(p, "truncate", "bool")), direction=direction),
+        text=TextOptions(truncate=bool(_param(p, "truncate", "bool")), direction=direction,
+                         strategy=strategy),
+        pairs=pairs,
         schedule=Schedule(priority=_count_param(p, "priority"),
                           timeout_s=check_timeout(_count_param(p, "timeout") / 1e6),
                           caller=who.turn if who else None,
@@ -256,7 +279,8 @@ def model_metadata(models: Models, name: str, version: str) -> pb.ModelMetadataR
     ready = [str(v) for v in models.snapshot.ready_versions(mv.model)]
     return pb.ModelMetadataResponse(
         name=mv.model, versions=ready, platform=config.platform or "onnxruntime_onnx",
-        inputs=[Tensor(TEXT_INPUT, "BYTES", (-1,)).metadata()],
+        inputs=[Tensor(name, "BYTES", (-1,)).metadata() for name in
+                ((TEXT_INPUT, TEXT_PAIR_INPUT) if config.text_pairs else (TEXT_INPUT,))],
         outputs=[t.metadata() for t in model_outputs(config, mv.loaded.labels)],
     )
 
@@ -266,14 +290,15 @@ async def infer(pipeline: Pipeline, request: pb.ModelInferRequest, wait: bool,
     """One inference request; `record` learns the model, version and texts for metrics."""
     mv = resolve(pipeline.models, request.model_name, request.model_version)
     assert mv.loaded is not None
-    texts = read_texts(request)
-    query = embed_query(request, texts, who)
+    texts, pairs = read_texts(request)
+    query = embed_query(request, texts, who, pairs)
     outputs = _requested(request, model_outputs(mv.loaded.config, mv.loaded.labels), mv.model)
     names = {t.name for t in outputs}
     if mv.loaded.config.task == Task.TASK_CLASSIFY:
         result = await pipeline.classify(ClassifyQuery(
             model=query.model, version=query.version, texts=texts, text=query.text,
-            embed=query if EMBEDDING in names else None, schedule=query.schedule), wait=wait)
+            embed=query if EMBEDDING in names else None, schedule=query.schedule,
+            pairs=pairs), wait=wait)
     else:
         result = await pipeline.embed(query, wait=wait)
     record.served(result.model, result.version, len(texts))

@@ -18,6 +18,7 @@ from bertstream.v1.model_config_pb2 import ModelConfig, Pooling, Task
 
 from ..engine.batch import Encoded
 from ..engine.batcher import WorkItem
+from ..engine.tokenizer import STRATEGIES
 from ..engine.workers import Workers
 from ..errors import InvalidInput, Overloaded
 from ..repository.models import Models
@@ -26,7 +27,7 @@ from ..stages import CLOCK
 from ..version_format import LOGITS, POOLING_NAMES, PROBABILITIES, output_name, text_prefix
 from .validation import check_pairs, check_texts
 
-__all__ = ["INTERACTIVE_TEXTS", "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline",
+__all__ = ["INTERACTIVE_TEXTS", "STRATEGIES", "ClassifyQuery", "EmbedQuery", "Limits", "Pipeline",
            "RerankQuery", "Reranked", "Result", "Schedule", "TextOptions", "Who",
            "check_timeout", "priority_level"]
 

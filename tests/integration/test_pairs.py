@@ -4,7 +4,7 @@ cosine; streams with pairs; hostile pairs refused by name."""
 
 from __future__ import annotations
 
-import shutil
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,23 +25,9 @@ LONG = "央行宣布降准，释放长期资金，股市应声大涨，沪指收
 
 
 @pytest.fixture(scope="module")
-def pair_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared tiny models plus `tiny-pair`: tiny-news's graph served as a pair model (its
-    config says text_pairs: true; the graph takes token_type_ids like every BERT graph)."""
-    repository = tmp_path_factory.mktemp("pairs")
-    for model in ("tiny-embed", "tiny-news"):
-        shutil.copytree(model_repository / model, repository / model)
-    shutil.copytree(model_repository / "tiny-news", repository / "tiny-pair")
-    config = repository / "tiny-pair" / "config.pbtxt"
-    text = config.read_text("utf-8").replace('name: "tiny-news"', 'name: "tiny-pair"')
-    config.write_text(text + "text_pairs: true\n", "utf-8")
-    return repository
-
-
-@pytest.fixture(scope="module")
-def server(pair_repository: Path,
+def server(pair_model_repository: Path,
            start_server: Callable[..., ServerProcess]) -> Iterator[ServerProcess]:
-    proc = start_server(pair_repository)
+    proc = start_server(pair_model_repository)
     yield proc
     assert proc.stop() == 0
     assert "Traceback" not in "".join(proc.lines), "".join(proc.lines)
@@ -75,8 +61,8 @@ class PairReference:
 
 
 @pytest.fixture(scope="module")
-def ref(pair_repository: Path) -> dict[str, PairReference]:
-    return {name: PairReference(pair_repository / name / "1")
+def ref(pair_model_repository: Path) -> dict[str, PairReference]:
+    return {name: PairReference(pair_model_repository / name / "1")
             for name in ("tiny-embed", "tiny-pair")}
 
 
@@ -167,8 +153,6 @@ def test_hostile_pairs_are_invalid_argument_by_name(stub: pb_grpc.BertServiceStu
         stub.Classify(request_, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() is not None
-    import re
-
     assert re.search(needle, info.value.details()), info.value.details()
 
 

@@ -7,6 +7,11 @@ normalized), as bert-as-service answers: `result` equals gRPC Embed's vectors. E
 Flask-JSON's, as bert-as-service raised them: `{"status", "description", "type"}`, with the
 taxonomy's statuses (common.HTTP_STATUS; bert-as-service answered every failure 400).
 
+A text `"a ||| b"` is the pair (a, b), split as bert-as-service split it (the last ` ||| `,
+spaces included): `[CLS] a [SEP] b [SEP]` with type ids 0 and 1, as gRPC's `text_pairs`. A
+call may mix pairs and single texts; each kind runs as one request and the answers keep the
+call's order.
+
 `is_tokenized: true` sends each text as a list of words. Each text's words are joined with
 single spaces and tokenized: for BERT's pre-tokenizer (whitespace and punctuation splits) and
 Metaspace with `prepend_scheme: always` (e5, XLM-R) that gives the ids `tokenizers` gives for
@@ -25,17 +30,27 @@ Where this differs from bert-as-service, and why:
 
 from __future__ import annotations
 
+import asyncio
+import re
 import sys
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from bertstream.v1.model_config_pb2 import Pooling
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ... import server_version
-from ...pipeline.inference import EmbedQuery, TextOptions, resolve_pooling
+from ...pipeline.inference import (
+    EmbedQuery,
+    Pipeline,
+    Result,
+    Schedule,
+    TextOptions,
+    resolve_pooling,
+)
 from .common import Dialect, HttpContext, HttpError, json_response, read_json, schedule
 
 __all__ = ["routes"]
@@ -81,6 +96,36 @@ def _texts(body: dict[str, Any], tokenized: bool) -> tuple[str, ...]:
     return tuple(joined)
 
 
+# bert-as-service's read_examples: `^(.*) \|\|\| (.*)$`, the first part greedy.
+_PAIR = re.compile(r"^(.*) \|\|\| (.*)$", re.DOTALL)
+
+
+async def _embed(pipeline: Pipeline, texts: tuple[str, ...], text: TextOptions,
+                 schedule: Schedule) -> tuple[Result, np.ndarray]:
+    """Vectors in the call's order: single texts and `a ||| b` pairs each as one request."""
+    matches = [_PAIR.match(t) for t in texts]
+    pairs = [i for i, m in enumerate(matches) if m is not None]
+    if not pairs:
+        result = await pipeline.embed(EmbedQuery("", 0, texts, text=text, schedule=schedule),
+                                      wait=False)
+        return result, np.asarray(result.vectors)
+    singles = [i for i, m in enumerate(matches) if m is None]
+    firsts = tuple(matches[i].group(1) for i in pairs)  # type: ignore[union-attr]
+    seconds = tuple(matches[i].group(2) for i in pairs)  # type: ignore[union-attr]
+    calls = [pipeline.embed(EmbedQuery("", 0, firsts, text=text, schedule=schedule,
+                                       pairs=seconds), wait=False)]
+    if singles:
+        calls.append(pipeline.embed(EmbedQuery("", 0, tuple(texts[i] for i in singles),
+                                               text=text, schedule=schedule), wait=False))
+    results = await asyncio.gather(*calls)
+    first = np.asarray(results[0].vectors)
+    vectors = np.empty((len(texts), *first.shape[1:]), first.dtype)
+    vectors[pairs] = first
+    if singles:
+        vectors[singles] = np.asarray(results[1].vectors)
+    return results[0], vectors
+
+
 def _flag(body: dict[str, Any], name: str) -> bool:
     """bert-as-service read flags with bool(): 0, 1 and null pass too."""
     value = body.get(name)
@@ -97,7 +142,7 @@ def routes(context: HttpContext) -> list[Route]:
     async def encode(request: Request) -> Response:
         """
         summary: "bert-as-service: vectors of the default model ({id, texts, is_tokenized,
-          truncate} -> {id, result, status})"
+          truncate} -> {id, result, status}); a text `a ||| b` is a pair"
         """
         body = await read_json(request, context)
         if not isinstance(body, dict) or "id" not in body:
@@ -106,15 +151,21 @@ def routes(context: HttpContext) -> list[Route]:
         counts["requests"] += 1
         counts["pending"] += 1
         try:
-            result = await context.pipeline.embed(
-                EmbedQuery("", 0, texts, text=TextOptions(truncate=_flag(body, "truncate")),
-                           schedule=schedule(request)),
-                wait=False)
+            tokenized = _flag(body, "is_tokenized")
+            text = TextOptions(truncate=_flag(body, "truncate"))
+            if tokenized:  # words, never pairs
+                result = await context.pipeline.embed(
+                    EmbedQuery("", 0, texts, text=text, schedule=schedule(request)),
+                    wait=False)
+                vectors = result.vectors
+            else:
+                result, vectors = await _embed(context.pipeline, texts, text,
+                                               schedule(request))
         finally:
             counts["pending"] -= 1
         record = request.state.record
         record.served(result.model, result.version, len(texts))
-        return json_response({"id": body["id"], "result": result.vectors, "status": 200})
+        return json_response({"id": body["id"], "result": vectors, "status": 200})
 
     @DIALECT.handler(context, "ServerStatus")
     async def server_status(request: Request) -> Response:

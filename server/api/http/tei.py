@@ -1,7 +1,8 @@
-"""Hugging Face text-embeddings-inference (TEI): `POST /embed`, `/predict`, `/tokenize`,
-`GET /info`, in TEI's request and response shapes, so TEI callers switch by changing the
-address: those that add the route to a base URL (LlamaIndex's TextEmbeddingsInference) and
-those given the route's whole URL (huggingface_hub's InferenceClient, which LangChain uses).
+"""Hugging Face text-embeddings-inference (TEI): `POST /embed`, `/predict`, `/rerank`,
+`/tokenize`, `GET /info`, `/health`, in TEI's request and response shapes, so TEI callers
+switch by changing the address: those that add the route to a base URL (LlamaIndex's
+TextEmbeddingsInference) and those given the route's whole URL (huggingface_hub's
+InferenceClient, which LangChain uses).
 
 TEI serves one model: these routes serve the server's default model (`--default-model`, else
 the first READY model by name). The same routes under `/tei/{model}/` (`/tei/tiny-news/predict`)
@@ -16,6 +17,7 @@ taxonomy's (common.HTTP_STATUS) for caller input:
 | other bad input: types, JSON, too many texts, too long, direction | 422 Validation | 400 |
 | a body over --max-receive-mb | 413 Validation | 413 |
 | /predict on a model without a classification head | 424 Backend, as TEI | 400 |
+| /rerank with empty `texts` | 400 Empty, as TEI | 400 |
 | queue full | 429 Overloaded | 429 |
 | draining, model or engine not ready | 503 Unhealthy | 503 |
 | no or unknown token, wrong scope (TEI: bare 401) | 401 / 403 Unauthorized | 401 / 403 |
@@ -30,10 +32,15 @@ Where this differs from TEI, and why:
   refused 422, as TEI does. `/tokenize` never truncates and refuses such a text too (TEI lists
   all its tokens).
 - /predict `raw_scores: true` gives log-probabilities (the logits less their log-sum-exp: the
-  same order and the same differences between labels as the logits), not the logits
-  themselves, which the pipeline does not return. A pair of texts (`["a", "b"]` or
-  `[["a", "b"]]`) is refused 422: the models here classify single texts. As in TEI, `["a"]` is
-  one text and a batch is a list of lists: `[["a"], ["b"]]`.
+  same order and the same differences between labels as the logits). As in TEI, `["a"]` is
+  one text, `["a", "b"]` a pair, and a batch is a list of lists: `[["a"], ["b"]]` or
+  `[["a", "b"], ["c", "d"]]`. A pair model (config.pbtxt `text_pairs: true`) takes pairs only
+  and a single-text model single texts only (422 naming the model).
+- /rerank on a pair model scores each (query, text) with its head, as TEI's cross-encoders do
+  (`raw_scores`: the logit, or a multi-label head's log-odds of its last label); on any other
+  model, where TEI answers 424, it ranks by the cosine of the query's and each text's
+  embedding, so an embedding model serves a retrieval pipeline's rerank step. /info says
+  which (`rerank`: "cross-encoder" or "cosine"). Pairs are cut `only_second` when `truncate`.
 - /tokenize `start`/`stop` are UTF-8 byte offsets, as TEI's are (Rust strings), into the text
   with the prefix of the model's task; special tokens have none.
 - /info: `model_dtype` is float32 (what the graph outputs), `max_concurrent_requests` the
@@ -56,7 +63,13 @@ from tokenizers import Encoding
 
 from ... import server_version
 from ...errors import BertstreamError, EngineUnavailable
-from ...pipeline.inference import ClassifyQuery, EmbedQuery, TextOptions, l2_normalize
+from ...pipeline.inference import (
+    ClassifyQuery,
+    EmbedQuery,
+    RerankQuery,
+    TextOptions,
+    l2_normalize,
+)
 from ...version_format import POOLING_NAMES, text_prefix
 from .common import (
     Dialect,
@@ -91,8 +104,8 @@ DIALECT = Dialect("tei", _error)
 class _Empty(HttpError):
     """TEI's one 400: nothing to embed."""
 
-    def __init__(self) -> None:
-        super().__init__(400, "`inputs` cannot be empty")
+    def __init__(self, message: str = "`inputs` cannot be empty") -> None:
+        super().__init__(400, message)
 
 
 def _invalid(message: str) -> HttpError:
@@ -145,13 +158,13 @@ def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def _text_options(body: dict[str, Any]) -> TextOptions:
+def _text_options(body: dict[str, Any], strategy: str = "longest_first") -> TextOptions:
     direction = body.get("truncation_direction")
     if direction is not None and (not isinstance(direction, str)
                                   or direction not in _DIRECTIONS):
         raise _invalid(f"`truncation_direction` must be 'Right' or 'Left', got {direction!r}")
     return TextOptions(truncate=_flag(body, "truncate", False),
-                       direction=_DIRECTIONS[direction or "right"])
+                       direction=_DIRECTIONS[direction or "right"], strategy=strategy)
 
 
 def _no_prompt(body: dict[str, Any]) -> None:
@@ -179,37 +192,34 @@ def _texts(inputs: Any) -> tuple[str, ...]:
     raise _invalid("`inputs` must be a string or a list of strings")
 
 
-def _pair() -> HttpError:
-    return _invalid("`inputs` holds a pair of texts ([\"a\", \"b\"]); this server classifies "
-                    "single texts: send \"a\", or a batch [[\"a\"], [\"b\"]]")
-
-
-def _predict_texts(inputs: Any) -> tuple[tuple[str, ...], bool]:
-    """/predict's `inputs` as TEI reads them, and whether they are a batch: "a" and ["a"] are
-    one text, ["a", "b"] a pair, [["a"], ["b"]] a batch."""
+def _predict_texts(inputs: Any) -> tuple[tuple[str, ...], tuple[str, ...] | None, bool]:
+    """/predict's `inputs` as TEI reads them: (texts, second texts of pairs or None, whether a
+    batch). "a" and ["a"] are one text, ["a", "b"] a pair, [["a"], ["b"]] a batch of texts,
+    [["a", "b"], ["c", "d"]] a batch of pairs."""
     if isinstance(inputs, str):
-        texts, batch = [inputs], False
+        rows, batch = [[inputs]], False
     elif inputs == []:
         raise _Empty()
     elif isinstance(inputs, list) and all(isinstance(t, str) for t in inputs):
-        if len(inputs) == 2:
-            raise _pair()
-        if len(inputs) != 1:
+        if len(inputs) > 2:
             raise _invalid(f"`inputs` of {len(inputs)} strings: one text is \"a\" or [\"a\"], "
-                           "a batch is a list of one-text lists [[\"a\"], [\"b\"]]")
-        texts, batch = inputs, False
+                           "a pair [\"a\", \"b\"], a batch a list of those [[\"a\"], [\"b\"]]")
+        rows, batch = [inputs], False
     elif isinstance(inputs, list) and all(isinstance(s, list) for s in inputs):
-        if any(len(s) == 2 for s in inputs):
-            raise _pair()
-        if not all(len(s) == 1 and isinstance(s[0], str) for s in inputs):
-            raise _invalid("a batch is a list of one-text lists: [[\"a\"], [\"b\"]]")
-        texts, batch = [s[0] for s in inputs], True
+        if not all(len(s) in (1, 2) and all(isinstance(t, str) for t in s) for s in inputs):
+            raise _invalid("a batch is a list of one-text or two-text lists: [[\"a\"], [\"b\"]] "
+                           "or [[\"a\", \"b\"], [\"c\", \"d\"]]")
+        rows, batch = inputs, True
     else:
-        raise _invalid("`inputs` must be a string, or a batch of one-text lists "
+        raise _invalid("`inputs` must be a string, a pair [\"a\", \"b\"], or a batch of them "
                        "[[\"a\"], [\"b\"]]")
-    if not all(texts):
+    sizes = {len(row) for row in rows}
+    if len(sizes) > 1:
+        raise _invalid("a batch mixes single texts and pairs: send one kind per request")
+    if not all(all(row) for row in rows):
         raise _Empty()
-    return tuple(texts), batch
+    texts = tuple(row[0] for row in rows)
+    return texts, (tuple(row[1] for row in rows) if sizes == {2} else None), batch
 
 
 def _predictions(row: np.ndarray, labels: list[str]) -> list[dict[str, Any]]:
@@ -287,7 +297,7 @@ def routes(context: HttpContext) -> list[Route]:
           [["a"], ["b"]]: a list of lists; raw_scores, truncate)'
         """
         body = _object(await read_json(request, context))
-        texts, batch = _predict_texts(body.get("inputs"))
+        texts, pairs, batch = _predict_texts(body.get("inputs"))
         raw = _flag(body, "raw_scores", False)
         mv = context.models.resolve(_model(request), 0)
         assert mv.loaded is not None
@@ -296,7 +306,7 @@ def routes(context: HttpContext) -> list[Route]:
                             "needs a classification model")
         result = await context.pipeline.classify(
             ClassifyQuery(mv.model, 0, texts, text=_text_options(body),
-                          schedule=schedule(request)), wait=False)
+                          schedule=schedule(request), pairs=pairs), wait=False)
         record = request.state.record
         record.served(result.model, result.version, len(texts))
         scores = result.probabilities
@@ -305,6 +315,34 @@ def routes(context: HttpContext) -> list[Route]:
             scores = np.log(np.maximum(scores, np.finfo(np.float32).tiny))
         answers = [_predictions(row, list(result.labels)) for row in scores]
         return json_response(answers if batch else answers[0])
+
+    @_handler(context, "Rerank")
+    async def rerank(request: Request) -> Response:
+        """
+        summary: "TEI: texts ranked against a query, best first, each with its index and
+          score (query, texts, raw_scores, return_text, truncate, truncation_direction); a
+          pair model's head, else the cosine of embeddings (/info `rerank`)"
+        """
+        body = _object(await read_json(request, context))
+        query, texts = body.get("query"), body.get("texts")
+        if not isinstance(query, str):
+            raise _invalid("`query` must be a string")
+        if texts == []:
+            raise _Empty("`texts` cannot be empty")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise _invalid("`texts` must be a list of strings")
+        if not query or not all(texts):
+            raise _Empty("`query` and every text must be non-empty")
+        return_text = _flag(body, "return_text", False)
+        ranked = await context.pipeline.rerank(RerankQuery(
+            _model(request), 0, query, tuple(texts), _flag(body, "raw_scores", False),
+            _text_options(body, "only_second"), schedule(request)))
+        request.state.record.served(ranked.model, ranked.version, len(texts))
+        order = np.argsort(-ranked.scores, kind="stable").tolist()
+        scores = ranked.scores.tolist()
+        return json_response([
+            {"index": i, "score": scores[i], **({"text": texts[i]} if return_text else {})}
+            for i in order])
 
     @_handler(context, "Tokenize")
     async def tokenize(request: Request) -> Response:
@@ -350,6 +388,7 @@ def routes(context: HttpContext) -> list[Route]:
         return Response(status_code=200)
 
     endpoints = [("/embed", embed, "POST"), ("/predict", predict, "POST"),
+                 ("/rerank", rerank, "POST"),
                  ("/tokenize", tokenize, "POST"), ("/info", info, "GET"),
                  ("/health", health, "GET")]
     return [Route(prefix + path, endpoint, methods=[method])
@@ -359,7 +398,8 @@ def routes(context: HttpContext) -> list[Route]:
 def _info(context: HttpContext, model: str, config: Any, labels: list[str]) -> dict[str, Any]:
     """TEI's Info from the model's config.pbtxt and the server's limits."""
     if config.task == Task.TASK_CLASSIFY:
-        model_type: dict[str, Any] = {"classifier": {
+        kind = "reranker" if config.text_pairs else "classifier"
+        model_type: dict[str, Any] = {kind: {
             "id2label": {str(i): label for i, label in enumerate(labels)},
             "label2id": {label: i for i, label in enumerate(labels)}}}
     else:
@@ -376,5 +416,8 @@ def _info(context: HttpContext, model: str, config: Any, labels: list[str]) -> d
         "max_client_batch_size": context.pipeline.limits.max_texts_per_request,
         "auto_truncate": False, "tokenization_workers": None,
         "version": server_version(), "sha": None, "docker_label": None,
+        # bertstream's own: what /rerank ranks by, and whether /predict takes pairs
+        "rerank": "cross-encoder" if config.text_pairs else "cosine",
+        "text_pairs": bool(config.text_pairs),
     }
 
