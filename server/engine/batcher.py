@@ -216,6 +216,10 @@ class Batcher:
         start = time.perf_counter()
         try:  # padding, compute and scatter run on the worker: the loop sets futures only
             answered = await self._workers.run(self._compute, texts, start)
+            cost = self._scheduler.cost
+            if cost is not None:
+                padded = len(texts) * max(length for length, _, _ in texts)
+                self._scheduler.observe(cost.seconds(padded), time.perf_counter() - start)
         except Exception as exc:
             if len(texts) == 1:
                 _fail(texts[0][1], exc)

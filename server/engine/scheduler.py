@@ -100,6 +100,7 @@ class Scheduler:
     def __init__(self, options: BatcherOptions, cost: CostModel | None = None) -> None:
         self.options = options
         self.cost = cost  # set once the version's warm-up measured it
+        self.slowdown = 1.0  # recent batches' real time over the cost model's (`observe`)
         self._levels = [_Level() for _ in range(max(1, options.levels))]
         self._count = 0
 
@@ -145,27 +146,46 @@ class Scheduler:
             limits = [x for x in (self.options.max_queue_wait_s, bound) if x > 0]
             if not limits:
                 continue
-            ahead = self.backlog_s(level)
+            ahead = self.backlog_s(level, _key(item), len(item.encoded))
             if ahead > min(limits):
-                return (f"the work waiting at priority level {level} and above needs "
-                        f"~{ahead:.1f} s to run, over the {min(limits):.1f} s a text may wait")
+                return (f"the texts that would run before this request's at priority level "
+                        f"{level} need ~{ahead:.1f} s, over the {min(limits):.1f} s a text may "
+                        "wait")
         return None
 
-    def backlog_s(self, level: int) -> float:
-        """Predicted seconds to run every text waiting at `level` and above, by the cost
-        model, in batches as large as `_cap` allows at their mean length, spread over the
-        version's instances. 0 before the cost model is measured."""
+    def backlog_s(self, level: int, caller: Hashable = None, adding: int = 0) -> float:
+        """Predicted seconds before the last of `adding` new texts of `caller` at `level`
+        starts: every text waiting at the levels above, and at its own level what fair turns
+        run first: its caller's queue, and up to as many texts of each other caller (its
+        own new texts aside). By the cost model, in batches as large as `_cap` allows at the
+        level's mean length, scaled by how much slower than predicted recent batches ran
+        (`observe`), spread over the version's instances. 0 before the cost model exists."""
         if self.cost is None:
             return 0.0
         seconds = 0.0
         for number, lv in enumerate(self._levels[:level], start=1):
             if lv.count <= 0:
                 continue
+            texts = lv.count
+            if number == level and caller is not None and adding:
+                mine = len(lv.callers.get(caller, ()))
+                turns = mine + adding
+                texts = mine + sum(min(len(queue), turns) for key, queue in lv.callers.items()
+                                   if key != caller)
             mean = max(1, math.ceil(lv.tokens / lv.count))
             size = self._cap(number, mean)
-            batches = math.ceil(lv.count / size)
-            seconds += batches * self.cost.a_s + self.cost.b_s * max(lv.tokens, 0)
-        return seconds / max(1, self.options.instances)
+            seconds += math.ceil(texts / size) * self.cost.a_s + self.cost.b_s * mean * texts
+        return seconds * self.slowdown / max(1, self.options.instances)
+
+    def observe(self, predicted_s: float, took_s: float) -> None:
+        """A batch the cost model priced at `predicted_s` took `took_s` from start to answer
+        (padding, the run, the worker's hand-back): a moving ratio of the two corrects the
+        wait predictions for what warm-up could not see (threads and callers competing for the
+        cores under load)."""
+        if predicted_s <= 0 or took_s <= 0:
+            return
+        ratio = min(max(took_s / predicted_s, 0.5), 20.0)
+        self.slowdown += 0.1 * (ratio - self.slowdown)
 
     def add(self, item: WorkItem, now: float) -> None:
         """Queue all of the item's texts at its level, behind its caller's earlier texts."""
@@ -180,8 +200,7 @@ class Scheduler:
         if not texts:
             return
         lv = self._levels[level - 1]
-        caller = texts[0][1].caller
-        key: Hashable = caller if caller is not None else id(texts[0][1])
+        key = _key(texts[0][1])
         queue = lv.callers.get(key)
         if queue is None:
             queue = lv.callers[key] = deque()
@@ -340,6 +359,11 @@ class Scheduler:
             self._recount(lv, len(head) - len(kept), _tokens(head) - _tokens(kept))
             if not queue:
                 del lv.callers[key]
+
+
+def _key(item: WorkItem) -> Hashable:
+    """The caller whose turn an item's texts take: its stream or connection, else itself."""
+    return item.caller if item.caller is not None else id(item)
 
 
 def _tokens(texts: Iterable[Text]) -> int:
