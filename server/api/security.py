@@ -1,6 +1,6 @@
 """Who may call: TLS / mutual TLS credentials for the port, and bearer tokens with two scopes.
 
-Scopes: `inference` (Embed, Classify, Tokenize, the model listings, KServe inference and
+Scopes: `inference` (Embed, Classify, Rerank, Tokenize, the model listings, KServe inference and
 metadata) and `admin` (everything inference may, plus LoadModel / UnloadModel and the KServe
 repository rpcs). Health, KServe's liveness / readiness rpcs and reflection stay open, so
 probes and grpcurl work without a token.

@@ -115,6 +115,49 @@ def test_paraphrase_is_nearest_neighbour(starter_server: ServerProcess) -> None:
     assert rate >= 0.9, f"{rate:.2%} of texts found their paraphrase; misses: {misses}"
 
 
+def test_pairs_use_xlm_r_s_template(starter_version: Path) -> None:
+    """e5 (XLM-R's tokenizer) pairs as `<s> a </s></s> b </s>`, every type id 0, as
+    transformers' tokenizer pairs them; the cut of a truncated pair is counted."""
+    from bertstream.server.engine.tokenizer import TextTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path = starter_version / "tokenizer.json"
+    tokenizer = TextTokenizer(path, 32)
+    a, b = "今天股市大涨", "沪指收复三千点，成交量放大"
+    encoded = tokenizer.encode([a], False, keep_encoding=True, pairs=[b])
+    assert encoded.encodings is not None
+    tokens = encoded.encodings[0].tokens
+    assert tokens[0] == "<s>" and tokens[-1] == "</s>"
+    assert tokens.count("</s>") == 3 and "</s></s>" in "".join(tokens)
+    assert encoded.type_ids is None  # all 0: no array at all
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    assert encoded.ids.tolist() == reference(a, b)["input_ids"]
+    long = b * 8
+    cut = tokenizer.encode([a], True, pairs=[long], strategy="only_second")
+    full = len(reference(a, long)["input_ids"])
+    assert cut.lengths == [32] and cut.truncated_tokens == [full - 32]
+    assert cut.ids.tolist() == reference(a, long, truncation="only_second", max_length=32)[
+        "input_ids"]
+
+
+def test_rerank_finds_the_paraphrase(starter_server: ServerProcess) -> None:
+    """The starter embedding model answers Rerank by cosine: each text's paraphrase comes
+    first among 20 candidates for most texts, as nearest-neighbour search finds it."""
+    import grpc
+    from bertstream.v1 import bertstream_pb2 as pb
+    from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
+
+    pairs = _paraphrase_pairs()[:20]
+    candidates = [b for _, b in pairs]
+    with grpc.insecure_channel(starter_server.address) as channel:
+        stub = pb_grpc.BertServiceStub(channel)
+        firsts = [stub.Rerank(pb.RerankRequest(query=a, texts=candidates), timeout=60)
+                  for a, _ in pairs]
+    assert all(r.method == pb.RERANK_METHOD_COSINE for r in firsts)
+    hits = [r.results[0].index == i for i, r in enumerate(firsts)]
+    assert np.mean(hits) >= 0.85, hits
+
+
 def test_probe_on_a_sample_then_served_as_a_classifier(
     starter_version: Path,
     tmp_path: Path,
