@@ -102,3 +102,31 @@ def test_a_silent_connection_is_dropped_after_the_handshake_timeout(
         waited = time.monotonic() - started
     assert waited < 20, f"a connection that never sent the preface lived {waited:.0f} s"
     _embed(strict.address)
+
+
+def test_a_stream_and_the_client_s_calls_go_on_across_connection_ageing(
+        model_repository: Path, start_server: Callable[..., ServerProcess]) -> None:
+    """With the default grace (none: calls in flight finish on the old connection), a stream
+    that outlives several `--grpc-max-connection-age` periods answers every item once and in
+    order, and the same BertClient's unary calls after each GOAWAY go out on a new connection
+    without an error reaching the caller."""
+    from bertstream.client import BertClient
+
+    server = start_server(model_repository, "--grpc-max-connection-age", "1",
+                          "--fake-device", "custom,a_ms=20,b_us=0")
+    texts = [f"第{i}条新闻：央行宣布降准" for i in range(600)]
+    started = time.perf_counter()
+    with BertClient(server.address) as client:
+        results = list(client.encode_stream(texts, window=8))
+        streamed_s = time.perf_counter() - started
+        calls = []
+        for _ in range(6):  # spread over several ages
+            call_started = time.perf_counter()
+            assert client.encode("央行宣布降准").shape == (1, 64)
+            calls.append(time.perf_counter() - call_started)
+            time.sleep(0.5)
+    assert streamed_s > 3, "the stream ended before its connection aged; slow the device"
+    assert [r.index for r in results] == list(range(len(texts)))
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    assert max(calls) < 5, calls
+    assert server.stop() == 0
