@@ -86,6 +86,13 @@ test-fast: install lint-imports
 lint-imports: install
 	PYTHONPATH=. $(VENV)/bin/lint-imports --no-cache --no-logo
 
+# The speed pictures in docs/img/ (speed-*.png), drawn by matplotlib from the latest results
+# of each benchmark in benchmarks/results/ (sweep.py, engines.py, precision.py, bench-peers,
+# bench.py); a kind never run is skipped with its reason. Seconds; runs no benchmark.
+.PHONY: report
+report: install
+	$(PY) benchmarks/report.py
+
 # 200,000 mixed requests against one server: memory, threads, open files and p99 must stay
 # flat (benchmarks/soak.py; tens of minutes on 2 cores, so not part of `make test`).
 soak: install
