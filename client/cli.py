@@ -1,5 +1,11 @@
-"""`bertstream-client embed|classify|tokenize|models|load|unload`: one call, JSON on stdout;
-or, with `--input FILE.jsonl --output FILE.jsonl`, a whole file streamed exactly once (feed.py).
+"""`bertstream-client embed|classify|tokenize|rerank|models|load|unload`: one call, JSON on
+stdout; or, with `--input FILE.jsonl --output FILE.jsonl`, a whole file streamed exactly once
+(feed.py).
+
+Texts are the arguments, or with `-` the lines of stdin (blank lines skipped). With `--pair`
+(embed, classify, tokenize) each text is a pair: its two halves split at the first TAB (a
+two-column TSV line, as LCQMC and XNLI ship), or else at `|||` (bert-as-service's
+`a ||| b`). `rerank --query Q TEXT...` orders the texts by relevance to Q.
 
 `--server` takes one address, a DNS name whose records are the replicas, or several
 comma-separated addresses: calls are then spread by gRPC's round_robin (channels.py)."""
@@ -18,7 +24,7 @@ from typing import Any
 from .channels import TlsFiles, split_servers
 from .client import BertClient
 from .feed import FeedError, FeedOptions, run_feed
-from .messages import MAX_PRIORITY, MAX_TIMEOUT_US, POOLINGS, ClientError
+from .messages import MAX_PRIORITY, MAX_TIMEOUT_US, POOLINGS, STRATEGIES, ClientError
 
 __all__ = ["main"]
 
@@ -64,8 +70,9 @@ def _whole(top: int) -> Any:
     return parse
 
 
-def _add_schedule(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("priority (embed and classify)")
+def _add_schedule(parser: argparse.ArgumentParser,
+                  title: str = "priority (embed and classify)") -> None:
+    group = parser.add_argument_group(title)
     group.add_argument("--priority", type=_whole(MAX_PRIORITY), default=0, metavar="N",
                        help="queue level, 1 the highest (the model has priority_levels of "
                        "them, 2 by default). 0 (default): the server decides: level 1 for a "
@@ -84,9 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_common(common, suppress=True)
     texts = argparse.ArgumentParser(add_help=False)
-    texts.add_argument("texts", nargs="*", help="texts to send")
+    texts.add_argument("texts", nargs="*", help="texts to send; - reads them from stdin, one "
+                       "per line")
     texts.add_argument("--truncate", action="store_true",
                        help="cut texts over the model's limit instead of refusing them")
+    texts.add_argument("--pair", action="store_true",
+                       help="each text is a pair, its halves split at the first TAB, or else "
+                       "at ||| (bert-as-service's 'a ||| b'); a pair model's classify needs "
+                       "them")
+    _add_strategy(texts)
     feed = argparse.ArgumentParser(add_help=False)
     group = feed.add_argument_group("bulk feed (embed and classify)")
     group.add_argument("--input", type=Path, help="JSONL file, one {id, text} object per line")
@@ -107,9 +120,16 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--pooling", choices=[k for k in POOLINGS if k])
     embed.add_argument("--pooling-layer", type=int, help="1..num_layers, or -1 for the last")
     embed.add_argument("--normalize", action="store_true")
-    classify = sub.add_parser("classify", parents=[common, texts, feed], help="ranked labels")
+    classify = sub.add_parser(
+        "classify", parents=[common, texts, feed], help="ranked labels",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ranked labels for each text. A pair model (sentence matching, NLI) "
+        "classifies pairs:\n  bertstream-client classify --pair '今天股市大涨 ||| "
+        "沪指收复三千点'\n  printf '今天股市大涨\\t沪指收复三千点\\n' | bertstream-client "
+        "classify --pair -")
     classify.add_argument("--top-k", type=int, default=0, help="0: all labels")
     sub.add_parser("tokenize", parents=[common, texts], help="the tokens the model sees")
+    _add_rerank(sub, common)
     sub.add_parser("models", parents=[common], help="every model and version with its state")
     load = sub.add_parser("load", parents=[common],
                           help="explicit mode: (re)load a model from the repository")
@@ -117,6 +137,61 @@ def _parser() -> argparse.ArgumentParser:
     unload = sub.add_parser("unload", parents=[common], help="explicit mode: stop serving a model")
     unload.add_argument("name", help="model name")
     return p
+
+
+def _add_strategy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--truncation-strategy", choices=[k for k in STRATEGIES if k],
+                        help="with --truncate, which half of a pair is cut (default: "
+                        "longest_first; rerank: only_second, keeping the query whole)")
+
+
+def _add_rerank(sub: Any, common: argparse.ArgumentParser) -> None:
+    rerank = sub.add_parser(
+        "rerank", parents=[common], help="texts ordered by relevance to a query",
+        description="Texts ordered by relevance to --query, best first: a pair model's score "
+        "of (query, text) (method cross_encoder), or on an embedding model the cosine of "
+        "their vectors (method cosine). Prints {model, version, method, results: [{index, "
+        "score, text}]}, index being the text's position in the input.")
+    rerank.add_argument("texts", nargs="*",
+                        help="candidate texts; - reads them from stdin, one per line")
+    rerank.add_argument("--query", required=True, help="what the texts are ranked against")
+    rerank.add_argument("--top-n", type=_whole(2**31 - 1), default=0, metavar="N",
+                        help="keep the best N (0, default: all)")
+    rerank.add_argument("--raw-scores", action="store_true",
+                        help="pair models: the logit (log-odds of a match), not a probability")
+    rerank.add_argument("--truncate", action="store_true",
+                        help="cut pairs over the model's limit instead of refusing them")
+    _add_strategy(rerank)
+    _add_schedule(rerank, "priority")
+
+
+def split_pair(text: str) -> tuple[str, str]:
+    """The two halves of a `--pair` text: split at the first TAB, or else at `|||` with the
+    spaces beside it (bert-as-service's `a ||| b`); ValueError when it has neither."""
+    if "\t" in text:
+        first, second = text.split("\t", 1)
+        return first, second
+    if "|||" in text:
+        first, second = text.split("|||", 1)
+        return first.rstrip(" "), second.lstrip(" ")
+    raise ValueError(f"--pair: {text!r} has no TAB or ||| between its two halves")
+
+
+def _read_texts(args: argparse.Namespace) -> None:
+    """`-` as the texts: stdin's lines, blank ones skipped."""
+    if args.texts == ["-"]:
+        args.texts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+
+
+def _pairs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    if not getattr(args, "pair", False):
+        return args.texts, None
+    halves = [split_pair(text) for text in args.texts]
+    return [a for a, _ in halves], [b for _, b in halves]
+
+
+def _labelled(text: str, pair: str | None, **fields: Any) -> dict[str, Any]:
+    return {"text": text, **({} if pair is None else {"text_pair": pair}), **fields}
 
 
 def _run(args: argparse.Namespace, bc: BertClient) -> Any:
@@ -128,18 +203,29 @@ def _run(args: argparse.Namespace, bc: BertClient) -> Any:
     if args.command == "unload":
         bc.unload_model(args.name)
         return {"unloaded": args.name}
-    kw: dict[str, Any] = {"version": args.version, "truncate": args.truncate}
+    kw: dict[str, Any] = {"version": args.version, "truncate": args.truncate,
+                          "truncation_strategy": args.truncation_strategy}
+    if args.command == "rerank":
+        ranking = bc.rerank(args.query, args.texts, top_n=args.top_n,
+                            raw_scores=args.raw_scores, **_schedule(args), **kw)
+        return {"model": ranking.model, "version": ranking.version, "method": ranking.method,
+                "results": [{"index": r.index, "score": r.score, "text": args.texts[r.index]}
+                            for r in ranking]}
+    texts, pairs = _pairs(args)
+    if pairs is not None:
+        kw["pairs"] = pairs
+    seconds = pairs or [None] * len(texts)
     if args.command == "embed":
-        vectors = bc.encode(args.texts, pooling=args.pooling, pooling_layer=args.pooling_layer,
+        vectors = bc.encode(texts, pooling=args.pooling, pooling_layer=args.pooling_layer,
                             normalize=args.normalize, **_schedule(args), **kw)
-        return [{"text": t, "embedding": v.tolist()}
-                for t, v in zip(args.texts, vectors, strict=True)]
+        return [_labelled(t, p, embedding=v.tolist())
+                for t, p, v in zip(texts, seconds, vectors, strict=True)]
     if args.command == "classify":
-        ranked = bc.classify(args.texts, top_k=args.top_k, **_schedule(args), **kw)
-        return [{"text": t, "labels": [asdict(label) for label in labels]}
-                for t, labels in zip(args.texts, ranked, strict=True)]
-    return [{"text": t, **asdict(tok)}
-            for t, tok in zip(args.texts, bc.tokenize(args.texts, **kw), strict=True)]
+        ranked = bc.classify(texts, top_k=args.top_k, **_schedule(args), **kw)
+        return [_labelled(t, p, labels=[asdict(label) for label in labels])
+                for t, p, labels in zip(texts, seconds, ranked, strict=True)]
+    return [_labelled(t, p, **asdict(tok))
+            for t, p, tok in zip(texts, seconds, bc.tokenize(texts, **kw), strict=True)]
 
 
 def _schedule(args: argparse.Namespace) -> dict[str, int]:
@@ -177,10 +263,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     feeding = getattr(args, "input", None) is not None
     if feeding and (args.texts or args.output is None):
         parser.error("--input needs --output and no texts on the command line")
+    if feeding and args.pair:
+        parser.error("--pair: a bulk --input feed sends single texts")
     if not feeding and getattr(args, "output", None) is not None:
         parser.error("--output needs --input")
-    if not feeding and args.command in ("embed", "classify", "tokenize") and not args.texts:
-        parser.error(f"{args.command}: give texts, or --input and --output")
+    if hasattr(args, "texts"):
+        _read_texts(args)
+    if not feeding and args.command in ("embed", "classify", "tokenize", "rerank") \
+            and not args.texts:
+        parser.error(f"{args.command}: give texts, - to read them from stdin"
+                     + ("" if args.command in ("tokenize", "rerank") else
+                        ", or --input and --output"))
+    try:
+        if hasattr(args, "texts"):
+            _pairs(args)  # a --pair text without its two halves is a usage error, before a call
+    except ValueError as err:
+        parser.error(str(err))
     if feeding:
         try:
             result: Any = _feed(args)

@@ -12,6 +12,10 @@ built into messages by messages.py for both clients: among them `priority` (the 
 texts, the model's default, lowest, level for stream messages and larger calls) and
 `timeout_us` (the longest the texts may wait in the queue before DEADLINE_EXCEEDED; 0: the
 level's queue policy). See messages.embed_request.
+
+Text pairs: `encode`, `classify` and `tokenize` take `pairs` (one second segment per text) and
+`truncation_strategy`; the streams take `pairs` as an iterable beside the items. `rerank(query,
+texts)` orders texts by a pair model's score, or by cosine on an embedding model.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .messages import (
     ClientError,
     Label,
     ModelStatus,
+    Ranking,
     StreamResult,
     Tokens,
     classify_request,
@@ -37,7 +42,9 @@ from .messages import (
     parse_classify,
     parse_embed,
     parse_models,
+    parse_rerank,
     parse_tokenize,
+    rerank_request,
     tokenize_request,
 )
 from .windowed import BlockingStreams, WindowedStream
@@ -58,12 +65,23 @@ def _stream_result(index: int, response: Any, parse: Any) -> StreamResult:
     return StreamResult(index, response.request_id, parse(response), version=response.version)
 
 
-def _requests(items: Iterable[str | Sequence[str]], build: Callable[..., Any],
-              kw: dict[str, Any]) -> Iterator[tuple[int, Any]]:
-    """(index, request) for each item (a text, or a list of texts), built as it is sent."""
-    for index, item in enumerate(items):
-        texts = [item] if isinstance(item, str) else list(item)
-        yield index, build(texts, request_id=str(index), **kw)
+Item = str | Sequence[str]
+
+
+def _requests(items: Iterable[Item], build: Callable[..., Any], kw: dict[str, Any],
+              pairs: Iterable[Item] | None = None) -> Iterator[tuple[int, Any]]:
+    """(index, request) for each item (a text, or a list of texts), built as it is sent;
+    with `pairs`, each item's second segments (the same shape) go beside it. Items and pairs
+    of different lengths are a ValueError where the stream is read."""
+    zipped: Iterable[tuple[Item, Item | None]] = (
+        ((item, None) for item in items) if pairs is None else zip(items, pairs, strict=True))
+    for index, (item, pair) in enumerate(zipped):
+        second = None if pair is None else _listed(pair)
+        yield index, build(_listed(item), request_id=str(index), pairs=second, **kw)
+
+
+def _listed(item: Item) -> list[str]:
+    return [item] if isinstance(item, str) else list(item)
 
 
 class BertClient:
@@ -111,21 +129,32 @@ class BertClient:
 
     def encode(self, texts: str | Sequence[str], **kw: Any) -> np.ndarray | list[np.ndarray]:
         """Vectors [n, dim] (pooling, pooling_layer, normalize, truncate, version, priority,
-        timeout_us: see messages.embed_request); token vectors come back as a list of
-        [tokens, dim] arrays. `priority=1` puts the texts in the highest level; the default
-        0 lets the server decide (level 1 for up to 16 texts, else the lowest)."""
+        timeout_us, pairs, truncation_strategy: see messages.embed_request); token vectors
+        come back as a list of [tokens, dim] arrays. `priority=1` puts the texts in the
+        highest level; the default 0 lets the server decide (level 1 for up to 16 texts,
+        else the lowest). `pairs=[...]`: one vector per (text, pair)."""
         kw.setdefault("model", self.model)
         return parse_embed(self._call(self._stub.Embed, embed_request(texts, **kw)))
 
     def classify(self, texts: str | Sequence[str], **kw: Any) -> list[list[Label]]:
         """Ranked labels with probabilities for each text (top_k: 0 = all; priority and
-        timeout_us as in encode)."""
+        timeout_us as in encode). A pair model takes `pairs=[...]`, one second text per
+        text, and `truncation_strategy` for `truncate`."""
         kw.setdefault("model", self.model)
         return parse_classify(self._call(self._stub.Classify, classify_request(texts, **kw)))
 
     def tokenize(self, texts: str | Sequence[str], **kw: Any) -> list[Tokens]:
+        """The tokens, ids and (with `pairs`) type ids the model would see."""
         kw.setdefault("model", self.model)
         return parse_tokenize(self._call(self._stub.Tokenize, tokenize_request(texts, **kw)))
+
+    def rerank(self, query: str, texts: Sequence[str], **kw: Any) -> Ranking:
+        """`texts` ordered by relevance to `query`, best first: a Ranking of (index, score,
+        text) and its method ("cross_encoder" on a pair model, "cosine" on an embedding
+        model). top_n, raw_scores, return_text, truncate, truncation_strategy, priority,
+        timeout_us: see messages.rerank_request."""
+        kw.setdefault("model", self.model)
+        return parse_rerank(self._call(self._stub.Rerank, rerank_request(query, texts, **kw)))
 
     def models(self) -> list[ModelStatus]:
         return parse_models(self._call(self._stub.ListModels, pb.ListModelsRequest()))
@@ -144,27 +173,30 @@ class BertClient:
                                      version=version)
         return self._call(self._stub.GetModel, request)
 
-    def encode_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
-                      **kw: Any) -> Iterator[StreamResult]:
+    def encode_stream(self, items: Iterable[Item], window: int = 64,
+                      pairs: Iterable[Item] | None = None, **kw: Any) -> Iterator[StreamResult]:
         """Stream items (a text, or a list of texts) through EmbedStream; yield one result per
         item, in order, with at most `window` items in flight. The keywords go on every
         message, as in encode; without `priority` (0) stream messages wait in the model's
-        default level, the lowest: give `priority=1` for an interactive stream."""
+        default level, the lowest: give `priority=1` for an interactive stream. `pairs`: an
+        iterable beside `items`, each item's second segments (the same shape)."""
         kw.setdefault("model", self.model)
         _checked(embed_request, kw)
-        return self._stream("EmbedStream", embed_request, parse_embed, items, window, kw)
+        return self._stream("EmbedStream", embed_request, parse_embed, items, window, kw,
+                            pairs)
 
-    def classify_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
+    def classify_stream(self, items: Iterable[Item], window: int = 64,
+                        pairs: Iterable[Item] | None = None,
                         **kw: Any) -> Iterator[StreamResult]:
-        """As encode_stream, through ClassifyStream (top_k, priority, timeout_us, ...)."""
+        """As encode_stream, through ClassifyStream (top_k, priority, timeout_us, pairs, ...)."""
         kw.setdefault("model", self.model)
         _checked(classify_request, kw)
         return self._stream("ClassifyStream", classify_request, parse_classify, items, window,
-                            kw)
+                            kw, pairs)
 
     def _stream(self, method: str, build: Callable[..., Any], parse: Callable[[Any], Any],
-                items: Iterable[str | Sequence[str]], window: int,
-                kw: dict[str, Any]) -> Iterator[StreamResult]:
+                items: Iterable[Item], window: int, kw: dict[str, Any],
+                pairs: Iterable[Item] | None) -> Iterator[StreamResult]:
         with self._streams_lock:
             if self._streams is None:
                 self._streams = BlockingStreams(self._open_streams)
@@ -174,7 +206,8 @@ class BertClient:
             call = getattr(pb_grpc.BertServiceStub(channel), method)
             return call(timeout=self.stream_timeout, metadata=self._metadata)
 
-        for index, response in streams.stream(start, _requests(items, build, kw), window):
+        for index, response in streams.stream(start, _requests(items, build, kw, pairs),
+                                              window):
             yield _stream_result(index, response, parse)
 
 
@@ -222,6 +255,12 @@ class AsyncBertClient:
         return parse_tokenize(await self._call(self._stub.Tokenize,
                                                tokenize_request(texts, **kw)))
 
+    async def rerank(self, query: str, texts: Sequence[str], **kw: Any) -> Ranking:
+        """As BertClient.rerank."""
+        kw.setdefault("model", self.model)
+        return parse_rerank(await self._call(self._stub.Rerank,
+                                             rerank_request(query, texts, **kw)))
+
     async def models(self) -> list[ModelStatus]:
         return parse_models(await self._call(self._stub.ListModels, pb.ListModelsRequest()))
 
@@ -232,27 +271,30 @@ class AsyncBertClient:
     async def unload_model(self, model: str) -> None:
         await self._call(self._stub.UnloadModel, pb.UnloadModelRequest(model=model))
 
-    async def encode_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
+    async def encode_stream(self, items: Iterable[Item], window: int = 64,
+                            pairs: Iterable[Item] | None = None,
                             **kw: Any) -> AsyncIterator[StreamResult]:
         """As BertClient.encode_stream; the window bounds what the server holds for us."""
         kw.setdefault("model", self.model)
         async for result in self._stream("EmbedStream", embed_request, parse_embed, items,
-                                         window, kw):
+                                         window, kw, pairs):
             yield result
 
-    async def classify_stream(self, items: Iterable[str | Sequence[str]], window: int = 64,
+    async def classify_stream(self, items: Iterable[Item], window: int = 64,
+                              pairs: Iterable[Item] | None = None,
                               **kw: Any) -> AsyncIterator[StreamResult]:
         """As BertClient.classify_stream."""
         kw.setdefault("model", self.model)
         async for result in self._stream("ClassifyStream", classify_request, parse_classify,
-                                         items, window, kw):
+                                         items, window, kw, pairs):
             yield result
 
     async def _stream(self, method: str, build: Callable[..., Any],
-                      parse: Callable[[Any], Any], items: Iterable[str | Sequence[str]],
-                      window: int, kw: dict[str, Any]) -> AsyncIterator[StreamResult]:
+                      parse: Callable[[Any], Any], items: Iterable[Item],
+                      window: int, kw: dict[str, Any],
+                      pairs: Iterable[Item] | None) -> AsyncIterator[StreamResult]:
         _checked(build, kw)  # before the call opens
         call = getattr(self._stub, method)(timeout=self.stream_timeout, metadata=self._metadata)
-        async with WindowedStream(call, _requests(items, build, kw), window) as stream:
+        async with WindowedStream(call, _requests(items, build, kw, pairs), window) as stream:
             async for index, response in stream:
                 yield _stream_result(index, response, parse)

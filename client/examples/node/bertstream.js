@@ -8,7 +8,13 @@
 //   const bc = new BertClient('localhost:8001', { model: 'news-zh' });
 //   const { vectors } = await bc.embed(['今天股市大涨']);   // [Float32Array(dim)]
 //   await bc.embedStream(batches, { priority: 1 });   // an interactive stream: level 1
+//   await bc.classify(['今天股市大涨'], { pairs: ['沪指收复三千点'] });   // a pair model
+//   const { method, results } = await bc.rerank('股市', ['沪指收复三千点', '天气晴']);
 //   bc.close();
+//
+// Text pairs: `pairs` beside `texts` (one second segment per text; text_pairs on the wire) is
+// read as `[CLS] a [SEP] b [SEP]`; `truncationStrategy` (longest_first, only_first,
+// only_second) says which half `truncate` cuts. A stream item {texts, pairs} carries its own.
 //
 // Every embed / classify / stream call takes `priority` (1 the highest level; 0, the default,
 // lets the server decide: level 1 for a unary call of up to 16 texts, the model's lowest level
@@ -54,6 +60,13 @@ const POOLINGS = {
   tokens: 'POOLING_TOKENS',
 };
 const DIRECTIONS = { right: 'TRUNCATION_DIRECTION_RIGHT', left: 'TRUNCATION_DIRECTION_LEFT' };
+// Unset: the server's default (longest_first; only_second for Rerank, keeping the query whole).
+const STRATEGIES = {
+  longest_first: 'TRUNCATION_STRATEGY_LONGEST_FIRST',
+  only_first: 'TRUNCATION_STRATEGY_ONLY_FIRST',
+  only_second: 'TRUNCATION_STRATEGY_ONLY_SECOND',
+};
+const METHODS = { RERANK_METHOD_CROSS_ENCODER: 'cross_encoder', RERANK_METHOD_COSINE: 'cosine' };
 const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([k, v]) => [v, k]));
 const LITTLE_ENDIAN_HOST = os.endianness() === 'LE';
 
@@ -174,18 +187,40 @@ function timeoutUs(value) {
   return String(value);
 }
 
+/** text_pairs: none, or one second segment per text (a string beside a string). */
+function toPairs(texts, pairs) {
+  if (pairs === undefined || pairs === null) return [];
+  if ((typeof pairs === 'string') !== (typeof texts === 'string')) {
+    throw new TypeError('pairs must be a string beside a string text, else an array of strings');
+  }
+  return toTexts(pairs);
+}
+
+/** truncation_direction and truncation_strategy; the counts and halves are the server's check. */
+function truncation(opts) {
+  const direction = opts.truncation || 'right';
+  if (!(direction in DIRECTIONS)) throw new TypeError('truncation must be right or left');
+  const strategy = opts.truncationStrategy;
+  if (strategy !== undefined && strategy !== null && !(strategy in STRATEGIES)) {
+    throw new TypeError(`truncationStrategy must be one of ${Object.keys(STRATEGIES).join(', ')}`);
+  }
+  return {
+    truncation_direction: DIRECTIONS[direction],
+    truncation_strategy: strategy ? STRATEGIES[strategy] : 'TRUNCATION_STRATEGY_UNSPECIFIED',
+  };
+}
+
 function common(texts, opts, model) {
-  const truncation = opts.truncation || 'right';
-  if (!(truncation in DIRECTIONS)) throw new TypeError('truncation must be right or left');
   const request = {
     request_id: opts.requestId || '',
     model: opts.model !== undefined ? opts.model : model,
     version: String(opts.version || 0),
     texts: toTexts(texts),
+    text_pairs: toPairs(texts, opts.pairs),
     pooling: pooling(opts.pooling),
     normalize: Boolean(opts.normalize),
     truncate: Boolean(opts.truncate),
-    truncation_direction: DIRECTIONS[truncation],
+    ...truncation(opts),
     raw_values: opts.rawValues !== false, // as the Python client: raw bytes unless told not to
     priority: priority(opts.priority),
     timeout_us: timeoutUs(opts.timeoutUs),
@@ -205,6 +240,49 @@ function classifyRequest(texts, opts, model) {
     ...common(texts, opts, model),
     top_k: opts.topK || 0,
     return_embedding: Boolean(opts.returnEmbedding),
+  };
+}
+
+/**
+ * A Rerank message (TEI's /rerank fields): topN (0: all), rawScores (a pair model's logit),
+ * returnText, truncate, truncationStrategy, priority, timeoutUs.
+ */
+function rerankRequest(query, texts, opts, model) {
+  if (typeof query !== 'string') throw new TypeError('query must be a string');
+  if (!Array.isArray(texts)) throw new TypeError('texts must be an array of strings');
+  const topN = opts.topN === undefined || opts.topN === null ? 0 : opts.topN;
+  if (!Number.isInteger(topN) || topN < 0 || topN > 2 ** 31 - 1) {
+    throw new TypeError(`topN must be an integer >= 0 (0: all), not ${String(topN)}`);
+  }
+  return {
+    request_id: opts.requestId || '',
+    model: opts.model !== undefined ? opts.model : model,
+    version: String(opts.version || 0),
+    query,
+    texts: texts.slice(),
+    top_n: topN,
+    raw_scores: Boolean(opts.rawScores),
+    return_text: Boolean(opts.returnText),
+    truncate: Boolean(opts.truncate),
+    ...truncation(opts),
+    priority: priority(opts.priority),
+    timeout_us: timeoutUs(opts.timeoutUs),
+  };
+}
+
+/** {model, version, method: 'cross_encoder' | 'cosine', results: [{index, score, text?}]}. */
+function parseRerank(response) {
+  return {
+    model: response.model,
+    version: Number(response.version),
+    method: METHODS[response.method] || 'unknown',
+    results: response.results.map((r) => ({
+      index: r.index,
+      score: r.score,
+      ...(r.text ? { text: r.text } : {}),
+      usage: r.usage,
+    })),
+    timings: response.timings,
   };
 }
 
@@ -235,7 +313,10 @@ function parseClassify(response) {
   };
 }
 
-/** A stream item: a string (one text), an array of texts, or {texts, requestId, ...opts}. */
+/**
+ * A stream item: a string (one text), an array of texts, or {texts, pairs, requestId,
+ * ...opts} (its own options over the stream's).
+ */
 function streamItem(item, index) {
   if (typeof item === 'string' || Array.isArray(item)) {
     return { texts: item, opts: { requestId: String(index) } };
@@ -368,6 +449,15 @@ class BertClient {
     return parseClassify(await this.unary('Classify', request, opts.timeout));
   }
 
+  /**
+   * `texts` ordered by relevance to `query`, best first: a pair model's score (method
+   * cross_encoder) or the cosine of embeddings (method cosine); see rerankRequest.
+   */
+  async rerank(query, texts, opts = {}) {
+    const request = rerankRequest(query, texts, opts, this.model);
+    return parseRerank(await this.unary('Rerank', request, opts.timeout));
+  }
+
   /** EmbedStream: one message per batch; see `stream`. */
   embedStream(batches, opts = {}) {
     return this.stream('EmbedStream', embedRequest, parseEmbed, batches, opts);
@@ -464,9 +554,11 @@ module.exports = {
   BertstreamError,
   POOLINGS,
   PROTO_FILE,
+  STRATEGIES,
   classifyRequest,
   decodeEmbedding,
   embedRequest,
   loadService,
+  rerankRequest,
   tlsCredentials,
 };

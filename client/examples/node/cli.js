@@ -2,8 +2,10 @@
 'use strict';
 // node cli.js [--server HOST:PORT] [--model NAME] COMMAND TEXT... : one call, JSON on stdout.
 //
-// Commands: embed, classify (unary), embed-stream, classify-stream (one bidirectional stream,
-// one message per --batch texts). Failures print {"error": {code, grpc_code, message}} on
+// Commands: embed, classify, rerank (unary), embed-stream, classify-stream (one bidirectional
+// stream, one message per --batch texts). With --pair each text is a pair, split at its first
+// TAB or else at ||| (bert-as-service's `a ||| b`); `-` as the texts reads stdin's lines.
+// `rerank --query Q TEXT...` prints {model, version, method, results}. Failures print {"error": {code, grpc_code, message}} on
 // stderr and exit 1, as bertstream-client does. A stream prints every message's result or
 // error on stdout and exits 1 when any message failed. Bad TLS / token options (a file that
 // cannot be read, --tls-cert without --tls-key) print {"error": {code: "USAGE", message}} and
@@ -11,9 +13,11 @@
 
 const fs = require('fs');
 const { parseArgs } = require('util');
-const { BertClient, BertstreamError, POOLINGS } = require('./bertstream');
+const { BertClient, BertstreamError, POOLINGS, STRATEGIES } = require('./bertstream');
 
-const USAGE = `usage: node cli.js [options] {embed|classify|embed-stream|classify-stream} TEXT...
+const USAGE = `usage: node cli.js [options] {embed|classify|rerank|embed-stream|classify-stream} TEXT...
+
+TEXT... may be - : the lines of stdin, blank ones skipped.
 
 options (before or after the command):
   --server HOST:PORT     default localhost:8001
@@ -25,6 +29,13 @@ options (before or after the command):
   --normalize            L2-normalise vectors
   --truncate             cut texts over the model's limit instead of refusing them
   --top-k K              labels per text (classify; 0: all)
+  --pair                 each text is a pair, its halves split at the first TAB, or else
+                         at ||| ('a ||| b'); a pair model's classify needs them
+  --truncation-strategy S  longest_first|only_first|only_second: the half --truncate cuts
+                         (default longest_first; rerank: only_second)
+  --query Q              rerank: what the texts are ranked against (required)
+  --top-n N              rerank: keep the best N (0, default: all)
+  --raw-scores           rerank with a pair model: logits, not probabilities
   --priority N           queue level, 1 the highest; 0 (default): the server decides
                          (level 1 for a call of up to 16 texts, the model's lowest
                          level for stream messages and larger calls)
@@ -50,7 +61,20 @@ process.emitWarning = function filtered(warning, ...args) {
   emitWarning.call(process, warning, ...args);
 };
 
-const COMMANDS = new Set(['embed', 'classify', 'embed-stream', 'classify-stream']);
+const COMMANDS = new Set(['embed', 'classify', 'rerank', 'embed-stream', 'classify-stream']);
+
+/** The halves of a --pair text: at the first TAB, or else at ||| (spaces beside it dropped). */
+function splitPair(text) {
+  const tab = text.indexOf('\t');
+  if (tab >= 0) return [text.slice(0, tab), text.slice(tab + 1)];
+  const bar = text.indexOf('|||');
+  if (bar >= 0) return [text.slice(0, bar).replace(/ +$/, ''), text.slice(bar + 3).replace(/^ +/, '')];
+  throw new TypeError(`--pair: ${JSON.stringify(text)} has no TAB or ||| between its two halves`);
+}
+
+function readStdinLines() {
+  return fs.readFileSync(0, 'utf8').split(/\r?\n/).filter((line) => line.trim() !== '');
+}
 
 function parse(argv) {
   const { values, positionals } = parseArgs({
@@ -66,6 +90,11 @@ function parse(argv) {
       normalize: { type: 'boolean', default: false },
       truncate: { type: 'boolean', default: false },
       'top-k': { type: 'string', default: '0' },
+      pair: { type: 'boolean', default: false },
+      'truncation-strategy': { type: 'string' },
+      query: { type: 'string' },
+      'top-n': { type: 'string', default: '0' },
+      'raw-scores': { type: 'boolean', default: false },
       priority: { type: 'string', default: '0' },
       'timeout-us': { type: 'string', default: '0' },
       batch: { type: 'string', default: '1' },
@@ -79,10 +108,21 @@ function parse(argv) {
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
-  const [command, ...texts] = positionals;
+  const [command, ...given] = positionals;
   if (values.help) return { help: true };
+  const texts = given.length === 1 && given[0] === '-' ? readStdinLines() : given;
   if (!COMMANDS.has(command) || texts.length === 0) {
     throw new TypeError(`expected a command (${[...COMMANDS].join(', ')}) and texts`);
+  }
+  if (command === 'rerank' && values.query === undefined) {
+    throw new TypeError('rerank needs --query');
+  }
+  if (values.pair && command === 'rerank') {
+    throw new TypeError('--pair: rerank pairs --query with each text itself');
+  }
+  const strategy = values['truncation-strategy'];
+  if (strategy !== undefined && !(strategy in STRATEGIES)) {
+    throw new TypeError(`--truncation-strategy must be one of ${Object.keys(STRATEGIES).join(', ')}`);
   }
   const int = (name) => {
     const n = Number(values[name]);
@@ -105,11 +145,16 @@ function parse(argv) {
     rawValues: !values['no-raw'],
     priority: whole('priority', 2n ** 32n - 1n),
     timeoutUs: whole('timeout-us', 2n ** 64n - 1n),
+    truncationStrategy: strategy,
+    topN: Number(whole('top-n', 2n ** 31n - 1n)),
+    rawScores: values['raw-scores'],
   };
   if (values['pooling-layer'] !== undefined) opts.poolingLayer = int('pooling-layer');
   if (values.timeout !== undefined) opts.timeout = Number(values.timeout);
-  return { command, texts, opts, server: values.server, model: values.model, batch: int('batch'),
-    values };
+  const halves = values.pair ? texts.map(splitPair) : null;
+  return { command, texts: halves ? halves.map((h) => h[0]) : texts,
+    pairs: halves ? halves.map((h) => h[1]) : null, query: values.query, opts,
+    server: values.server, model: values.model, batch: int('batch'), values };
 }
 
 /** An option error that exits 2 with a JSON message (as bertstream-client's usage errors). */
@@ -154,20 +199,37 @@ function usageError(err) {
   return 2;
 }
 
-function embedItems(texts, value) {
-  return texts.map((text, i) => ({ text, embedding: Array.from(value.vectors[i]) }));
+/** {text} or, for a pair, {text, text_pair}, with the answer's fields. */
+function item(text, pairs, i, fields) {
+  return pairs ? { text, text_pair: pairs[i], ...fields } : { text, ...fields };
 }
 
-function classifyItems(texts, value) {
-  return texts.map((text, i) => ({ text, labels: value.labels[i] }));
+function embedItems(texts, pairs, value) {
+  return texts.map((text, i) => item(text, pairs, i, { embedding: Array.from(value.vectors[i]) }));
 }
 
-async function run(client, { command, texts, opts, batch }) {
-  if (command === 'embed') return embedItems(texts, await client.embed(texts, opts));
-  if (command === 'classify') return classifyItems(texts, await client.classify(texts, opts));
+function classifyItems(texts, pairs, value) {
+  return texts.map((text, i) => item(text, pairs, i, { labels: value.labels[i] }));
+}
+
+async function rerank(client, query, texts, opts) {
+  const { model, version, method, results } = await client.rerank(query, texts, opts);
+  return { model, version, method,
+    results: results.map((r) => ({ index: r.index, score: r.score, text: texts[r.index] })) };
+}
+
+async function run(client, { command, texts, pairs, query, opts, batch }) {
+  const unary = { ...opts, ...(pairs ? { pairs } : {}) };
+  if (command === 'embed') return embedItems(texts, pairs, await client.embed(texts, unary));
+  if (command === 'classify') {
+    return classifyItems(texts, pairs, await client.classify(texts, unary));
+  }
+  if (command === 'rerank') return rerank(client, query, texts, opts);
   const batches = [];
-  for (let i = 0; i < texts.length; i += Math.max(batch, 1)) {
-    batches.push(texts.slice(i, i + Math.max(batch, 1)));
+  const size = Math.max(batch, 1);
+  for (let i = 0; i < texts.length; i += size) {
+    const batchTexts = texts.slice(i, i + size);
+    batches.push(pairs ? { texts: batchTexts, pairs: pairs.slice(i, i + size) } : batchTexts);
   }
   const embed = command === 'embed-stream';
   const results = embed
@@ -175,7 +237,10 @@ async function run(client, { command, texts, opts, batch }) {
     : await client.classifyStream(batches, opts);
   return results.map((r) => {
     if (r.error) return { request_id: r.requestId, error: r.error.toJSON() };
-    const items = embed ? embedItems(batches[r.index], r.value) : classifyItems(batches[r.index], r.value);
+    const b = batches[r.index];
+    const [bTexts, bPairs] = Array.isArray(b) ? [b, null] : [b.texts, b.pairs];
+    const items = embed ? embedItems(bTexts, bPairs, r.value)
+      : classifyItems(bTexts, bPairs, r.value);
     return { request_id: r.requestId, version: r.value.version, items };
   });
 }
