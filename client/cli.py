@@ -4,8 +4,9 @@ stdout; or, with `--input FILE.jsonl --output FILE.jsonl`, a whole file streamed
 
 Texts are the arguments, or with `-` the lines of stdin (blank lines skipped). With `--pair`
 (embed, classify, tokenize) each text is a pair: its two halves split at the first TAB (a
-two-column TSV line, as LCQMC and XNLI ship), or else at `|||` (bert-as-service's
-`a ||| b`). `rerank --query Q TEXT...` orders the texts by relevance to Q.
+two-column TSV line, as LCQMC and XNLI ship), or else at the last ` ||| ` (bert-as-service's
+`a ||| b`, split as it and the server's /encode split it). `rerank --query Q TEXT...` orders
+the texts by relevance to Q.
 
 `--server` takes one address, a DNS name whose records are the replicas, or several
 comma-separated addresses: calls are then spread by gRPC's round_robin (channels.py)."""
@@ -26,7 +27,9 @@ from .client import BertClient
 from .feed import FeedError, FeedOptions, run_feed
 from .messages import MAX_PRIORITY, MAX_TIMEOUT_US, POOLINGS, STRATEGIES, ClientError
 
-__all__ = ["main"]
+__all__ = ["main", "split_pair"]
+
+PAIR_SEPARATOR = " ||| "  # bert-as-service's
 
 
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -97,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="cut texts over the model's limit instead of refusing them")
     texts.add_argument("--pair", action="store_true",
                        help="each text is a pair, its halves split at the first TAB, or else "
-                       "at ||| (bert-as-service's 'a ||| b'); a pair model's classify needs "
-                       "them")
+                       "at the last ' ||| ' (bert-as-service's 'a ||| b'); a pair model's "
+                       "classify needs them")
     _add_strategy(texts)
     feed = argparse.ArgumentParser(add_help=False)
     group = feed.add_argument_group("bulk feed (embed and classify)")
@@ -166,15 +169,16 @@ def _add_rerank(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def split_pair(text: str) -> tuple[str, str]:
-    """The two halves of a `--pair` text: split at the first TAB, or else at `|||` with the
-    spaces beside it (bert-as-service's `a ||| b`); ValueError when it has neither."""
+    """The two halves of a `--pair` text: split at the first TAB, or else at the last ` ||| `
+    (spaces included, as bert-as-service and the server's /encode split `a ||| b`);
+    ValueError when it has neither."""
     if "\t" in text:
         first, second = text.split("\t", 1)
         return first, second
-    if "|||" in text:
-        first, second = text.split("|||", 1)
-        return first.rstrip(" "), second.lstrip(" ")
-    raise ValueError(f"--pair: {text!r} has no TAB or ||| between its two halves")
+    if PAIR_SEPARATOR in text:
+        first, second = text.rsplit(PAIR_SEPARATOR, 1)
+        return first, second
+    raise ValueError(f"--pair: {text!r} has no TAB or ' ||| ' between its two halves")
 
 
 def _read_texts(args: argparse.Namespace) -> None:

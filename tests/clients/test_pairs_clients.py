@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -273,10 +274,28 @@ def call_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, 
     return code, json.loads(out) if out.strip() else None, err
 
 
+SPLITS = [
+    ("问题一\t问题二", ("问题一", "问题二")),
+    ("a\tb ||| c\td", ("a", "b ||| c\td")),  # the first TAB wins
+    ("今天 ||| 明天", ("今天", "明天")),
+    ("a ||| b ||| c", ("a ||| b", "c")),  # bert-as-service's: the last ' ||| '
+    ("a |||b", None), ("a|||b", None), ("只有一句", None),
+]
+
+
+@pytest.mark.parametrize(("text", "halves"), SPLITS)
+def test_cli_splits_pairs_as_bert_as_service(text: str, halves: tuple[str, str] | None) -> None:
+    if halves is None:
+        with pytest.raises(ValueError, match=re.escape("no TAB or ' ||| '")):
+            cli.split_pair(text)
+    else:
+        assert cli.split_pair(text) == halves
+
+
 def test_cli_classify_pair_takes_tab_and_bars(capsys: pytest.CaptureFixture[str],
                                               address: str, bc: BertClient) -> None:
     args = [f"{FIRSTS[0]}\t{SECONDS[0]}", f"{FIRSTS[1]} ||| {SECONDS[1]}",
-            f"{FIRSTS[2]}|||{SECONDS[2]}"]
+            f"{FIRSTS[2]}\t{SECONDS[2]}"]
     code, out, err = call_cli(capsys, "--server", address, "--model", "tiny-pair", "classify",
                              "--pair", *args)
     assert code == 0, err
@@ -326,7 +345,7 @@ def test_cli_pair_failures(capsys: pytest.CaptureFixture[str], address: str,
                            tmp_path: Path) -> None:
     # a text with one half is a usage error, before any call
     code, out, err = call_cli(capsys, "--server", address, "classify", "--pair", "只有一句")
-    assert code == 2 and out is None and "no TAB or |||" in err
+    assert code == 2 and out is None and "no TAB or ' ||| '" in err
     code, out, err = call_cli(capsys, "--server", address, "classify", "--pair", "--input",
                              str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"))
     assert code == 2 and "--pair: a bulk --input feed sends single texts" in err
@@ -399,7 +418,7 @@ def test_node_classify_pairs_equal_python(node_cli: Callable[..., Result], addre
     assert refused.error_code() == "INVALID_ARGUMENT"
     assert "text_pairs" in json.loads(refused.stderr)["error"]["message"]
     usage = node_cli("--server", address, "classify", "--pair", "只有一句")
-    assert usage.returncode == 2 and "no TAB or |||" in usage.stderr
+    assert usage.returncode == 2 and "no TAB or ' ||| '" in usage.stderr
 
 
 @pytest.mark.parametrize("model", ["tiny-pair", "tiny-embed"])
@@ -418,6 +437,8 @@ def test_node_rerank_equals_python(node_cli: Callable[..., Result], address: str
 # The requests the helper builds, serialized with the service's own serializers.
 SERIALIZE = """
 const { loadService, classifyRequest, rerankRequest } = require(process.argv[1]);
+const { splitPair } = require(process.argv[2]);
+const split = (text) => { try { return splitPair(text); } catch (err) { return null; } };
 const methods = loadService().service;
 const wire = (method, request) => methods[method].requestSerialize(request).toString('hex');
 process.stdout.write(JSON.stringify({
@@ -425,14 +446,21 @@ process.stdout.write(JSON.stringify({
     truncationStrategy: 'only_second' }, 'm')),
   rerank: wire('Rerank', rerankRequest('q', ['x', 'y'], { topN: 1, rawScores: true,
     returnText: true, priority: 1 }, 'm')),
+  splits: JSON.parse(process.argv[3]).map(split),
 }));
 """
 
 
 def test_node_pair_and_rerank_fields_reach_the_wire(node: str) -> None:
-    proc = subprocess.run([node, "-e", SERIALIZE, str(NODE_DIR / "bertstream.js")],
+    """The requests Node builds, decoded as protobuf; its --pair splits equal the Python
+    CLI's."""
+    texts = [text for text, _ in SPLITS]
+    proc = subprocess.run([node, "-e", SERIALIZE, str(NODE_DIR / "bertstream.js"),
+                           str(NODE_DIR / "cli.js"), json.dumps(texts)],
                           capture_output=True, text=True, timeout=60, check=True)
-    wire = {k: bytes.fromhex(v) for k, v in json.loads(proc.stdout).items()}
+    answer = json.loads(proc.stdout)
+    assert [tuple(s) if s else None for s in answer.pop("splits")] == [h for _, h in SPLITS]
+    wire = {k: bytes.fromhex(v) for k, v in answer.items()}
     classify = pb.ClassifyRequest.FromString(wire["classify"])
     assert (list(classify.texts), list(classify.text_pairs), classify.truncate,
             classify.truncation_strategy) == \

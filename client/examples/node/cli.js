@@ -4,7 +4,8 @@
 //
 // Commands: embed, classify, rerank (unary), embed-stream, classify-stream (one bidirectional
 // stream, one message per --batch texts). With --pair each text is a pair, split at its first
-// TAB or else at ||| (bert-as-service's `a ||| b`); `-` as the texts reads stdin's lines.
+// TAB or else at its last ' ||| ' (bert-as-service's `a ||| b`); `-` as the texts reads stdin's
+// lines.
 // `rerank --query Q TEXT...` prints {model, version, method, results}. Failures print {"error": {code, grpc_code, message}} on
 // stderr and exit 1, as bertstream-client does. A stream prints every message's result or
 // error on stdout and exits 1 when any message failed. Bad TLS / token options (a file that
@@ -30,7 +31,7 @@ options (before or after the command):
   --truncate             cut texts over the model's limit instead of refusing them
   --top-k K              labels per text (classify; 0: all)
   --pair                 each text is a pair, its halves split at the first TAB, or else
-                         at ||| ('a ||| b'); a pair model's classify needs them
+                         at the last ' ||| ' ('a ||| b'); a pair model's classify needs them
   --truncation-strategy S  longest_first|only_first|only_second: the half --truncate cuts
                          (default longest_first; rerank: only_second)
   --query Q              rerank: what the texts are ranked against (required)
@@ -63,13 +64,16 @@ process.emitWarning = function filtered(warning, ...args) {
 
 const COMMANDS = new Set(['embed', 'classify', 'rerank', 'embed-stream', 'classify-stream']);
 
-/** The halves of a --pair text: at the first TAB, or else at ||| (spaces beside it dropped). */
+const PAIR_SEPARATOR = ' ||| '; // bert-as-service's
+
+/** The halves of a --pair text: at the first TAB, or else at the last ' ||| ' (as the server's
+ * bert-as-service /encode splits `a ||| b`). */
 function splitPair(text) {
   const tab = text.indexOf('\t');
   if (tab >= 0) return [text.slice(0, tab), text.slice(tab + 1)];
-  const bar = text.indexOf('|||');
-  if (bar >= 0) return [text.slice(0, bar).replace(/ +$/, ''), text.slice(bar + 3).replace(/^ +/, '')];
-  throw new TypeError(`--pair: ${JSON.stringify(text)} has no TAB or ||| between its two halves`);
+  const bar = text.lastIndexOf(PAIR_SEPARATOR);
+  if (bar >= 0) return [text.slice(0, bar), text.slice(bar + PAIR_SEPARATOR.length)];
+  throw new TypeError(`--pair: ${JSON.stringify(text)} has no TAB or ' ||| ' between its halves`);
 }
 
 function readStdinLines() {
@@ -285,4 +289,4 @@ if (require.main === module) {
   });
 }
 
-module.exports = { main };
+module.exports = { main, splitPair };
