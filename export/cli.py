@@ -9,7 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bertstream.server.version_format import RECORD_HEAD
+
 from .head import HEAD_POOLINGS
+from .metrics import rerank_lines
 from .pipeline import ExportOptions, export_model, read_export_record
 from .sources import RandomShape
 from .variants import VARIANTS
@@ -59,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--labels", type=_labels, help="comma-separated labels: a classify model")
     labels.add_argument("--labels-file", type=Path, help="one label per line")
     parser.add_argument("--head", type=Path, help="classification head (.safetensors)")
-    parser.add_argument("--head-pooling", choices=HEAD_POOLINGS, help="default: cls")
+    parser.add_argument("--head-pooling", choices=HEAD_POOLINGS,
+                        help="default: cls (pooler: a sequence classification checkpoint's own)")
+    parser.add_argument("--text-pairs", action=argparse.BooleanOptionalAction,
+                        help="the model reads text pairs (config.pbtxt text_pairs: true), e.g. "
+                        "a checkpoint fine-tuned on LCQMC or XNLI; parity is then checked on "
+                        "Chinese pairs. Default: what the head's trainer recorded, else no")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--embed-prefix", default="")
     parser.add_argument("--classify-prefix", default="")
@@ -121,6 +129,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         classify_prefix=args.classify_prefix,
         tolerance=args.tolerance,
         variant=args.variant,
+        text_pairs=args.text_pairs,
     )
 
 
@@ -129,16 +138,24 @@ def _progress(message: str) -> None:
 
 
 def _summary(target: Path) -> str:
-    parity = read_export_record(target)["parity"]
+    record = read_export_record(target)
+    parity = record["parity"]
     assert isinstance(parity, dict)
+    inputs = "text pairs" if record.get("text_pairs") else "texts"
     lines = [
         f"published {target}",
-        f"parity: {parity['runs']} runs over {parity['texts']} texts, lengths "
+        f"parity: {parity['runs']} runs over {parity['texts']} {inputs}, lengths "
         f"{parity['sequence_lengths']}, batch sizes {parity['batch_sizes']}, "
         f"tolerance {parity['tolerance']:g}",
     ]
     for name, diff in parity["max_abs_diff"].items():
         lines.append(f"  {name:<24} max abs diff {diff:.3g}")
+    if "checkpoint_logits_max_abs_diff" in record:
+        lines.append(f"logits against the checkpoint's own classifier: max abs diff "
+                     f"{record['checkpoint_logits_max_abs_diff']:.3g}")
+    head = record.get(RECORD_HEAD)
+    if isinstance(head, dict) and isinstance(head.get("training"), dict):
+        lines += rerank_lines(head["training"])
     variant = read_export_record(target).get("variant_parity")
     if isinstance(variant, dict):
         lines.append(f"{variant['variant']} graph ({variant['runtime']}), min cosine to fp32:")

@@ -10,7 +10,8 @@ a batch needs. For every exported layer n (1..num_layers, n = hidden_states[n]):
     tokens_layer{n}    [B, S, H] raw token vectors (padding positions included)
 
 and for classify models `logits` [B, C] and `probabilities` [B, C] (softmax) from a linear head
-over the last layer's CLS vector or mean. Nothing is normalised in the graph: the server does it
+over the last layer's CLS vector or mean (or BERT's pooler over CLS, for a checkpoint's own
+head). Nothing is normalised in the graph: the server does it
 per request. Inputs are int64 `input_ids`, `attention_mask`, `token_type_ids`, all [B, S].
 """
 
@@ -107,7 +108,7 @@ class PoolingGraph(torch.nn.Module):
         encoder.set_attn_implementation("eager")
         self.encoder = encoder.eval()
         self.layers = tuple(sorted(set(layers)))
-        self.head = head.linear() if head is not None else None
+        self.head = head.module() if head is not None else None
         self.head_pooling = head.pooling if head is not None else "cls"
 
     def output_names(self) -> list[str]:
@@ -139,7 +140,8 @@ class PoolingGraph(torch.nn.Module):
             outputs += [mean, maximum, states[:, 0], torch.cat([mean, maximum], dim=-1), states]
         if self.head is not None:
             last = hidden_states[-1]
-            pooled = last[:, 0] if self.head_pooling == "cls" else masked_mean(last, mask)
+            # "pooler": the head's own tanh(dense) runs on the CLS vector
+            pooled = masked_mean(last, mask) if self.head_pooling == "mean" else last[:, 0]
             logits = self.head(pooled)
             outputs += [logits, torch.softmax(logits, dim=-1)]
         return tuple(outputs)

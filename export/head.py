@@ -1,9 +1,12 @@
-"""The classification head: a linear layer over the CLS vector or the mean of the last layer.
+"""The classification head: a linear layer over the CLS vector or the mean of the last layer,
+or (pooling `pooler`) BERT's own pooler, tanh(dense(CLS)), then the linear layer: what a
+Hugging Face `BertForSequenceClassification` checkpoint carries.
 
-A head is a plain safetensors file with `weight` [num_labels, hidden] and `bias` [num_labels],
-so whatever trains it (the project's own probe trainer, or a user's script) plugs in by writing
-that file. `save_head` also stores the labels and the pooling in the file's metadata, so a
-trained head carries its own label order; `--labels` overrides or supplies them.
+A head is a plain safetensors file with `weight` [num_labels, hidden] and `bias` [num_labels]
+(and `pooler.weight` [hidden, hidden], `pooler.bias` [hidden] for a pooler head), so whatever
+trains it (the project's own probe trainer, or a user's script) plugs in by writing that file.
+`save_head` also stores the labels and the pooling in the file's metadata, so a trained head
+carries its own label order; `--labels` overrides or supplies them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-HEAD_POOLINGS = ("cls", "mean")
+HEAD_POOLINGS = ("cls", "mean", "pooler")
+_POOLER_TENSORS = ("pooler.weight", "pooler.bias")
 _INIT_STD = 0.02  # BERT's initializer_range
 
 
@@ -33,11 +37,20 @@ class ClassificationHead:
     pooling: str = "cls"
     origin: str = "random"  # "random(seed=N)" or the file it came from
     training: dict[str, object] | None = None  # how it was trained and what it scored
+    # BERT's pooler (weight [H, H], bias [H]) for pooling "pooler", None otherwise
+    pooler: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         _check_labels(self.labels)
         if self.pooling not in HEAD_POOLINGS:
             raise HeadError(f"head pooling must be one of {HEAD_POOLINGS}, not {self.pooling!r}")
+        if (self.pooling == "pooler") != (self.pooler is not None):
+            raise HeadError("pooling 'pooler' needs the pooler's weight and bias, and only it "
+                            "takes them")
+        if self.pooler is not None:
+            hidden = self.weight.shape[1]
+            if self.pooler[0].shape != (hidden, hidden) or self.pooler[1].shape != (hidden,):
+                raise HeadError(f"pooler weight must be [{hidden}, {hidden}] and bias [{hidden}]")
         if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
             raise HeadError(
                 f"head weight must be [C, H] and bias [C]; got {tuple(self.weight.shape)} and "
@@ -63,6 +76,21 @@ class ClassificationHead:
             layer.weight.copy_(self.weight)
             layer.bias.copy_(self.bias)
         return layer.eval()
+
+    def module(self) -> torch.nn.Module:
+        """Pooled vector -> logits: the linear layer, after tanh(dense) for a pooler head."""
+        if self.pooler is None:
+            return self.linear()
+        dense = torch.nn.Linear(self.hidden_size, self.hidden_size)
+        with torch.no_grad():
+            dense.weight.copy_(self.pooler[0])
+            dense.bias.copy_(self.pooler[1])
+        return torch.nn.Sequential(dense, torch.nn.Tanh(), self.linear()).eval()
+
+    @property
+    def text_pairs(self) -> bool:
+        """Trained on text pairs, as its trainer recorded (a checkpoint's head cannot say)."""
+        return bool((self.training or {}).get("text_pairs", False))
 
     def describe(self) -> dict[str, object]:
         """Provenance for export.json."""
@@ -98,12 +126,17 @@ def random_head(
     served before a head has been trained."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(len(labels), hidden_size, generator=generator) * _INIT_STD
+    pooler = None
+    if pooling == "pooler":
+        dense = torch.randn(hidden_size, hidden_size, generator=generator) * _INIT_STD
+        pooler = (dense, torch.zeros(hidden_size))
     return ClassificationHead(
         labels=tuple(labels),
         weight=weight,
         bias=torch.zeros(len(labels)),
         pooling=pooling,
         origin=f"random(seed={seed})",
+        pooler=pooler,
     )
 
 
@@ -119,6 +152,10 @@ def load_head(
             raise HeadError(f"{path}: needs tensors 'weight' and 'bias', found {sorted(names)}")
         weight = handle.get_tensor("weight").to(torch.float32)
         bias = handle.get_tensor("bias").to(torch.float32)
+        pooler = None
+        if set(_POOLER_TENSORS) <= names:
+            dense, dense_bias = (handle.get_tensor(n).to(torch.float32) for n in _POOLER_TENSORS)
+            pooler = (dense, dense_bias)
         metadata = handle.metadata() or {}
     if labels is None:
         if "labels" not in metadata:
@@ -129,9 +166,10 @@ def load_head(
         labels=tuple(labels),
         weight=weight,
         bias=bias,
-        pooling=pooling or metadata.get("pooling", "cls"),
+        pooling=pooling or metadata.get("pooling", "pooler" if pooler else "cls"),
         origin=str(Path(path).resolve()),
         training=training,
+        pooler=pooler,
     )
 
 
@@ -142,5 +180,7 @@ def save_head(head: ClassificationHead, path: Path) -> Path:
     if head.training is not None:
         metadata["training"] = json.dumps(head.training, ensure_ascii=False)
     tensors = {"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}
+    if head.pooler is not None:
+        tensors.update(zip(_POOLER_TENSORS, (t.contiguous() for t in head.pooler), strict=True))
     save_file(tensors, str(path), metadata=metadata)
     return path

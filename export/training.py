@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,18 +106,19 @@ def _fold_standardisation(model, mean: np.ndarray, std: np.ndarray) -> tuple[np.
 
 
 def fit_probe(
-    features: dict[str, np.ndarray],
-    data: LabelledData,
+    features: Mapping[str, np.ndarray],
+    labels: Mapping[str, Sequence[int]],
     c_grid: Sequence[float] = C_GRID,
     class_weight: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
-    """Fit on train for each C, keep the best dev accuracy; return weight, bias and report."""
+    """Fit on train for each C, keep the best dev accuracy; return weight, bias and report.
+    `features` and `labels` by split name (train and dev are used)."""
     from sklearn.linear_model import LogisticRegression
 
     train = features["train"]
     mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
-    y_train = np.asarray(data.splits["train"].labels)
-    y_dev = np.asarray(data.splits["dev"].labels)
+    y_train = np.asarray(labels["train"])
+    y_dev = np.asarray(labels["dev"])
     search = []
     best = None
     for c in c_grid:
@@ -156,7 +157,8 @@ def train_probe(
         features[name] = encoder(split.texts, options.pooling, f"features {name}")
         rate = len(split) / max(time.monotonic() - t0, 1e-9)
         log(f"{name}: {len(split)} texts encoded ({rate:.1f} texts/s)")
-    weight, bias, fit = fit_probe(features, data, options.c_grid, options.class_weight)
+    labels = {name: split.labels for name, split in data.splits.items()}
+    weight, bias, fit = fit_probe(features, labels, options.c_grid, options.class_weight)
     metrics = evaluate(weight, bias, features, data)
     training = {
         "mode": "frozen linear probe (logistic regression on standardised features)",

@@ -39,6 +39,7 @@ from .residuals import residual_adds, residual_sums
 from .verify import (
     PARITY_TEXTS,
     ExportVerificationError,
+    Item,
     _batches,
     check_external_data,
     encode,
@@ -242,7 +243,7 @@ def compare_variant(
     tokenizer: tokenizers.Tokenizer,
     max_sequence_length: int,
     variant: str,
-    texts: Sequence[str] = PARITY_TEXTS,
+    texts: Sequence[Item] = PARITY_TEXTS,
 ) -> VariantReport:
     """The runner's pooled outputs against PyTorch fp32's on the parity texts, at both parity
     lengths, one text at a time and all in one padded batch: the smallest cosine per output,
@@ -272,7 +273,7 @@ def verify_variant(
     tokenizer: tokenizers.Tokenizer,
     max_sequence_length: int,
     variant: str,
-    texts: Sequence[str] = PARITY_TEXTS,
+    texts: Sequence[Item] = PARITY_TEXTS,
     runner: Runner | None = None,
 ) -> VariantReport:
     """Every pooled output at cosine >= MIN_COSINE[variant] to PyTorch fp32, per text, and

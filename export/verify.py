@@ -19,7 +19,7 @@ import onnxruntime as ort
 import tokenizers
 import torch
 
-from .graph import INPUT_NAMES, PoolingGraph
+from .graph import INPUT_NAMES, LOGITS, PoolingGraph
 
 DEFAULT_TOLERANCE = 1e-4
 SHORT_LENGTH, LONG_LENGTH = 16, 128
@@ -41,6 +41,26 @@ PARITY_TEXTS: tuple[str, ...] = (
     "有效提升和量的合理增长。",
 )
 
+# A parity input: one text, or a pair the tokenizer encodes as two segments.
+Item = str | tuple[str, str]
+
+# For pair models: LCQMC-style question pairs (match and not), an XNLI-style premise and
+# hypothesis, a headline with its story's lead, and a long second half that fills LONG_LENGTH,
+# so truncation (longest_first) cuts pairs at both parity lengths.
+PARITY_PAIRS: tuple[tuple[str, str], ...] = (
+    ("花呗怎么还款？", "花呗如何还钱"),
+    ("今天天气怎么样", "明天会下雨吗？"),
+    ("他正在北京参加会议。", "他不在北京。"),
+    ("苹果发布iPhone 15", "苹果公司今天发布iPhone 15，售价5999元起；华为Mate 60 Pro同日开售！"),
+    ("國務院總理會見德國總理", "“双十一”期间，快递业务量突破50亿件（同比+20%）……😀"),
+    ("国家统计局：经济运行总体回升向好", PARITY_TEXTS[-1]),
+)
+
+
+def parity_items(text_pairs: bool) -> tuple[Item, ...]:
+    """What a model is checked on: pairs for a pair model, single texts otherwise."""
+    return PARITY_PAIRS if text_pairs else PARITY_TEXTS
+
 
 class ExportVerificationError(RuntimeError):
     """The exported graph disagrees with PyTorch (or misses an output the server needs)."""
@@ -60,6 +80,7 @@ class ParityReport:
     batch_sizes: tuple[int, ...]
     runs: int
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    pairs: bool = False  # checked on text pairs (a pair model)
 
     @property
     def worst(self) -> tuple[str, float]:
@@ -76,6 +97,7 @@ class ParityReport:
             "passed": self.passed,
             "tolerance": self.tolerance,
             "texts": self.texts,
+            "inputs": "text pairs" if self.pairs else "single texts",
             "sequence_lengths": list(self.sequence_lengths),
             "batch_sizes": list(self.batch_sizes),
             "runs": self.runs,
@@ -87,10 +109,12 @@ class ParityReport:
 
 
 def encode(
-    tokenizer: tokenizers.Tokenizer, texts: Sequence[str], length: int, pad: bool
+    tokenizer: tokenizers.Tokenizer, texts: Sequence[Item], length: int, pad: bool
 ) -> dict[str, np.ndarray]:
     """Token arrays truncated to `length`; padded to exactly `length` when `pad`, else to the
-    longest text (so a single text runs with no padding at all)."""
+    longest text (so a single text runs with no padding at all). Pairs are encoded as the
+    tokenizer's pair template says (BERT: [CLS] a [SEP] b [SEP], type ids 0 then 1), cut by
+    Hugging Face's `longest_first`."""
     encoder = tokenizers.Tokenizer.from_str(tokenizer.to_str())
     encoder.enable_truncation(max_length=length)
     encoder.no_padding()
@@ -114,8 +138,8 @@ def parity_lengths(max_sequence_length: int) -> tuple[int, ...]:
 
 
 def _batches(
-    texts: Sequence[str], lengths: Sequence[int]
-) -> Iterator[tuple[Sequence[str], int, bool]]:
+    texts: Sequence[Item], lengths: Sequence[int]
+) -> Iterator[tuple[Sequence[Item], int, bool]]:
     for length in lengths:
         for text in texts:
             yield [text], length, False
@@ -157,7 +181,7 @@ def verify_export(
     tokenizer: tokenizers.Tokenizer,
     max_sequence_length: int,
     tolerance: float = DEFAULT_TOLERANCE,
-    texts: Sequence[str] = PARITY_TEXTS,
+    texts: Sequence[Item] = PARITY_TEXTS,
 ) -> ParityReport:
     """Compare every output; raise ExportVerificationError if any differs by more than
     `tolerance`. Returns the figures when all agree."""
@@ -187,6 +211,7 @@ def verify_export(
         batch_sizes=(1, len(texts)),
         runs=runs,
         max_abs_diff=worst,
+        pairs=any(isinstance(text, tuple) for text in texts),
     )
     if not report.passed:
         failing = {n: d for n, d in worst.items() if d > tolerance}
@@ -196,3 +221,28 @@ def verify_export(
             report,
         )
     return report
+
+
+def verify_checkpoint_head(
+    graph: PoolingGraph,
+    classifier: torch.nn.Module,
+    tokenizer: tokenizers.Tokenizer,
+    max_sequence_length: int,
+    tolerance: float = DEFAULT_TOLERANCE,
+    texts: Sequence[Item] = PARITY_TEXTS,
+) -> float:
+    """The graph's logits against the Hugging Face sequence classifier it was cut from (in
+    PyTorch, on the same tokens): proof that the head taken out of the checkpoint is its own.
+    Returns the largest difference; raises ExportVerificationError over `tolerance`."""
+    worst = 0.0
+    for batch_texts, length, pad in _batches(texts, parity_lengths(max_sequence_length)):
+        arrays = encode(tokenizer, batch_texts, length, pad)
+        ours = run_torch(graph, arrays)[LOGITS]
+        with torch.no_grad():
+            theirs = classifier(**{n: torch.from_numpy(arrays[n]) for n in INPUT_NAMES}).logits
+        worst = max(worst, float(np.max(np.abs(ours - theirs.numpy()))))
+    if not worst <= tolerance:
+        raise ExportVerificationError(
+            f"the exported head's logits differ from the checkpoint's own by {worst:.3g} "
+            f"(over {tolerance:g})")
+    return worst
