@@ -95,6 +95,9 @@ class Metrics:
             "bertstream_device_busy_seconds", "Seconds at least one batch of this version was "
             "running (grows like a counter; its rate is the device's busy share)",
             ["model", "version"], registry=r)
+        self.load_failures = Counter(
+            "bertstream_version_load_failures", "Model versions that failed to load (the "
+            "reason is in the log and the version's status)", ["model"], registry=r)
         # Where a text's CPU goes (stages.py): per thread always, per stage with --stage-timing.
         r.register(ThreadCpuCollector())
         r.register(StageCollector(CLOCK))

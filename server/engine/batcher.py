@@ -84,6 +84,7 @@ class Batcher:
         self._results_lock = threading.Lock()  # requests' rows may land from several workers
         self._running: set[asyncio.Task[None]] = set()
         self._waiting = 0  # submitters waiting for room in the queue
+        self._paced: tuple[float, float] | None = None  # a backlogged batch: start, predicted
         self._closed = False
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -200,7 +201,25 @@ class Batcher:
             CLOCK.stop("batch", started)
             self._notify_space()
             if texts:
+                self._pace(texts)
                 return texts
+
+    def _pace(self, texts: list[_Text]) -> None:
+        """Tell the scheduler how long the engine really took per predicted second: while a
+        backlog waits, batches start back to back, so the time from one batch's start to
+        the next (times the instances sharing the work) is what the previous one cost,
+        with everything warm-up could not see (threads and callers competing for the cores,
+        the loop's own turns)."""
+        cost = self._scheduler.cost
+        if cost is None:
+            return
+        now = time.perf_counter()
+        if self._paced is not None:
+            previous_start, predicted = self._paced
+            self._scheduler.observe(predicted, (now - previous_start) * self.options.instances)
+        padded = len(texts) * max(length for length, _, _ in texts)
+        # Only a batch with texts still waiting behind it is followed back to back.
+        self._paced = (now, cost.seconds(padded)) if len(self._scheduler) else None
 
     def _notify_space(self) -> None:
         if not self._waiting:  # nobody waits for room: no task to schedule
@@ -216,10 +235,6 @@ class Batcher:
         start = time.perf_counter()
         try:  # padding, compute and scatter run on the worker: the loop sets futures only
             answered = await self._workers.run(self._compute, texts, start)
-            cost = self._scheduler.cost
-            if cost is not None:
-                padded = len(texts) * max(length for length, _, _ in texts)
-                self._scheduler.observe(cost.seconds(padded), time.perf_counter() - start)
         except Exception as exc:
             if len(texts) == 1:
                 _fail(texts[0][1], exc)

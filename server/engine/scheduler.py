@@ -178,10 +178,10 @@ class Scheduler:
         return seconds * self.slowdown / max(1, self.options.instances)
 
     def observe(self, predicted_s: float, took_s: float) -> None:
-        """A batch the cost model priced at `predicted_s` took `took_s` from start to answer
-        (padding, the run, the worker's hand-back): a moving ratio of the two corrects the
-        wait predictions for what warm-up could not see (threads and callers competing for the
-        cores under load)."""
+        """A batch the cost model priced at `predicted_s` held the engine for `took_s` (the
+        batcher measures it from batch start to batch start while a backlog waits): a moving
+        ratio of the two corrects the wait predictions for what warm-up could not see
+        (threads and callers competing for the cores under load)."""
         if predicted_s <= 0 or took_s <= 0:
             return
         ratio = min(max(took_s / predicted_s, 0.5), 20.0)
@@ -320,11 +320,18 @@ class Scheduler:
         active = [key for key in keys if offers[key]]
         had_turn = keys[0]  # the head was its text of the first round
         cap = self._cap(number, longest)
+        # Callers near the front of the ring go first: among the first 2 x cap callers the
+        # closest offers, then the next 2 x cap... So a caller's turn comes within a bounded
+        # number of batches however its lengths compare (a short text among long ones is not
+        # passed over until it is the head), and padding stays low within each group.
+        position = {key: i for i, key in enumerate(keys)}
+        window = max(2 * cap, 2)
         while active and len(chosen) < cap:
             # One round: each caller adds one text, the closest offers first, so a round
             # cut short by the cap still keeps padding low.
             if len(active) > 1:
-                active.sort(key=lambda key: abs(offers[key][-1][0] - target))
+                active.sort(key=lambda key: (position[key] // window,
+                                             abs(offers[key][-1][0] - target)))
             for key in [key for key in active if key != had_turn]:
                 offer = offers[key]
                 length = offer[-1][0]
@@ -343,9 +350,12 @@ class Scheduler:
                     break
             had_turn = None
         self._remove(lv, keys, taken)
+        # Every caller served had its turn: behind those not served, the head last.
+        served = dict.fromkeys(_key(text[1]) for text in chosen)
         first = keys[0]
-        if first in lv.callers:  # its turn is over: to the back of the ring
-            lv.callers[first] = lv.callers.pop(first)
+        for key in [*[k for k in served if k != first], first]:
+            if key in lv.callers:
+                lv.callers[key] = lv.callers.pop(key)
         return chosen
 
     def _remove(self, lv: _Level, keys: Iterable[Hashable], taken: set[int]) -> None:

@@ -212,6 +212,8 @@ class ModelManager(Router):
             mv.failed = before
             mv.transition(State.UNAVAILABLE, f"load failed: {exc}")
             log.error("model %s version %d: load failed: %s", entry.name, version, exc)
+            if self.metrics is not None:
+                self.metrics.load_failures.labels(entry.name).inc()
             return mv
         mv.transition(State.READY)
         return mv

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import urllib.request
@@ -163,11 +164,26 @@ def _serve_some_calls(server: Any) -> None:
         assert reply.status_code >= 400, reply.text
 
 
+def _with_a_broken_model(model_repository: Path, destination: Path) -> Path:
+    """The shared models plus one whose graph is garbage: its load fails at start-up, so
+    bertstream_version_load_failures_total has a sample."""
+    for model in ("tiny-embed", "tiny-news"):
+        shutil.copytree(model_repository / model, destination / model)
+    broken = Path(shutil.copytree(model_repository / "tiny-embed", destination / "tiny-broken"))
+    config = broken / "config.pbtxt"
+    config.write_text(config.read_text("utf-8").replace('name: "tiny-embed"',
+                                                        'name: "tiny-broken"'), "utf-8")
+    (broken / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    return destination
+
+
 def test_dashboard_and_rules_query_only_exported_series(
-        model_repository: Path, start_server: Callable[..., ServerProcess]) -> None:
+        model_repository: Path, start_server: Callable[..., ServerProcess],
+        tmp_path: Path) -> None:
     dashboard = json.loads(DASHBOARD.read_text("utf-8"))
     rules = yaml.safe_load(RULES.read_text("utf-8"))
-    server = start_http(start_server, model_repository, "--frontends", "2",
+    repository = _with_a_broken_model(model_repository, tmp_path)
+    server = start_http(start_server, repository, "--frontends", "2",
                         "--metrics-port", "0", "--stage-timing", "--restart-backoff", "1")
     port = metrics_port(server.process)
     # A front end dies first, so bertstream_process_restarts_total has a sample, and comes

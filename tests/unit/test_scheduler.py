@@ -133,6 +133,17 @@ def test_batch_size_by_cost_model(cost: CostModel, level: int, length: int, size
     assert len(scheduler.take()) == size
 
 
+def test_a_caller_whose_lengths_differ_is_not_passed_over_until_it_is_the_head() -> None:
+    """20 callers of long texts, then one with a short text, batches of 4: callers near the
+    front of the ring go first and every caller served moves behind those not served, so
+    the short text's turn comes within about 2 x 20 / 4 batches, not after all 20 heads."""
+    reqs = [Req(f"c{i}", (100,) * 5, caller=f"C{i}", at=i * 0.001) for i in range(20)]
+    scheduler, _ = queue([*reqs, Req("short", (5,), caller="S", at=1.0)], max_batch_size=4)
+    order = [names(scheduler.take()) for _ in range(30)]
+    taken = next(i for i, batch in enumerate(order, start=1) if "short.0" in batch)
+    assert taken <= 11, taken
+
+
 def test_no_level_starves() -> None:
     """Level 1 always has texts; level 2 still gets one batch in max_skipped_batches + 1."""
     scheduler, _ = queue([Req("ui", (10,) * 100, level=1, caller="U"),
