@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the CPU build lies on this machine's disk; an unpinned torch is CUDA (GBs).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[cpu,openvino,export,starter,dev]'
+	$(PIP) install -q -e '.[cpu,openvino,export,starter,tracing,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,7 +7,8 @@ contracts are in pyproject.toml, `make lint-imports` runs them):
     pipeline              a request's path: validate -> tokenize -> pick outputs -> submit
     repository            the control plane: disk, config.pbtxt, version states, the manager
     engine                tokenizer, batcher, scheduler, cost model, loader, backends/
-    errors, metrics, stages, version_format, ports    shared vocabulary; import no package
+    errors, metrics, stages, tracing, version_format, ports
+                          shared vocabulary; import no package
 
 docs/architecture.md has the picture and "where to add" a dialect, a backend, an RPC.
 """

@@ -14,7 +14,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from bertstream.v1 import bertstream_pb2, bertstream_pb2_grpc
@@ -29,6 +31,7 @@ from .api.security import AuthInterceptor, server_credentials
 from .api.servicer import BertServicer
 from .api.shutdown import CLOSE_GRACE_S, ShutdownGate
 from .api.timing import StageTiming
+from .api.traced import TracingInterceptor
 from .engine.backends.base import usable_cores
 from .engine.loader import OnnxLoader, pin_mmap_threshold
 from .engine.workers import Workers
@@ -42,6 +45,7 @@ from .repository.control import ExplicitMemory, initial_load, poll
 from .repository.manager import ModelManager
 from .repository.models import Models
 from .stages import CLOCK
+from .tracing import TRACE
 
 __all__ = ["main", "serve"]
 
@@ -64,17 +68,34 @@ async def serve(options: ServerOptions) -> None:
     # pool on top of it would oversubscribe the cores and hide its CPU from the stage budget.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if options.role == "engine":
-        await serve_engine(options)
+        await _traced(serve_engine(options), options, "engine")
     elif options.role == "frontend":
-        await serve_frontend(options)
-    elif options.frontends > 1:
+        await _traced(serve_frontend(options), options, f"frontend-{options.index}")
+    elif options.frontends > 1:  # the supervisor serves no call: its children trace theirs
         await supervise(SupervisorOptions(
             host=options.host, port=options.port, http_port=options.http_port,
             metrics_port=options.metrics_port, frontends=options.frontends,
             grace_period_s=options.grace_period_s, restart_backoff_s=options.restart_backoff_s,
             argv=options.argv))
     else:
-        await serve_single(options)
+        await _traced(serve_single(options), options, "server")
+
+
+async def _traced(serving: Coroutine[Any, Any, None], options: ServerOptions,
+                  process: str) -> None:
+    """Serve with OpenTelemetry traces when asked (tracing.py); the spans still queued are
+    sent when the process stops."""
+    if not options.trace.endpoint:
+        await serving
+        return
+    TRACE.configure(options.trace, process)
+    if options.role != "frontend":  # one process says it
+        log.info("tracing to %s: %g of calls without a caller's traceparent sampled",
+                 options.trace.endpoint, options.trace.rate)
+    try:
+        await serving
+    finally:
+        TRACE.close()
 
 
 async def serve_single(options: ServerOptions) -> None:
@@ -216,6 +237,8 @@ class GrpcFront:
         if options.stage_timing:  # outermost, so it times the (de)serializers grpc really calls
             CLOCK.enabled = True
             interceptors.insert(0, StageTiming())
+        if TRACE.on:  # outermost: a refused call's span says so
+            interceptors.insert(0, TracingInterceptor())
         server = self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", options.max_receive_mb * MiB),
             ("grpc.max_send_message_length", 4 * options.max_receive_mb * MiB),

@@ -18,6 +18,7 @@ from .engine.backends.base import RuntimeOptions, usable_cores
 from .engine.backends.fake import parse_spec
 from .pipeline.inference import Limits
 from .processes.supervisor import CRASH_BACKOFF_S
+from .tracing import TraceOptions, tracing_installed
 
 __all__ = ["ServerOptions", "default_frontends", "parse_args"]
 
@@ -45,6 +46,7 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     stage_timing: bool = False  # per-stage CPU clocks (stages.py), for benchmarks
+    trace: TraceOptions = field(default_factory=TraceOptions)  # OpenTelemetry (tracing.py)
     frontends: int = 1  # front-end processes; 1: everything in this one process
     restart_backoff_s: float = CRASH_BACKOFF_S  # a crash-looping process waits this long
     # Set by the supervisor on the processes it starts (supervisor.py), never by users.
@@ -162,6 +164,14 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--auth-token-file", type=Path,
                    help="bearer tokens, 'scope:token' (scope inference or admin) separated by "
                    "whitespace; also read from $BERTSTREAM_AUTH_TOKENS. Health stays open")
+    p.add_argument("--trace-endpoint", default="", metavar="HOST:PORT",
+                   help="send OpenTelemetry traces over OTLP/gRPC to this collector, Jaeger or "
+                   "Tempo (HOST:PORT in plaintext, or http://... / https://...); default: "
+                   "no tracing, at no cost")
+    p.add_argument("--trace-rate", type=float, default=None, metavar="R",
+                   help="fraction of calls traced among those whose caller sent no W3C "
+                   "traceparent; a caller's sampled trace is always continued, an unsampled "
+                   f"one never (default {TraceOptions.rate})")
     p.add_argument("--log-level", default=os.environ.get("BERTSTREAM_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     if (a.tls_cert is None) != (a.tls_key is None):
@@ -194,6 +204,12 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                  "grpc_max_connection_idle"):
         if getattr(a, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0")
+    if a.trace_rate is not None and not a.trace_endpoint:
+        p.error("--trace-rate needs --trace-endpoint")
+    if a.trace_rate is not None and not 0.0 <= a.trace_rate <= 1.0:
+        p.error("--trace-rate must be between 0 and 1")
+    if a.trace_endpoint and not tracing_installed():
+        p.error("--trace-endpoint needs OpenTelemetry: pip install 'bertstream[tracing]'")
     if a.max_receive_mb < 1:
         p.error("--max-receive-mb must be >= 1")
     if a.role and (a.run_dir is None or a.status_fd is None):
@@ -227,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                                intra_op_spinning=a.intra_op_spinning == "on",
                                fake_device=a.fake_device, cpu_engine=a.cpu_engine),
         stage_timing=a.stage_timing,
+        trace=TraceOptions(a.trace_endpoint, TraceOptions.rate if a.trace_rate is None
+                           else a.trace_rate),
         frontends=a.frontends or default_frontends(a.device, a.fake_device),
         restart_backoff_s=a.restart_backoff,
         role=a.role, run_dir=a.run_dir, status_fd=a.status_fd, index=a.index,

@@ -25,6 +25,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..errors import to_status
+from ..tracing import TRACE
+from .traced import traced_messages
 
 __all__ = ["ordered_stream"]
 
@@ -41,6 +43,8 @@ async def ordered_stream(
     context: grpc.aio.ServicerContext,
     draining: asyncio.Event | None = None,
 ) -> AsyncIterator[Resp]:
+    if TRACE.on:  # a span per message (api/traced.py)
+        handle = traced_messages(handle)
     pending: asyncio.Queue[tuple[Req, asyncio.Task[Resp]] | _Drained | None] = \
         asyncio.Queue(window)
     stop = asyncio.ensure_future((draining or asyncio.Event()).wait())

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import EngineUnavailable, ModelNotReady, Overloaded, QueueTimeout
 from ..stages import CLOCK
+from ..tracing import TRACE, ItemTrace
 from ..version_format import TOKEN_OUTPUT_PREFIX
 from .batch import Batch, Encoded
 from .costmodel import CostModel, measure
@@ -63,6 +64,7 @@ class WorkItem:
     infer_s: float = 0.0  # the longest batch its texts ran in
     left: int = field(init=False)  # texts not answered yet (worker threads, under a lock)
     results: dict[str, Any] = field(init=False, default_factory=dict)
+    trace: ItemTrace | None = None  # a sampled request's engine spans (tracing.py)
 
     def __post_init__(self) -> None:
         self.left = len(self.encoded)
@@ -72,8 +74,10 @@ class Batcher:
     """The queue and batch loop of one model version."""
 
     def __init__(self, run: RunFn, options: BatcherOptions,
-                 observer: BatchObserver | None = None) -> None:
+                 observer: BatchObserver | None = None, model: tuple[str, int] = ("", 0)
+                 ) -> None:
         self._run_fn = run
+        self.model = model  # (name, version), for traces
         self.options = options
         self._observer = observer
         self._scheduler = Scheduler(options)
@@ -147,6 +151,8 @@ class Batcher:
         now = time.perf_counter()
         for item in items:
             self._scheduler.add(item, now)
+        if TRACE.on:
+            TRACE.enqueued(items)
         self._wakeup.set()
         CLOCK.stop("batch", started)
 
@@ -236,6 +242,8 @@ class Batcher:
         try:  # padding, compute and scatter run on the worker: the loop sets futures only
             answered = await self._workers.run(self._compute, texts, start)
         except Exception as exc:
+            if TRACE.on:
+                TRACE.batch(texts, start, self.model, exc)
             if len(texts) == 1:
                 _fail(texts[0][1], exc)
                 return
@@ -243,6 +251,8 @@ class Batcher:
             await self._run(texts[:half])
             await self._run(texts[half:])
             return
+        if TRACE.on:  # its span, and the queue and run spans of the requests it carried
+            TRACE.batch(texts, start, self.model)
         started = CLOCK.start()
         for item in answered:
             if not item.future.done():

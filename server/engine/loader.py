@@ -74,7 +74,7 @@ class OnnxLoader:
             _build, path, config, self.options)
         observer = self.metrics.batch_observer(model, version) if self.metrics else None
         options = dataclasses.replace(_batcher_options(config), instances=runtime.concurrency)
-        batcher = Batcher(runtime.run, options, observer)
+        batcher = Batcher(runtime.run, options, observer, model=(model, version))
         return Loaded(config, tokenizer, batcher, labels, runtime.provider,
                       runtime.busy_seconds)
 

@@ -24,6 +24,7 @@ from ..errors import InvalidInput, Overloaded
 from ..repository.models import Models
 from ..repository.versions import ModelVersion
 from ..stages import CLOCK
+from ..tracing import TRACE
 from ..version_format import LOGITS, POOLING_NAMES, PROBABILITIES, output_name, text_prefix
 from .validation import check_pairs, check_texts
 
@@ -306,10 +307,14 @@ class Pipeline:
             # The model's prefix goes before the first half only ("query: a", b).
             prefixed = [prefix + t for t in firsts] if prefix else list(firsts)
             CLOCK.stop("validate", started)
+            if TRACE.on:  # tracing.py: the stage spans of a sampled request
+                TRACE.validated(mv.model, mv.version, len(texts))
             encoded = await loaded.tokenizer.encode_async(
                 self._pool, prefixed, text.truncate, text.direction,
                 pairs=seconds, strategy=text.strategy)
             tokenize_s = time.perf_counter() - start
+            if TRACE.on:
+                TRACE.tokenized(encoded.lengths)
             started = CLOCK.start()
             item = WorkItem(encoded, outputs, asyncio.get_running_loop().create_future(),
                             level, schedule.caller, schedule.timeout_s)
@@ -328,6 +333,8 @@ class Pipeline:
                         loaded.labels, tokenize_s, item.queue_s, item.infer_s,
                         time.perf_counter() - start)
         CLOCK.stop("resolve", started)
+        if TRACE.on:
+            TRACE.answered()
         return result
 
 

@@ -33,6 +33,7 @@ from ..engine.batcher import WorkItem
 from ..errors import BertstreamError, to_status
 from ..repository.manager import ModelManager
 from ..repository.versions import ModelVersion
+from ..tracing import TRACE
 from .link import FrameLink
 from .messages import (
     Ack,
@@ -202,7 +203,8 @@ class Engine:
         who = None if message.caller is None else (link.name, message.caller)
         item = WorkItem(encoded, frozenset(message.outputs),
                         asyncio.get_running_loop().create_future(), message.priority, who,
-                        message.timeout_s)
+                        message.timeout_s,
+                        trace=TRACE.remote(message.trace) if message.trace else None)
         link.pending[rid] = item
         item.future.add_done_callback(partial(self._answer, link, rid, item))
         batcher = mv.loaded.batcher

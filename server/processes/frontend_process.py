@@ -27,6 +27,7 @@ from ..errors import ENGINE_GONE, EngineUnavailable, error_by_name
 from ..repository.routing import Router
 from ..repository.snapshot import ModelRow, RepositorySnapshot, VersionRow
 from ..repository.versions import ConfigState, ModelState, ModelVersion, State
+from ..tracing import TRACE
 from ..version_format import TOKENIZER_FILE
 from .link import FrameLink
 from .messages import (
@@ -116,7 +117,8 @@ class EngineModels(Router):
         self._pending[rid] = item
         enc = item.encoded
         link.send(Submit(rid, uid, tuple(item.outputs), wait, enc.ids, enc.lengths, enc.starts,
-                         enc.type_ids, item.priority, item.caller, item.timeout_s))
+                         enc.type_ids, item.priority, item.caller, item.timeout_s,
+                         TRACE.traceparent() if TRACE.on else None))
         item.future.add_done_callback(lambda f: self._cancelled(rid, f))
         await link.drain()  # waits only above HIGH_WATER bytes queued
 

@@ -61,6 +61,7 @@ class Submit(NamedTuple):
     priority: int
     caller: str | None  # the front end's name for the caller; the engine adds the front end's
     timeout_s: float  # in the queue; 0: none
+    trace: str | None = None  # the request span's W3C traceparent when sampled (tracing.py)
 
 
 class Cancel(NamedTuple):

@@ -21,7 +21,9 @@ from ...errors import BertstreamError
 from ...metrics import Metrics
 from ...pipeline.inference import Pipeline, Result, Schedule, Who
 from ...repository.models import Models
+from ...tracing import TRACE
 from ..security import INFERENCE, TokenTable, client_of
+from ..traced import traced_http
 from .connections import RETRY_AFTER_S
 
 __all__ = ["HTTP_STATUS", "Dialect", "HttpContext", "HttpError", "caller", "json_response",
@@ -193,7 +195,7 @@ class Dialect:
 
             run.__doc__ = endpoint.__doc__
             run.__name__ = endpoint.__name__
-            return run
+            return traced_http(label, run) if TRACE.on else run  # a span per request
 
         return wrap
 
