@@ -156,8 +156,8 @@ class Scheduler:
     def backlog_s(self, level: int, caller: Hashable = None, adding: int = 0) -> float:
         """Predicted seconds before the last of `adding` new texts of `caller` at `level`
         starts: every text waiting at the levels above, and at its own level what fair turns
-        run first: its caller's queue, and up to as many texts of each other caller (its
-        own new texts aside). By the cost model, in batches as large as `_cap` allows at the
+        run first: its caller's queue, and a turn of each other waiting caller per turn of
+        its own. By the cost model, in batches as large as `_cap` allows at the
         level's mean length, scaled by how much slower than predicted recent batches ran
         (`observe`), spread over the version's instances. 0 before the cost model exists."""
         if self.cost is None:
@@ -168,10 +168,15 @@ class Scheduler:
                 continue
             texts = lv.count
             if number == level and caller is not None and adding:
+                # Fair turns: before the caller's last new text, each other caller waiting
+                # at this level runs one text per turn the caller still has to take. One
+                # with fewer texts waiting now is counted as staying that long all the
+                # same (callers keep sending under load: counting only what waits now let
+                # a deep caller's texts wait many times the limit); the caller's own new
+                # texts beyond its first are its own size, not waiting.
                 mine = len(lv.callers.get(caller, ()))
-                turns = mine + adding
-                texts = mine + sum(min(len(queue), turns) for key, queue in lv.callers.items()
-                                   if key != caller)
+                texts = mine + sum(min(max(len(queue), mine + 1), mine + adding)
+                                   for key, queue in lv.callers.items() if key != caller)
             mean = max(1, math.ceil(lv.tokens / lv.count))
             size = self._cap(number, mean)
             seconds += math.ceil(texts / size) * self.cost.a_s + self.cost.b_s * mean * texts

@@ -238,6 +238,18 @@ def test_admission_by_predicted_wait() -> None:
     assert scheduler.room([make(Req("more", (10,), level=1, caller="U"))])
 
 
+def test_a_deep_caller_waits_a_turn_of_every_other_caller_per_text() -> None:
+    """Under load light callers keep sending: a caller with 10 texts waiting beside 5 callers
+    of one text each waits ~11 rounds of all of them, not for the 5 texts queued now."""
+    reqs = [Req(f"l{i}", (10,), level=1, caller=f"L{i}") for i in range(5)]
+    scheduler, _ = queue([Req("deep", (10,) * 10, level=1, caller="D"), *reqs],
+                         max_queue_wait_s=0.5, max_batch_size=1)
+    scheduler.cost = CostModel(0.010, 0.001)  # 20 ms a text
+    assert scheduler.backlog_s(1, "D", 1) == pytest.approx((10 + 5 * 11) * 0.020)
+    assert not scheduler.room([make(Req("more", (10,), level=1, caller="D"))])
+    assert scheduler.room([make(Req("light", (10,) * 4, level=1, caller="N"))])  # 5 ahead
+
+
 def test_slow_batches_scale_the_prediction() -> None:
     scheduler, _ = queue([Req("a", (10,) * 10, level=1, caller="A")], max_batch_size=1)
     scheduler.cost = CostModel(0.010, 0.001)
