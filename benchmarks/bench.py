@@ -123,7 +123,7 @@ class Raw:
         `per_message`: `encode_batch_fast` only, and with the server's conversion to ids."""
         prefixed = [self.prefix + t for t in texts]
         chunks = [prefixed[i:i + per_message] for i in range(0, len(prefixed), per_message)]
-        fast = self.tokenizer._truncating["right"].encode_batch_fast
+        fast = self.tokenizer._truncating[("right", "longest_first")].encode_batch_fast
         # Process time: tokenizers may spread a batch over its own threads.
         start = time.process_time()
         for chunk in chunks:
@@ -141,7 +141,7 @@ class Raw:
     def fitted(self, texts: list[str]) -> list[str]:
         """Each text cut after the last token the model keeps (truncate=True's cut), for
         OpenAI's /v1/embeddings: it has no truncate, and an over-long text is refused."""
-        tokenizer = self.tokenizer._truncating["right"]
+        tokenizer = self.tokenizer._truncating[("right", "longest_first")]
         fitted = list(texts)
         for attempt in range(4):  # a cut text may tokenize longer at its end: cut again
             encodings = tokenizer.encode_batch([self.prefix + t for t in fitted])

@@ -151,10 +151,17 @@ class Batcher:
         now = time.perf_counter()
         for item in items:
             self._scheduler.add(item, now)
+            # A caller that goes away frees its texts' room: wake the loop to drop them and
+            # let streams waiting for room in (it would otherwise sleep until the next call).
+            item.future.add_done_callback(self._on_done)
         if TRACE.on:
             TRACE.enqueued(items)
         self._wakeup.set()
         CLOCK.stop("batch", started)
+
+    def _on_done(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self._wakeup.set()
 
     async def close(self) -> None:
         """Stop admitting, finish what is queued and running, then free the threads."""
@@ -188,15 +195,17 @@ class Batcher:
         scheduler = self._scheduler
         while True:
             now = time.perf_counter()
+            before = len(scheduler)
             expired = scheduler.expire(now)
             for item in expired:
                 _fail(item, QueueTimeout(
                     f"waited in the queue past its timeout ({_ms(now - item.enqueued_at)}, "
                     f"priority level {scheduler.level_of(item)}); retry or lower the load"))
-            if expired:
+            wait_s = scheduler.ready_in(now)  # drops cancelled requests' texts it meets
+            if len(scheduler) < before:  # timed out or cancelled texts left: room for others
                 self._notify_space()
-            wait_s = scheduler.ready_in(now)
             if wait_s > 0:
+                self._paced = None  # the engine idles: the next batch is not back to back
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(),

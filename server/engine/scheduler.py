@@ -162,11 +162,20 @@ class Scheduler:
         (`observe`), spread over the version's instances. 0 before the cost model exists."""
         if self.cost is None:
             return 0.0
+        own = self._levels[level - 1]
+        own_mean = max(1, math.ceil(own.tokens / own.count)) if own.count > 0 else 1
+        # A lower level is passed over for at most max_skipped_batches batches in a row
+        # (`take`): the levels above count for that many batches per batch of its own.
+        own_batches = math.ceil((own.count + max(adding, 1)) / self._cap(level, own_mean))
         seconds = 0.0
         for number, lv in enumerate(self._levels[:level], start=1):
             if lv.count <= 0:
                 continue
             texts = lv.count
+            mean = max(1, math.ceil(lv.tokens / lv.count))
+            size = self._cap(number, mean)
+            if number < level:
+                texts = min(texts, self.options.max_skipped_batches * own_batches * size)
             if number == level and caller is not None and adding:
                 # Fair turns: before the caller's last new text, each other caller waiting
                 # at this level runs one text per turn the caller still has to take. One
@@ -177,8 +186,6 @@ class Scheduler:
                 mine = len(lv.callers.get(caller, ()))
                 texts = mine + sum(min(max(len(queue), mine + 1), mine + adding)
                                    for key, queue in lv.callers.items() if key != caller)
-            mean = max(1, math.ceil(lv.tokens / lv.count))
-            size = self._cap(number, mean)
             seconds += math.ceil(texts / size) * self.cost.a_s + self.cost.b_s * mean * texts
         return seconds * self.slowdown / max(1, self.options.instances)
 
@@ -227,17 +234,21 @@ class Scheduler:
                 continue
             lv.next_deadline = math.inf
             moved: list[Text] = []
+            delayed: set[int] = set()  # requests moving down: all of their texts go
             for key, queue in list(lv.callers.items()):
                 kept: deque[Text] = deque()
                 for text in queue:
                     item = text[1]
                     if item.future.done():
                         continue
-                    if item.deadline > now:
+                    if id(item) in delayed:
+                        moved.append(text)
+                    elif item.deadline > now:
                         kept.append(text)
                         lv.next_deadline = min(lv.next_deadline, item.deadline)
                     elif self.options.policy(number).delay and number != lowest:
                         item.deadline = math.inf
+                        delayed.add(id(item))
                         moved.append(text)
                     else:
                         failed[id(item)] = item

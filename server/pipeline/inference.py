@@ -240,9 +240,20 @@ class Pipeline:
         pooling), so an embedding model serves a retrieval pipeline's rerank step too."""
         self._check(query.texts, None)
         self._check((query.query,), None)
+        total = len(query.query) * len(query.texts) + sum(len(t) for t in query.texts)
+        if total > self.limits.max_request_chars:  # the query is read once per text
+            raise InvalidInput(
+                f"{total} characters to read (the query once per text, and the texts), over "
+                f"the limit of {self.limits.max_request_chars}: send fewer texts or a "
+                "shorter query")
         with self.models.lease(query.model, query.version) as mv:
             assert mv.loaded is not None
-            cross = mv.loaded.config.text_pairs
+            config = mv.loaded.config
+            cross = config.text_pairs and config.task == Task.TASK_CLASSIFY
+            # Cosine needs one vector per text: a model whose default is token vectors is
+            # ranked by their mean.
+            pooling = (Pooling.POOLING_MEAN if config.default_pooling == Pooling.POOLING_TOKENS
+                       else Pooling.POOLING_UNSPECIFIED)
         if cross:
             result = await self._run(
                 query.model, query.version, query.texts, query.text, Task.TASK_CLASSIFY, None,
@@ -262,7 +273,8 @@ class Pipeline:
             options = TextOptions(query.text.truncate, query.text.direction)
             result = await self._run(
                 query.model, query.version, (query.query, *query.texts), options,
-                Task.TASK_EMBED, EmbedQuery(query.model, query.version, ()), None, False,
+                Task.TASK_EMBED, EmbedQuery(query.model, query.version, (), pooling), None,
+                False,
                 query.schedule, None, checked=True)
             vectors = l2_normalize(result.vectors)  # type: ignore[arg-type]
             assert isinstance(vectors, np.ndarray)

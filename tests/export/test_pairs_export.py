@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -28,6 +30,9 @@ from bertstream.export import (
 from bertstream.export.cli import main
 from tokenizers import Tokenizer
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+if TYPE_CHECKING:
+    from conftest import ServerProcess
 
 SHAPE = RandomShape(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
                     max_position_embeddings=64, seed=3)
@@ -150,3 +155,45 @@ def test_pairs_need_a_head(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a classification head"):
         export_model(options)
     assert not (tmp_path / "pairs").exists()
+
+
+def test_served_pairs_answer_the_checkpoint_s_logits(
+        exported: tuple[Path, Path, str], start_server: Callable[..., ServerProcess]) -> None:
+    """The exported pair model in a real server: Classify with text_pairs gives the
+    checkpoint's own softmax, Rerank's raw scores its logit difference (label 1 = match), a
+    single-text call is INVALID_ARGUMENT naming text_pairs."""
+    import grpc
+    from bertstream.v1 import bertstream_pb2 as pb
+    from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
+
+    folder, version, _ = exported
+    hf_tokenizer = BertTokenizerFast.from_pretrained(folder)
+    inputs = hf_tokenizer(FIRSTS, SECONDS, padding=True, return_tensors="pt")
+    model = BertForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits.numpy()
+    server = start_server(version.parents[1], default_model=MODEL)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.BertServiceStub(channel)
+        reply = stub.Classify(pb.ClassifyRequest(texts=FIRSTS, text_pairs=SECONDS), timeout=30)
+        served = np.zeros_like(logits)
+        for row, result in zip(served, reply.results, strict=True):
+            for label in result.labels:
+                row[label.index] = label.probability
+        np.testing.assert_allclose(served, torch.softmax(torch.from_numpy(logits), -1),
+                                   atol=1e-5)
+        ranked = stub.Rerank(pb.RerankRequest(query=FIRSTS[0], texts=SECONDS, raw_scores=True),
+                             timeout=30)
+        assert ranked.method == pb.RERANK_METHOD_CROSS_ENCODER
+        with torch.no_grad():
+            query = hf_tokenizer([FIRSTS[0]] * len(SECONDS), SECONDS, padding=True,
+                                 return_tensors="pt")
+            against = model(**query).logits.numpy()
+        for result in ranked.results:
+            expected = against[result.index, 1] - against[result.index, 0]
+            assert result.score == pytest.approx(expected, abs=1e-4)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(texts=FIRSTS), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "text_pairs" in (info.value.details() or "")
+    assert server.stop() == 0

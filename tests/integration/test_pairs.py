@@ -199,6 +199,8 @@ def test_rerank_refuses_what_it_cannot_score(stub: pb_grpc.BertServiceStub) -> N
         (pb.RerankRequest(model="tiny-embed", query="q", texts=["a"], top_n=-1), "top_n"),
         (pb.RerankRequest(model="tiny-pair", query=LONG, texts=["短句"], truncate=True),
          "truncation strategy only_second"),
+        (pb.RerankRequest(model="tiny-pair", query="问" * 60_000, texts=["答" * 1_000] * 20),
+         "the query once per text"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             stub.Rerank(request, timeout=30)

@@ -156,6 +156,27 @@ def test_full_queue_fails_fast_for_unary_and_waits_for_streams() -> None:
     run(body, max_queue_size=2, max_batch_size=1)
 
 
+def test_a_stream_waiting_for_room_gets_in_when_queued_callers_go_away() -> None:
+    """Cancelled requests' texts leave the queue without a batch: the stream waiting for
+    room must hear of it, not sleep until some other call arrives."""
+    async def body(fake: FakeRuntime, batcher: Batcher) -> None:
+        first = await blocked_first_batch(fake, batcher)
+        queued = [item(400, 2), item(401, 2)]
+        await batcher.submit(queued, wait=False)
+        late = item(403, 2)
+        waiter = asyncio.create_task(batcher.submit([late], wait=True))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        for gone in queued:
+            gone.future.cancel()
+        fake.gate.set()
+        await asyncio.wait_for(waiter, 5)
+        await asyncio.wait_for(asyncio.gather(first.future, late.future), 5)
+        assert [400] not in fake.batches and [401] not in fake.batches
+
+    run(body, max_queue_size=2, max_batch_size=1)
+
+
 def test_similar_lengths_share_a_batch_and_the_oldest_always_goes() -> None:
     """Queued lengths 10, 100, 12, 98, 11, 99 with 3 per batch: the oldest (10) takes the two
     closest to it (11, 12), then 100 takes 98 and 99: padding 2 + 2 tokens instead of 178."""

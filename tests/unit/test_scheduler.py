@@ -215,6 +215,13 @@ def test_an_empty_queue_admits_any_request() -> None:
     assert scheduler.room([make(Req("big", (10,) * 50))])
 
 
+def test_delay_moves_every_text_of_a_timed_out_request() -> None:
+    scheduler, _ = queue([Req("late", (10, 10, 10), level=1, caller="A")], levels=2,
+                         policies=(LevelPolicy(timeout_s=1.0, delay=True),))
+    assert scheduler.expire(2.0) == []
+    assert scheduler.waiting(1) == 0 and scheduler.waiting(2) == 3
+
+
 def test_admission_by_predicted_wait() -> None:
     """With a cost model, a request is refused once what would run before its texts (all of
     the levels above; at its own level its caller's queue and as many turns of each other
@@ -248,6 +255,18 @@ def test_a_deep_caller_waits_a_turn_of_every_other_caller_per_text() -> None:
     assert scheduler.backlog_s(1, "D", 1) == pytest.approx((10 + 5 * 11) * 0.020)
     assert not scheduler.room([make(Req("more", (10,), level=1, caller="D"))])
     assert scheduler.room([make(Req("light", (10,) * 4, level=1, caller="N"))])  # 5 ahead
+
+
+def test_a_flood_above_counts_only_the_batches_it_may_take_before_a_lower_level() -> None:
+    """Level 1 holds 100 texts; a level-2 text waits for at most max_skipped_batches level-1
+    batches per batch of its own (the scheduler then gives level 2 a turn), so it is not
+    locked out of admission while level 1 stays full."""
+    scheduler, _ = queue([Req("ui", (10,) * 100, level=1, caller="U")],
+                         max_queue_wait_s=0.5, max_batch_size=1, max_skipped_batches=4)
+    scheduler.cost = CostModel(0.010, 0.001)  # 20 ms a text
+    assert scheduler.backlog_s(1) == pytest.approx(2.0)
+    assert scheduler.backlog_s(2, "F", 1) == pytest.approx(4 * 0.020)
+    assert scheduler.room([make(Req("bulk", (10,), level=2, caller="F"))])
 
 
 def test_slow_batches_scale_the_prediction() -> None:

@@ -36,13 +36,13 @@ import sys
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from bertstream.v1.model_config_pb2 import Pooling
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ... import server_version
+from ...errors import ModelNotReady
 from ...pipeline.inference import (
     EmbedQuery,
     Pipeline,
@@ -101,14 +101,14 @@ _PAIR = re.compile(r"^(.*) \|\|\| (.*)$", re.DOTALL)
 
 
 async def _embed(pipeline: Pipeline, texts: tuple[str, ...], text: TextOptions,
-                 schedule: Schedule) -> tuple[Result, np.ndarray]:
+                 schedule: Schedule) -> tuple[Result, Any]:
     """Vectors in the call's order: single texts and `a ||| b` pairs each as one request."""
     matches = [_PAIR.match(t) for t in texts]
     pairs = [i for i, m in enumerate(matches) if m is not None]
     if not pairs:
         result = await pipeline.embed(EmbedQuery("", 0, texts, text=text, schedule=schedule),
                                       wait=False)
-        return result, np.asarray(result.vectors)
+        return result, result.vectors
     singles = [i for i, m in enumerate(matches) if m is None]
     firsts = tuple(matches[i].group(1) for i in pairs)  # type: ignore[union-attr]
     seconds = tuple(matches[i].group(2) for i in pairs)  # type: ignore[union-attr]
@@ -118,11 +118,12 @@ async def _embed(pipeline: Pipeline, texts: tuple[str, ...], text: TextOptions,
         calls.append(pipeline.embed(EmbedQuery("", 0, tuple(texts[i] for i in singles),
                                                text=text, schedule=schedule), wait=False))
     results = await asyncio.gather(*calls)
-    first = np.asarray(results[0].vectors)
-    vectors = np.empty((len(texts), *first.shape[1:]), first.dtype)
-    vectors[pairs] = first
-    if singles:
-        vectors[singles] = np.asarray(results[1].vectors)
+    if len({(r.model, r.version) for r in results}) > 1:  # a rollout between the two
+        raise ModelNotReady("the model's version changed during this call; retry")
+    vectors: list[Any] = [None] * len(texts)  # rows, or per-text token arrays
+    for indices, result in zip((pairs, singles), results, strict=False):
+        for i, row in zip(indices, result.vectors, strict=True):  # type: ignore[arg-type]
+            vectors[i] = row
     return results[0], vectors
 
 
