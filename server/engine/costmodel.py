@@ -86,10 +86,14 @@ class CostModel:
 
     def longest_batch(self, length: int, seconds: float) -> int:
         """Most texts of `length` tokens a batch may hold and still run within `seconds`
-        (at least one: a single text always runs)."""
+        (at least one: a single text always runs). Where the fixed cost alone takes half of
+        `seconds` or more, the texts get half of it on top of the fixed cost: any batch pays
+        that, so cutting one to a single text would cost most of the throughput and save a
+        waiting text almost nothing (with no per-token cost, none at all)."""
         if self.b_s <= 0:
-            return 1 << 30 if self.a_s <= seconds else 1
-        return max(1, int((seconds - self.a_s) / (self.b_s * max(length, 1))))
+            return 1 << 30  # every size runs in a_s
+        budget = max(seconds, self.a_s + seconds / 2)
+        return max(1, int((budget - self.a_s) / (self.b_s * max(length, 1))))
 
 
 # A warm-up that measures for longer than this stops adding larger batches.

@@ -361,6 +361,9 @@ def test_best_size_and_longest_batch() -> None:
     assert (n - 1) / cost.seconds((n - 1) * 100) < 0.95 * best
     assert cost.longest_batch(100, 0.05) == 48
     assert cost.longest_batch(100, 0.001) == 1  # one text always runs
+    slow = CostModel(0.057, 1e-5)  # a fixed cost over the 50 ms duration budget
+    assert slow.longest_batch(100, 0.05) == 25  # the texts get half the budget on top of it
+    assert CostModel(0.057, 0.0).longest_batch(100, 0.05) == 1 << 30  # size costs nothing
 
 
 def test_measure_recovers_the_engine_it_times() -> None:
