@@ -48,6 +48,8 @@ import grpc
 from bench import RESULTS, device_name, news_texts, percentile
 from bertstream.v1 import bertstream_pb2 as pb
 from bertstream.v1 import bertstream_pb2_grpc as pb_grpc
+from bertstream.v1.model_config_pb2 import ModelConfig
+from google.protobuf import text_format
 from mixed import INTERACTIVE_TEXT
 from server_process import ServerProcess, tree_pids
 
@@ -116,16 +118,8 @@ class Load:
 
     async def grpc_call(self, call: Call, texts: list[str], start: float) -> None:
         stub = self.stubs[self.rng.randrange(len(self.stubs))]  # one of the load's
-        try:
-            reply = await stub.Embed(pb.EmbedRequest(model=self.model, texts=texts,
-                                                     raw_values=True, truncate=True),
-                                     timeout=self.timeout)
-            call.outcome = "ok"
-            call.queue_s = reply.timings.queue_us / 1e6
-        except grpc.aio.AioRpcError as error:
-            code = error.code()
-            call.outcome = "refused" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else code.name
-        call.seconds = time.monotonic() - start
+        await embed(stub, pb.EmbedRequest(model=self.model, texts=texts, raw_values=True,
+                                          truncate=True), self.timeout, call, start)
 
     async def http_call(self, call: Call, texts: list[str], start: float) -> None:
         assert self.session is not None
@@ -207,6 +201,19 @@ async def sample_rss(pid: int, samples: list[tuple[float, int]], zero: float,
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
+async def embed(stub: Any, request: pb.EmbedRequest, timeout: float, call: Call,
+                start: float) -> None:
+    """One gRPC Embed, its outcome (ok, refused, or the status) and times into `call`."""
+    try:
+        reply = await stub.Embed(request, timeout=timeout)
+        call.outcome = "ok"
+        call.queue_s = reply.timings.queue_us / 1e6
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+        call.outcome = "refused" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else code.name
+    call.seconds = time.monotonic() - start
+
+
 async def interactive(load: Load, zero: float, stop: asyncio.Event, level: int) -> None:
     priority = {"priority": level} if level else {}  # unset at 0, as mixed.py
     next_at = time.monotonic()
@@ -215,16 +222,9 @@ async def interactive(load: Load, zero: float, stop: asyncio.Event, level: int) 
         start = time.monotonic()
         call = Call(start - zero, "interactive", 1)
         load.calls.append(call)
-        try:
-            reply = await load.own.Embed(pb.EmbedRequest(
-                model=load.model, texts=[INTERACTIVE_TEXT], raw_values=True, **priority),
-                timeout=load.timeout)
-            call.outcome = "ok"
-            call.queue_s = reply.timings.queue_us / 1e6
-        except grpc.aio.AioRpcError as error:
-            code = error.code()
-            call.outcome = "refused" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else code.name
-        call.seconds = time.monotonic() - start
+        await embed(load.own, pb.EmbedRequest(model=load.model, texts=[INTERACTIVE_TEXT],
+                                              raw_values=True, **priority),
+                    load.timeout, call, start)
         next_at = start + 0.5
 
 
@@ -450,18 +450,11 @@ def small_queue_repository(repository: Path, model: str, size: int) -> Path:
     rewritten) with dynamic_batching { max_queue_size: size }."""
     out = Path(tempfile.mkdtemp(prefix="overload-repo-"))
     shutil.copytree(repository / model, out / model, copy_function=os.link)
-    config = out / model / "config.pbtxt"
-    text = config.read_text("utf-8")
-    config.unlink()  # a link to the original: write a file of its own
-    if "dynamic_batching {\n}" in text:
-        text = text.replace("dynamic_batching {\n}",
-                            f"dynamic_batching {{\n  max_queue_size: {size}\n}}")
-    elif "dynamic_batching {" in text:
-        text = text.replace("dynamic_batching {",
-                            f"dynamic_batching {{\n  max_queue_size: {size}", 1)
-    else:
-        text += f"dynamic_batching {{\n  max_queue_size: {size}\n}}\n"
-    config.write_text(text, "utf-8")
+    path = out / model / "config.pbtxt"
+    config = text_format.Parse(path.read_text("utf-8"), ModelConfig())
+    config.dynamic_batching.max_queue_size = size
+    path.unlink()  # a link to the original: write a file of its own
+    path.write_text(text_format.MessageToString(config, as_utf8=True), "utf-8")
     return out
 
 

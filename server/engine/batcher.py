@@ -160,7 +160,7 @@ class Batcher:
         CLOCK.stop("batch", started)
 
     def _on_done(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
+        if future.cancelled() and self._waiting:  # otherwise the next batch drops them
             self._wakeup.set()
 
     async def close(self) -> None:

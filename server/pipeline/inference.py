@@ -239,7 +239,11 @@ class Pipeline:
         model ranks by the cosine of the query's and each text's embedding (the default
         pooling), so an embedding model serves a retrieval pipeline's rerank step too."""
         self._check(query.texts, None)
-        self._check((query.query,), None)
+        if not query.query or query.query.isspace():
+            raise InvalidInput("query is empty or only whitespace")
+        if len(query.query) > self.limits.max_text_chars:
+            raise InvalidInput(f"query has {len(query.query)} characters, over the limit of "
+                               f"{self.limits.max_text_chars}")
         total = len(query.query) * len(query.texts) + sum(len(t) for t in query.texts)
         if total > self.limits.max_request_chars:  # the query is read once per text
             raise InvalidInput(
@@ -256,9 +260,9 @@ class Pipeline:
                        else Pooling.POOLING_UNSPECIFIED)
         if cross:
             result = await self._run(
-                query.model, query.version, query.texts, query.text, Task.TASK_CLASSIFY, None,
-                0, False, query.schedule, (query.query,) * len(query.texts),
-                checked=True, logits=True, pairs_first=False)
+                query.model, query.version, (query.query,) * len(query.texts), query.text,
+                Task.TASK_CLASSIFY, None, 0, False, query.schedule, query.texts,
+                checked=True, logits=True)
             assert result.logits is not None and result.probabilities is not None
             logits, probabilities = result.logits, result.probabilities
             if logits.shape[1] == 1:
@@ -274,8 +278,7 @@ class Pipeline:
             result = await self._run(
                 query.model, query.version, (query.query, *query.texts), options,
                 Task.TASK_EMBED, EmbedQuery(query.model, query.version, (), pooling), None,
-                False,
-                query.schedule, None, checked=True)
+                False, query.schedule, None, checked=True)
             vectors = l2_normalize(result.vectors)  # type: ignore[arg-type]
             assert isinstance(vectors, np.ndarray)
             scores = vectors[1:] @ vectors[0]
@@ -287,10 +290,7 @@ class Pipeline:
     async def _run(self, model: str, version: int, texts: Sequence[str], text: TextOptions,
                    task: int, embed: EmbedQuery | None, top_k: int | None,
                    wait: bool, schedule: Schedule, pairs: Sequence[str] | None = None,
-                   checked: bool = False, logits: bool = False,
-                   pairs_first: bool = True) -> Result:
-        """`pairs_first=False` reads `pairs` as the first halves (rerank's query) and `texts`
-        as the second."""
+                   checked: bool = False, logits: bool = False) -> Result:
         start = time.perf_counter()
         started = CLOCK.start()
         if not checked:
@@ -315,15 +315,14 @@ class Pipeline:
             level = priority_level(config, schedule.priority,
                                    interactive=not wait and len(texts) <= INTERACTIVE_TEXTS)
             prefix = text_prefix(config, task)
-            firsts, seconds = (texts, pairs) if pairs_first or pairs is None else (pairs, texts)
             # The model's prefix goes before the first half only ("query: a", b).
-            prefixed = [prefix + t for t in firsts] if prefix else list(firsts)
+            prefixed = [prefix + t for t in texts] if prefix else list(texts)
             CLOCK.stop("validate", started)
             if TRACE.on:  # tracing.py: the stage spans of a sampled request
                 TRACE.validated(mv.model, mv.version, len(texts))
             encoded = await loaded.tokenizer.encode_async(
                 self._pool, prefixed, text.truncate, text.direction,
-                pairs=seconds, strategy=text.strategy)
+                pairs=pairs, strategy=text.strategy)
             tokenize_s = time.perf_counter() - start
             if TRACE.on:
                 TRACE.tokenized(encoded.lengths)

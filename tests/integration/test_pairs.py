@@ -194,7 +194,7 @@ def test_rerank_on_an_embedding_model_is_cosine(stub: pb_grpc.BertServiceStub) -
 
 def test_rerank_refuses_what_it_cannot_score(stub: pb_grpc.BertServiceStub) -> None:
     for request, needle in [
-        (pb.RerankRequest(model="tiny-embed", query="", texts=["a"]), "texts[0] is empty"),
+        (pb.RerankRequest(model="tiny-embed", query="", texts=["a"]), "query is empty"),
         (pb.RerankRequest(model="tiny-embed", query="q", texts=[]), "texts is empty"),
         (pb.RerankRequest(model="tiny-embed", query="q", texts=["a"], top_n=-1), "top_n"),
         (pb.RerankRequest(model="tiny-pair", query=LONG, texts=["短句"], truncate=True),
